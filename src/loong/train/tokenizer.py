@@ -1,0 +1,446 @@
+"""Training loop of the video tokenizer: reconstruction + quantizer + perceptual + GAN losses.
+
+One linear loop in numbered phases. The run directory holds the resolved config, checkpoints
+(atomic, resumed exactly: models, optimizers, EMA, step, data position, RNG), ``metrics.jsonl``,
+reconstruction previews (original | reconstruction, mp4 and GIF) and the export
+(``export/config.json`` + ``export/model.safetensors``, EMA weights when EMA is on).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from loong.config import config_json
+from loong.data.shapes import ShapesWorld, ShapesWorldConfig
+from loong.data.video import VideoFolder, tensor_to_frames, write_video
+from loong.evaluate.metrics import psnr, ssim
+from loong.pretrained import atomic_write_text
+from loong.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from loong.video_tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
+from loong.video_tokenizer.losses import (
+    LeCam,
+    PerceptualLoss,
+    adaptive_generator_weight,
+    discriminator_hinge_loss,
+    generator_loss,
+    reconstruction_loss,
+)
+from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
+from loong.video_tokenizer.quantize import code_stats
+
+log = logging.getLogger("loong")
+
+HELD_OUT_SEED_OFFSET = 1_000_003
+"""Evaluation clips of the shapes world come from seed + this offset, never seen in training."""
+
+
+@dataclass(kw_only=True)
+class TokenizerDataConfig:
+    source: str = "shapes"
+    """"shapes" for the shapes world, or a folder of videos (mp4/webm/mkv/gif/…)."""
+    n_frames: int = 17
+    """Frames per training clip: 1 + 4k."""
+    size: int = 64
+    """Clips are centre-cropped and resized to size × size."""
+    fps: float = 8.0
+    """Frame rate clips are resampled to (folders) or labelled with (shapes world)."""
+    batch_size: int = 8
+    """Clips per step."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 0
+    """Seed of the data order (and of the shapes world)."""
+    eval_folder: str = ""
+    """Folder of held-out videos for evaluation; empty: held-out shapes-world clips."""
+
+    def __post_init__(self) -> None:
+        if (self.n_frames - 1) % 4:
+            lo = self.n_frames - (self.n_frames - 1) % 4
+            raise ValueError(
+                f"data.n_frames must be 1+4k, got {self.n_frames}: pass {lo} or {lo + 4}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class TokenizerLossConfig:
+    reconstruction: str = "l1"
+    """"l1" or "l2" pixel loss."""
+    perceptual_weights: str = ""
+    """VGG16 weights file (torchvision key names) for the perceptual loss; empty: off."""
+    perceptual_weight: float = 0.1
+    """Weight of the perceptual loss when on."""
+    gan_weight: float = 0.1
+    """Weight of the generator's GAN loss (times the adaptive weight)."""
+    adaptive_gan_weight: bool = True
+    """Scale the GAN loss by VQGAN's gradient-norm ratio at the decoder's last layer."""
+    disc_start_step: int = 2000
+    """Step at which the discriminator and the GAN loss switch on."""
+    lecam_weight: float = 0.001
+    """Weight of the LeCam regulariser on the discriminator."""
+
+
+@dataclass(kw_only=True)
+class TokenizerOptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of the tokenizer (and of the discriminator)."""
+    betas: tuple[float, float] = (0.0, 0.99)
+    """Adam betas (MAGVIT-v2: (0, 0.99))."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps, then cosine decay to lr_min_ratio · lr."""
+    lr_min_ratio: float = 0.1
+    """Final learning rate as a share of the peak."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: off)."""
+
+
+@dataclass(kw_only=True)
+class TokenizerTrainConfig:
+    model: VideoTokenizerConfig = field(default_factory=VideoTokenizerConfig)
+    """The tokenizer to train."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """The 3D discriminator of the GAN loss."""
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    """Training clips."""
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    """Loss terms and weights."""
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    """Optimiser and schedule."""
+    steps: int = 10_000
+    """Training steps."""
+    seed: int = 0
+    """Seed of the weights' initialisation."""
+    ema_decay: float = 0.999
+    """EMA of the weights, exported and evaluated (0: off)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    eval_every: int = 500
+    """Steps between held-out PSNR/SSIM evaluations."""
+    eval_clips: int = 16
+    """Held-out clips per evaluation."""
+    preview_every: int = 500
+    """Steps between reconstruction previews (mp4 + GIF)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint and export) after this much wall time; 0: no limit."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
+    """A complete training config for a tokenizer preset (see ``loong.video_tokenizer.presets``)."""
+    from loong.video_tokenizer.presets import tokenizer_preset
+
+    model = tokenizer_preset(name)
+    if name == "tiny":
+        # Sized for 2 CPU cores on the shapes world: short clips, a small discriminator and a
+        # higher learning rate than MAGVIT-v2's, whose settings assume days on accelerators.
+        return TokenizerTrainConfig(
+            model=model,
+            discriminator=DiscriminatorConfig(base_width=16, max_width=64, n_blocks=3),
+            data=TokenizerDataConfig(n_frames=9, size=64, batch_size=4),
+            loss=TokenizerLossConfig(disc_start_step=3000),
+            optim=TokenizerOptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=50),
+            steps=4000,
+            ema_decay=0.99,
+            eval_every=250,
+            preview_every=1000,
+        )
+    return TokenizerTrainConfig(model=model, data=TokenizerDataConfig(n_frames=17, size=128))
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def shapes_world(cfg: TokenizerDataConfig, *, held_out: bool = False) -> ShapesWorld:
+    seed = cfg.seed + (HELD_OUT_SEED_OFFSET if held_out else 0)
+    return ShapesWorld(
+        ShapesWorldConfig(
+            height=cfg.size, width=cfg.size, fps=cfg.fps, n_frames=cfg.n_frames, seed=seed
+        )
+    )
+
+
+def training_batches(cfg: TokenizerDataConfig, position: dict[str, int]) -> Iterator[torch.Tensor]:
+    """Endless batches ``(B, C, T, H, W)`` starting at ``position``, which is updated in place.
+
+    The shapes world is indexed, so a position is the number of batches drawn; a folder is read
+    in epochs, so a position is (epoch, batches into the epoch), and resuming skips to it.
+    """
+    if cfg.source == "shapes":
+        world = shapes_world(cfg)
+        start = position.setdefault("batches", 0) * cfg.batch_size
+        loader = DataLoader(
+            world,
+            batch_size=cfg.batch_size,
+            sampler=range(start, len(world)),
+            num_workers=cfg.num_workers,
+        )
+        for _, video in loader:
+            position["batches"] += 1
+            yield video
+        return
+    folder = VideoFolder(
+        cfg.source, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, seed=cfg.seed
+    )
+    while True:
+        epoch = position.setdefault("epoch", 0)
+        skip = position.setdefault("batches", 0)
+        folder.set_epoch(epoch)
+        loader = DataLoader(
+            folder, batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=True
+        )
+        n = 0
+        for n, video in enumerate(loader, start=1):
+            if n <= skip:
+                continue
+            position["batches"] = n
+            yield video
+        if n == 0:
+            raise ValueError(
+                f"{cfg.source} yields no clips of {cfg.n_frames} frames: {folder.summary()}"
+            )
+        log.info("epoch %d: %s", epoch, folder.summary())
+        position.update(epoch=epoch + 1, batches=0)
+
+
+def held_out_clips(cfg: TokenizerDataConfig, n: int) -> torch.Tensor:
+    """``n`` evaluation clips ``(n, C, T, H, W)``: from ``cfg.eval_folder`` or unseen shapes-world seeds."""
+    if cfg.eval_folder:
+        folder = VideoFolder(
+            cfg.eval_folder, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, shuffle=False
+        )
+        clips = [clip for _, clip in zip(range(n), folder, strict=False)]
+        if not clips:
+            raise ValueError(f"{cfg.eval_folder} yields no evaluation clips: {folder.summary()}")
+        return torch.stack(clips)
+    world = shapes_world(cfg, held_out=True)
+    return torch.stack([world[i][1] for i in range(n)])
+
+
+# --- evaluation and previews -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: VideoTokenizer, clips: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
+    """PSNR, SSIM and codebook usage/perplexity of ``model`` on ``clips (N, C, T, H, W)``."""
+    was_training = model.training
+    model.eval()
+    p, s, indices = [], [], []
+    for video in clips.split(batch_size):
+        out = model(video)
+        p.append(psnr(out.recon, video))
+        s.append(ssim(out.recon, video))
+        indices.append(out.indices.flatten())
+    model.train(was_training)
+    stats = code_stats(torch.cat(indices), model.config.vocab_size)
+    return {
+        "psnr": torch.cat(p).mean().item(),
+        "ssim": torch.cat(s).mean().item(),
+        "codebook_usage": stats["usage"].item(),
+        "perplexity": stats["perplexity"].item(),
+    }
+
+
+@torch.no_grad()
+def write_preview(model: VideoTokenizer, clips: torch.Tensor, path_stem: Path, fps: float) -> None:
+    """Original | reconstruction side by side, clips stacked vertically, as mp4 and GIF."""
+    recon = model.decode(model.encode(clips))
+    pairs = torch.cat([clips, recon], dim=4)  # (N, C, T, H, 2W)
+    frames = tensor_to_frames(rearrange(pairs, "n c t h w -> c t (n h) w"))  # (T, N·H, 2W, C)
+    write_video(path_stem.with_suffix(".mp4"), frames, fps)
+    write_video(path_stem.with_suffix(".gif"), frames, fps)
+
+
+def lr_at(step: int, cfg: TokenizerOptimConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cosine)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    cfg: TokenizerTrainConfig, out_dir: str | Path, *, progress: bool = True
+) -> Path:
+    """Train (or resume) a tokenizer run in ``out_dir``; returns the export directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", config_json(cfg))
+    torch.manual_seed(cfg.seed)
+
+    # 0. models, optimisers, losses
+    model = VideoTokenizer(cfg.model)
+    disc = Discriminator3D(cfg.discriminator)
+    lecam = LeCam()
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    opt_g = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    opt_d = torch.optim.AdamW(
+        disc.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    perceptual = None
+    if cfg.loss.perceptual_weights:
+        perceptual = PerceptualLoss(cfg.loss.perceptual_weights)
+    else:
+        log.info(
+            "perceptual loss off: set loss.perceptual_weights to a VGG16 weights file to use it"
+        )
+    step, position = 0, {}
+    state = load_latest_checkpoint(out / "checkpoints")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        disc.load_state_dict(state["discriminator"])
+        lecam.load_state_dict(state["lecam"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step, position = state["step"], dict(state["data_position"])
+        torch.set_rng_state(state["rng"])
+        log.info("resumed from step %d", step)
+    eval_clips = held_out_clips(cfg.data, cfg.eval_clips)
+    batches = training_batches(cfg.data, position)
+    bar = tqdm(
+        total=cfg.steps, initial=step, disable=not progress, desc="tokenizer", dynamic_ncols=True
+    )
+    started = time.monotonic()
+    metrics_file = (out / "metrics.jsonl").open("a")
+
+    while step < cfg.steps:
+        # 1. batch
+        video = next(batches)  # (B, C, T, H, W)
+        lr = lr_at(step, cfg.optim, cfg.steps)
+        for opt in (opt_g, opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        gan_on = step >= cfg.loss.disc_start_step and cfg.loss.gan_weight > 0
+
+        # 2. tokenizer forward and losses
+        model.train()
+        out_ = model(video)
+        rec = reconstruction_loss(out_.recon, video, cfg.loss.reconstruction)
+        loss_g = rec + out_.quantizer_loss
+        logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
+        if perceptual is not None:
+            p_loss = perceptual(out_.recon, video)
+            loss_g = loss_g + cfg.loss.perceptual_weight * p_loss
+            logs["perceptual"] = p_loss.item()
+        if gan_on:
+            disc.requires_grad_(False)
+            g_loss = generator_loss(disc(out_.recon))
+            weight = torch.ones(())
+            if cfg.loss.adaptive_gan_weight:
+                weight = adaptive_generator_weight(loss_g, g_loss, model.decoder.last_layer)
+            loss_g = loss_g + cfg.loss.gan_weight * weight * g_loss
+            logs |= {"g": g_loss.item(), "g_weight": weight.item()}
+            disc.requires_grad_(True)
+
+        # 3. tokenizer update
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt_g.step()
+
+        # 4. discriminator update
+        if gan_on:
+            real, fake = disc(video), disc(out_.recon.detach())
+            loss_d = discriminator_hinge_loss(real, fake)
+            loss_d = loss_d + cfg.loss.lecam_weight * lecam(real, fake)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
+            opt_d.step()
+            logs["d"] = loss_d.item()
+
+        # 5. EMA of the weights
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    e.lerp_(p, 1 - cfg.ema_decay)
+                for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+                    e.copy_(b)
+        step += 1
+
+        # 6. logs, evaluation, previews, checkpoints
+        stats = {k: v.item() for k, v in out_.stats.items()}
+        bar.update(1)
+        bar.set_postfix(
+            rec=f"{rec.item():.4f}", usage=f"{stats.get('usage', 0):.3f}", refresh=False
+        )
+        record = {"step": step, "lr": lr, **logs, **stats}
+        done = step == cfg.steps or (
+            cfg.max_minutes > 0 and time.monotonic() - started > 60 * cfg.max_minutes
+        )
+        if step % cfg.eval_every == 0 or done:
+            record |= {f"eval_{k}": v for k, v in evaluate(ema or model, eval_clips).items()}
+            bar.write(
+                f"step {step}: held-out PSNR {record['eval_psnr']:.2f} dB, SSIM {record['eval_ssim']:.4f}"
+            )
+        if step % cfg.log_every == 0 or "eval_psnr" in record:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if step % cfg.preview_every == 0 or done:
+            (out / "previews").mkdir(exist_ok=True)
+            write_preview(
+                (ema or model).eval(),
+                eval_clips[:4],
+                out / "previews" / f"step_{step:07d}",
+                cfg.data.fps,
+            )
+        if step % cfg.checkpoint_every == 0 or done:
+            state = {
+                "model": model.state_dict(),
+                "discriminator": disc.state_dict(),
+                "lecam": lecam.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "step": step,
+                "data_position": dict(position),
+                "rng": torch.get_rng_state(),
+            }
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_checkpoint(out / "checkpoints", state, step=step, keep=cfg.keep_checkpoints)
+        if done:
+            break
+
+    bar.close()
+    metrics_file.close()
+    export = out / "export"
+    (ema or model).save_pretrained(export)
+    return export

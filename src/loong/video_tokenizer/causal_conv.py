@@ -1,0 +1,104 @@
+"""Causal 3D convolutions with an explicit streaming cache (MAGVIT-v2, Yu et al. 2023, sec. 3.2).
+
+Every temporal convolution pads ``k_t - 1`` frames before its input and none after, so output frame
+``t`` depends on input frames ``<= t`` only and the first frame is encoded on its own. Because the
+padding is causal and normalisation is per frame, a long video can be processed in chunks: each
+convolution keeps the input frames it has not consumed yet in a :class:`StreamCache`, and chunked
+processing equals the one-shot result exactly.
+
+Axes: B batch, C channels, T frames, H W pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class StreamCache:
+    """State carried between chunks of one video: leftover input frames per causal convolution.
+
+    ``first`` is true while the first chunk (the one holding frame 0) is being processed; the
+    decoder's temporal upsampling uses it to drop the frame that precedes frame 0.
+    """
+
+    def __init__(self) -> None:
+        self.first = True
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def pop(self, key: int) -> torch.Tensor | None:
+        return self._buffers.pop(key, None)
+
+    def put(self, key: int, frames: torch.Tensor) -> None:
+        self._buffers[key] = frames
+
+
+class CausalConv3d(nn.Module):
+    """3D convolution, causal in time and "same"-padded in space.
+
+    Input ``(B, C_in, T, H, W)`` → output ``(B, C_out, T', H / s_h, W / s_w)`` where, for a fresh
+    cache, ``T' = floor((T - 1) / s_t) + 1`` (so 1+4k frames → 1+2k frames at stride 2).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int, int] = (3, 3, 3),
+        stride: tuple[int, int, int] = (1, 1, 1),
+    ) -> None:
+        super().__init__()
+        k_t, k_h, k_w = kernel_size
+        if k_h % 2 == 0 or k_w % 2 == 0:
+            raise ValueError(f"spatial kernel sizes must be odd, got {kernel_size}")
+        self.time_kernel = k_t
+        self.time_stride = stride[0]
+        # Spatial padding: symmetric "same" padding, then stride. For stride 2 and kernel 3 we pad
+        # (0, 1) so that H / 2 outputs line up with the top-left pixel of each 2×2 cell.
+        self.spatial_pad: tuple[int, int, int, int] = (
+            *_same_pad(k_w, stride[2]),
+            *_same_pad(k_h, stride[1]),
+        )
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
+        # x: (B, C, T, H, W)
+        key = id(self)
+        past = cache.pop(key) if cache is not None else None
+        if past is None:
+            past = x.new_zeros(*x.shape[:2], self.time_kernel - 1, *x.shape[3:])
+        x = torch.cat([past, x], dim=2)  # (B, C, T_past + T, H, W)
+        n_out = (x.shape[2] - self.time_kernel) // self.time_stride + 1
+        if cache is not None:
+            # Keep the frames the next output window starts from.
+            cache.put(key, x[:, :, n_out * self.time_stride :])
+        if n_out <= 0:
+            raise ValueError(
+                f"a chunk of {x.shape[2] - past.shape[2]} frames is too short for this causal "
+                "convolution: stream chunks whose frame count is a multiple of the temporal "
+                "compression (4 by default)"
+            )
+        x = F.pad(x, self.spatial_pad)
+        return self.conv(x)  # (B, C_out, n_out, H', W')
+
+
+def _same_pad(kernel: int, stride: int) -> tuple[int, int]:
+    total = kernel - stride
+    return total // 2, total - total // 2
+
+
+def frame_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm applied to each frame on its own, so statistics never mix frames (causality)."""
+    b = x.shape[0]
+    x = rearrange(x, "b c t h w -> (b t) c h w")
+    x = norm(x)
+    return rearrange(x, "(b t) c h w -> b c t h w", b=b)
+
+
+def depth_to_space(x: torch.Tensor, time: int, space: int) -> torch.Tensor:
+    """``(B, C·s_t·s·s, T, H, W)`` → ``(B, C, T·s_t, H·s, W·s)``."""
+    return rearrange(
+        x, "b (c st sh sw) t h w -> b c (t st) (h sh) (w sw)", st=time, sh=space, sw=space
+    )

@@ -1,0 +1,427 @@
+"""Causal 3D CNN video tokenizer (MAGVIT-v2, Yu et al. 2023; the tokenizer of Loong, Wang et al. 2024).
+
+Encoder: causal conv in → stages of residual blocks (per-frame GroupNorm → SiLU → causal 3×3×3
+conv, twice) with strided causal convs between stages (temporal stride only in the last ones) →
+norm → 1×1×1 conv to the latent width → quantizer. Decoder: the mirror image, upsampling by
+depth-to-space (dropping the frame before frame 0 after each temporal ×2, so 5 → 9 → 17) and
+adaptive GroupNorm whose scale and shift come from the quantized latent.
+
+Causality makes 1 + 4k frames → 1 + k latent frames, an image the same as a video's first frame,
+and chunked encoding and decoding equal to the one-shot result (see :class:`StreamCache`).
+
+Axes: B batch, C channels, T frames, H W pixels, t h w latent grid, D latent width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from loong.video_tokenizer.causal_conv import (
+    CausalConv3d,
+    StreamCache,
+    depth_to_space,
+    frame_group_norm,
+)
+from loong.video_tokenizer.quantize import QuantizerConfig, build_quantizer
+
+
+@dataclass(kw_only=True)
+class VideoTokenizerConfig:
+    channels: int = 3
+    """Image channels (3 for RGB)."""
+    base_width: int = 128
+    """Width of the first encoder stage; stage i has base_width · width_mults[i] channels."""
+    width_mults: tuple[int, ...] = (1, 2, 2, 4)
+    """Width multiplier per stage; len(width_mults) − 1 downsampling steps of 2× in space."""
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    """Per downsampling step, whether it also halves time (MAGVIT-v2: only the last ones)."""
+    encoder_blocks: int = 4
+    """Residual blocks per encoder stage."""
+    decoder_blocks: int = 4
+    """Residual blocks per decoder stage."""
+    num_groups: int = 32
+    """GroupNorm groups; every stage width must be divisible by it."""
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    """The quantizer between encoder and decoder."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quantizer, dict):
+            self.quantizer = QuantizerConfig(**self.quantizer)
+        self.width_mults = tuple(self.width_mults)
+        self.temporal_downsample = tuple(bool(x) for x in self.temporal_downsample)
+        if len(self.temporal_downsample) != len(self.width_mults) - 1:
+            raise ValueError(
+                f"temporal_downsample needs one entry per downsampling step "
+                f"(len(width_mults) − 1 = {len(self.width_mults) - 1}), "
+                f"got {len(self.temporal_downsample)}"
+            )
+        for w in self.widths:
+            if w % self.num_groups:
+                raise ValueError(
+                    f"stage width {w} is not divisible by num_groups={self.num_groups}: "
+                    "change base_width or num_groups"
+                )
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.base_width * m for m in self.width_mults)
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.width_mults) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantizer.vocab_size
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+class Norm(nn.Module):
+    """Per-frame GroupNorm; adaptive (scale and shift from the latent) when ``latent_dim`` is set."""
+
+    def __init__(self, channels: int, groups: int, latent_dim: int | None = None) -> None:
+        super().__init__()
+        self.adaptive = latent_dim is not None
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=not self.adaptive)
+        if latent_dim is not None:
+            self.scale = nn.Conv3d(latent_dim, channels, 1)
+            self.shift = nn.Conv3d(latent_dim, channels, 1)
+            # Start as a plain norm: scale 1, shift 0.
+            for conv in (self.scale, self.shift):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, T, H, W); z: (B, D, T, H, W) the latent resized to x's grid
+        x = frame_group_norm(self.norm, x)
+        if self.adaptive:
+            assert z is not None
+            x = x * (1 + self.scale(z)) + self.shift(z)
+        return x
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, latent_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = Norm(in_ch, groups, latent_dim)
+        self.conv1 = CausalConv3d(in_ch, out_ch)
+        self.norm2 = Norm(out_ch, groups, latent_dim)
+        self.conv2 = CausalConv3d(out_ch, out_ch)
+        self.skip = CausalConv3d(in_ch, out_ch, (1, 1, 1)) if in_ch != out_ch else None
+
+    def forward(
+        self, x: torch.Tensor, cache: StreamCache, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # x: (B, C_in, T, H, W) → (B, C_out, T, H, W)
+        h = self.conv1(F.silu(self.norm1(x, z)), cache)
+        h = self.conv2(F.silu(self.norm2(h, z)), cache)
+        return h + (self.skip(x, cache) if self.skip is not None else x)
+
+
+class Upsample(nn.Module):
+    """2× in space (and optionally time): a causal conv to C_out·s_t·4 channels, depth-to-space."""
+
+    def __init__(self, in_channels: int, out_channels: int, time: bool) -> None:
+        super().__init__()
+        self.time = 2 if time else 1
+        self.conv = CausalConv3d(in_channels, out_channels * self.time * 4)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        # (B, C_in, T, H, W) → (B, C_out, T·s_t, 2H, 2W)
+        x = depth_to_space(self.conv(x, cache), self.time, 2)
+        if self.time == 2 and cache.first:
+            x = x[:, :, 1:]  # frame 0 upsamples alone: drop the frame before it (5 → 9)
+        return x
+
+
+def expand_latent(z: torch.Tensor, shape: tuple[int, int, int], first: bool) -> torch.Tensor:
+    """Nearest-neighbour resize of the latent ``(B, D, t, h, w)`` to a decoder grid ``(T, H, W)``.
+
+    In time the map is causal: frame 0 comes from latent frame 0 and each later latent frame
+    covers the next ``r`` frames (in a chunk after the first, every latent frame covers ``r``).
+    """
+    t_out, h_out, w_out = shape
+    t = z.shape[2]
+    frames = torch.arange(t_out, device=z.device)
+    if first:
+        r = (t_out - 1) // max(t - 1, 1)
+        index = (frames + r - 1) // r if t > 1 else torch.zeros_like(frames)
+    else:
+        index = frames // (t_out // t)
+    z = z.index_select(2, index)  # (B, D, T, h, w)
+    b = z.shape[0]
+    z = F.interpolate(rearrange(z, "b d t h w -> (b t) d h w"), size=(h_out, w_out), mode="nearest")
+    return rearrange(z, "(b t) d h w -> b d t h w", b=b)
+
+
+# --- encoder and decoder ---------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VideoTokenizerConfig) -> None:
+        super().__init__()
+        widths = cfg.widths
+        self.conv_in = CausalConv3d(cfg.channels, widths[0])
+        self.stages = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        in_ch = widths[0]
+        for i, w in enumerate(widths):
+            blocks = [
+                ResBlock(in_ch if j == 0 else w, w, cfg.num_groups)
+                for j in range(cfg.encoder_blocks)
+            ]
+            self.stages.append(nn.ModuleList(blocks))
+            in_ch = w
+            if i < len(widths) - 1:
+                stride = (2 if cfg.temporal_downsample[i] else 1, 2, 2)
+                self.downsamples.append(CausalConv3d(w, w, (3, 3, 3), stride=stride))
+        self.norm_out = Norm(widths[-1], cfg.num_groups)
+        self.conv_out = CausalConv3d(widths[-1], cfg.quantizer.latent_dim, (1, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        # x: (B, C, T, H, W) → (B, D, t, h, w)
+        x = self.conv_in(x, cache)
+        for i, blocks in enumerate(self.stages):
+            for block in blocks:
+                x = block(x, cache)
+            if i < len(self.downsamples):
+                x = self.downsamples[i](x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VideoTokenizerConfig) -> None:
+        super().__init__()
+        widths = cfg.widths[::-1]
+        d = cfg.quantizer.latent_dim
+        temporal = cfg.temporal_downsample[::-1]
+        self.conv_in = CausalConv3d(d, widths[0])
+        self.stages = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        in_ch = widths[0]
+        for i, w in enumerate(widths):
+            blocks = [
+                ResBlock(in_ch if j == 0 else w, w, cfg.num_groups, latent_dim=d)
+                for j in range(cfg.decoder_blocks)
+            ]
+            self.stages.append(nn.ModuleList(blocks))
+            in_ch = w
+            if i < len(widths) - 1:
+                # The upsampling conv already narrows to the next stage's width, which keeps
+                # the costliest conv (C_out·4·s_t outputs at the larger grid) affordable.
+                self.upsamples.append(Upsample(w, widths[i + 1], temporal[i]))
+                in_ch = widths[i + 1]
+        self.norm_out = Norm(widths[-1], cfg.num_groups, latent_dim=d)
+        self.conv_out = CausalConv3d(widths[-1], cfg.channels)
+
+    def forward(self, z: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        # z: (B, D, t, h, w) quantized → (B, C, T, H, W)
+        x = self.conv_in(z, cache)
+        for i, blocks in enumerate(self.stages):
+            zi = expand_latent(z, tuple(x.shape[2:]), cache.first)
+            for block in blocks:
+                x = block(x, cache, zi)
+            if i < len(self.upsamples):
+                x = self.upsamples[i](x, cache)
+        zi = expand_latent(z, tuple(x.shape[2:]), cache.first)
+        return self.conv_out(F.silu(self.norm_out(x, zi)), cache)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight VQGAN's adaptive GAN weight takes gradient norms at."""
+        return self.conv_out.conv.weight
+
+
+# --- the tokenizer ---------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor
+    """(B, C, T, H, W) reconstruction in [−1, 1] (not clamped)."""
+    indices: torch.Tensor
+    """(B, t, h, w) token indices."""
+    quantizer_loss: torch.Tensor
+    """Scalar weighted quantizer loss."""
+    stats: dict[str, torch.Tensor]
+    """Detached scalars to log (codebook perplexity and usage, loss terms)."""
+
+
+class VideoTokenizer(nn.Module):
+    """Video ``(B, C, T, H, W)`` in [−1, 1], ``T = 1 + 4k`` → indices ``(B, 1 + k, H/8, W/8)``.
+
+    ``forward`` is the training path (reconstruction plus quantizer loss); ``encode`` and
+    ``decode`` are the inference API and take ``chunk_frames`` / ``chunk_latents`` to bound
+    memory on long videos with a result equal to the one-shot one.
+    """
+
+    def __init__(self, config: VideoTokenizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = build_quantizer(config.quantizer)
+        self.decoder = Decoder(config)
+
+    # -- construction and files
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> VideoTokenizer:
+        """An untrained tokenizer of a named size (see :mod:`loong.video_tokenizer.presets`)."""
+        from loong.video_tokenizer.presets import tokenizer_preset
+
+        return cls(tokenizer_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> VideoTokenizer:
+        """Load ``config.json`` + ``model.safetensors`` written by :meth:`save_pretrained`."""
+        from loong.pretrained import load_pretrained
+
+        config, state = load_pretrained(directory, VideoTokenizerConfig, kind="video_tokenizer")
+        model = cls(config)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from loong.pretrained import save_pretrained
+
+        save_pretrained(self, self.config, directory, kind="video_tokenizer")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- shapes
+
+    def check_video(self, video: torch.Tensor, *, first_chunk: bool = True) -> None:
+        """Raise a ValueError naming the fix when ``video`` is not ``(B, C, 1 + 4k, H, W)``."""
+        cfg = self.config
+        if video.ndim != 5 or video.shape[1] != cfg.channels:
+            raise ValueError(
+                f"video must be (B, {cfg.channels}, T, H, W) float in [-1, 1], got shape "
+                f"{tuple(video.shape)}; a single clip (C, T, H, W) needs video.unsqueeze(0)"
+            )
+        t, h, w = video.shape[2:]
+        r, s = cfg.temporal_compression, cfg.spatial_compression
+        if first_chunk and (t - 1) % r:
+            lo = t - (t - 1) % r
+            raise ValueError(f"frames must be 1+{r}k, got {t}: pass {lo} or {lo + r}")
+        if not first_chunk and t % r:
+            raise ValueError(f"a chunk after the first must hold a multiple of {r} frames, got {t}")
+        if h % s or w % s:
+            raise ValueError(
+                f"height and width must be multiples of {s}, got {h}×{w}: crop or resize"
+            )
+
+    # -- training path
+
+    def quantize(self, z: torch.Tensor):
+        """Latent ``(B, D, t, h, w)`` → quantized latent of the same shape and the quantizer output."""
+        b, _, t, h, w = z.shape
+        out = self.quantizer(rearrange(z, "b d t h w -> (b t h w) d"))
+        quantized = rearrange(out.quantized, "(b t h w) d -> b d t h w", b=b, t=t, h=h, w=w)
+        out.indices = out.indices.view(b, t, h, w)
+        return quantized, out
+
+    def forward(self, video: torch.Tensor) -> TokenizerOutput:
+        self.check_video(video)
+        z = self.encoder(video, StreamCache())  # (B, D, t, h, w)
+        quantized, q = self.quantize(z)
+        recon = self.decoder(quantized, StreamCache())  # (B, C, T, H, W)
+        return TokenizerOutput(recon, q.indices, q.loss, q.stats)
+
+    # -- inference API
+
+    def indices_to_latents(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``(B, t, h, w)`` → quantized latent ``(B, D, t, h, w)``."""
+        vocab = self.config.vocab_size
+        if indices.min() < 0 or indices.max() >= vocab:
+            raise ValueError(
+                f"video token indices must lie in [0, {vocab}), got [{int(indices.min())}, "
+                f"{int(indices.max())}]: were they offset into a language model's id space?"
+            )
+        codes = self.quantizer.indices_to_codes(indices.long())  # (B, t, h, w, D)
+        return rearrange(codes, "b t h w d -> b d t h w").to(self.decoder.conv_in.conv.weight.dtype)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, *, chunk_frames: int | None = None) -> torch.Tensor:
+        """Video ``(B, C, 1 + 4k, H, W)`` in [−1, 1] → indices ``(B, 1 + k, H/8, W/8)``.
+
+        ``chunk_frames`` (a multiple of 4) bounds memory: frame 0 plus the next ``chunk_frames``
+        frames go first, then ``chunk_frames`` at a time; the result equals the one-shot one.
+        """
+        self.check_video(video)
+        t = video.shape[2]
+        if chunk_frames is None:
+            ends = [t]
+        elif chunk_frames <= 0 or chunk_frames % self.config.temporal_compression:
+            raise ValueError(
+                f"chunk_frames must be a positive multiple of {self.config.temporal_compression}, "
+                f"got {chunk_frames}"
+            )
+        else:
+            ends = [*range(1 + chunk_frames, t, chunk_frames), t]
+        encoder = StreamingEncoder(self)
+        start, chunks = 0, []
+        for end in ends:
+            chunks.append(encoder(video[:, :, start:end]))
+            start = end
+        return torch.cat(chunks, dim=1)
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor, *, chunk_latents: int | None = None) -> torch.Tensor:
+        """Indices ``(B, t, h, w)`` → video ``(B, C, 1 + 4(t − 1), 8h, 8w)`` clamped to [−1, 1]."""
+        if indices.ndim != 4:
+            raise ValueError(f"indices must be (B, t, h, w), got shape {tuple(indices.shape)}")
+        decoder = StreamingDecoder(self)
+        step = chunk_latents or indices.shape[1]
+        if step <= 0:
+            raise ValueError(f"chunk_latents must be positive, got {chunk_latents}")
+        return torch.cat([decoder(c) for c in indices.split(step, dim=1)], dim=2)
+
+
+class StreamingEncoder:
+    """Encodes one video chunk by chunk: first ``1 + 4k`` frames, then ``4k`` at a time."""
+
+    def __init__(self, tokenizer: VideoTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache = StreamCache()
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        # video: (B, C, T, H, W) → indices (B, t, h, w)
+        self.tokenizer.check_video(video, first_chunk=self.cache.first)
+        z = self.tokenizer.encoder(video, self.cache)
+        self.cache.first = False
+        return self.tokenizer.quantize(z)[1].indices
+
+
+class StreamingDecoder:
+    """Decodes one video's indices chunk by chunk, frames out as soon as their tokens are in.
+
+    The first call with ``t`` latent frames gives ``1 + 4(t − 1)`` frames, later calls ``4t``.
+    """
+
+    def __init__(self, tokenizer: VideoTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.cache = StreamCache()
+
+    @torch.no_grad()
+    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        # indices: (B, t, h, w) → video (B, C, T, H, W) in [−1, 1]
+        z = self.tokenizer.indices_to_latents(indices)
+        video = self.tokenizer.decoder(z, self.cache)
+        self.cache.first = False
+        return video.clamp(-1, 1)

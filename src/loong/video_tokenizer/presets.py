@@ -1,0 +1,46 @@
+"""Named tokenizer sizes. One function per preset; the parameter count is in its comment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from loong.config import apply_overrides
+from loong.video_tokenizer.model import VideoTokenizerConfig
+from loong.video_tokenizer.quantize import QuantizerConfig
+
+
+def tiny() -> VideoTokenizerConfig:
+    """For the CPU and the shapes world: 64×64 → 8×8 tokens a latent frame, 2^12 codes. 2.5M params."""
+    return VideoTokenizerConfig(
+        base_width=16,
+        width_mults=(1, 2, 4, 4),
+        temporal_downsample=(False, True, True),
+        encoder_blocks=1,
+        decoder_blocks=1,
+        num_groups=8,
+        quantizer=QuantizerConfig(kind="lfq", latent_dim=12),
+    )
+
+
+def loong_246m() -> VideoTokenizerConfig:
+    """Paper scale: 65×128×128 → 17×16×16, CVQ with 8,192 codes as in Loong. ~246M params."""
+    return VideoTokenizerConfig(
+        base_width=128,
+        width_mults=(1, 2, 2, 4),
+        temporal_downsample=(False, True, True),
+        encoder_blocks=4,
+        decoder_blocks=4,
+        num_groups=32,
+        quantizer=QuantizerConfig(kind="cvq", latent_dim=32, codebook_size=8192),
+    )
+
+
+PRESETS: dict[str, Callable[[], VideoTokenizerConfig]] = {"tiny": tiny, "loong-246m": loong_246m}
+
+
+def tokenizer_preset(name: str, **overrides: object) -> VideoTokenizerConfig:
+    """The config of preset ``name`` with dotted-key ``overrides`` (e.g. ``quantizer.kind="cvq"``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {name!r}: choose one of {sorted(PRESETS)}")
+    config = PRESETS[name]()
+    return apply_overrides(config, {k.replace("__", "."): v for k, v in overrides.items()})

@@ -1,0 +1,219 @@
+"""Quantizers of the video tokenizer: lookup-free (LFQ) and clustered VQ (CVQ).
+
+- LFQ (MAGVIT-v2, Yu et al. 2023, sec. 3.1): a latent ``z ∈ R^K`` becomes the code ``sign(z)``;
+  its index is ``Σ_i 2^i·[z_i > 0]``, so the vocabulary is ``2^K`` with no codebook to look up.
+  The entropy penalty (eq. 5) is ``E[H(q(c|z))] − γ·H(E[q(c|z)])`` with
+  ``q(c|z) ∝ exp(−‖z − c‖² / τ)``. Because ``‖z − c‖² = ‖z‖² + K − 2 z·c``, ``q`` factorises over
+  bits, so the per-sample term is an exact sum of K binary entropies. The batch term does not
+  factorise; it is computed per group of ``entropy_group_bits`` bits (a ``2^g``-wide softmax per
+  group), exact when the group holds all bits and the factorised bound used by Open-MAGVIT2
+  otherwise, so ``2^18`` codes never need a ``2^18``-wide softmax.
+- CVQ (Zheng & Vedaldi 2023, "Online Clustered Codebook"; Loong's tokenizer): nearest code by
+  cosine or L2 distance with a straight-through gradient; every code keeps a running usage
+  ``N_k ← γ N_k + (1 − γ) n_k / B`` and moves toward its closest feature in the batch
+  ``a_k`` with ``α_k = exp(−N_k·K·10 / (1 − γ) − 1e-3)``, so dead codes revive and used ones stay.
+
+Axes: N flattened tokens, D latent width, K code bits (LFQ) or codebook size (CVQ), G bit groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loong.train.dist import all_reduce_mean
+
+
+@dataclass(kw_only=True)
+class QuantizerConfig:
+    kind: str = "lfq"
+    """"lfq" (lookup-free, vocabulary 2^latent_dim) or "cvq" (clustered VQ codebook)."""
+    latent_dim: int = 18
+    """Width of the quantized latent: the code bits K for LFQ, the code vector width for CVQ."""
+    codebook_size: int = 8192
+    """CVQ only: number of codes."""
+    commitment_weight: float = 0.25
+    """Weight β of the commitment loss ‖z − sg(q)‖²."""
+    entropy_weight: float = 0.1
+    """LFQ only: weight of the entropy penalty."""
+    diversity_gamma: float = 1.0
+    """LFQ only: γ, weight of the batch entropy inside the penalty."""
+    entropy_temperature: float = 0.01
+    """LFQ only: τ in q(c|z) ∝ exp(−‖z − c‖²/τ)."""
+    entropy_group_bits: int = 12
+    """LFQ only: bits per group for the batch entropy (a 2^g-wide softmax per group)."""
+    cvq_distance: str = "cosine"
+    """CVQ only: "cosine" (codes and latents on the unit sphere) or "l2"."""
+    cvq_decay: float = 0.99
+    """CVQ only: γ of the running code usage."""
+    cvq_anchor_update: bool = True
+    """CVQ only: move codes toward batch anchors (off gives plain VQ, for comparison)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lfq", "cvq"):
+            raise ValueError(f'quantizer.kind must be "lfq" or "cvq", got {self.kind!r}')
+        if self.latent_dim < 1:
+            raise ValueError(f"quantizer.latent_dim must be >= 1, got {self.latent_dim}")
+        if self.kind == "lfq" and self.latent_dim > 31:
+            raise ValueError(
+                f"LFQ with {self.latent_dim} bits overflows int32 indices: use at most 31 bits"
+            )
+        if self.cvq_distance not in ("cosine", "l2"):
+            raise ValueError(
+                f'quantizer.cvq_distance must be "cosine" or "l2", got {self.cvq_distance!r}'
+            )
+        if not 0.0 <= self.cvq_decay < 1.0:
+            raise ValueError(f"quantizer.cvq_decay must be in [0, 1), got {self.cvq_decay}")
+        if self.entropy_group_bits < 1:
+            raise ValueError(
+                f"quantizer.entropy_group_bits must be >= 1, got {self.entropy_group_bits}"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        return 2**self.latent_dim if self.kind == "lfq" else self.codebook_size
+
+
+@dataclass
+class QuantizerOutput:
+    """What a quantizer returns for latents ``(N, D)``."""
+
+    quantized: torch.Tensor
+    """(N, D) codes, with a straight-through gradient to the input."""
+    indices: torch.Tensor
+    """(N,) int64 code indices."""
+    loss: torch.Tensor
+    """Scalar: the weighted quantizer loss (commitment + entropy or codebook terms)."""
+    stats: dict[str, torch.Tensor]
+    """Detached scalars to log: perplexity, batch usage and the loss terms."""
+
+
+def code_stats(indices: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Perplexity of the batch's code histogram and the share of the vocabulary it uses."""
+    # Counting only the codes present keeps this cheap for a 2^18 vocabulary.
+    counts = torch.unique(indices.flatten(), return_counts=True)[1].float()
+    p = counts / counts.sum()
+    entropy = -(p * torch.log(p)).sum()
+    return {"perplexity": entropy.exp(), "usage": counts.new_tensor(len(counts) / vocab_size)}
+
+
+def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -(p * torch.log(p.clamp(min=1e-5))).sum(dim)
+
+
+class LookupFreeQuantizer(nn.Module):
+    """LFQ: ``z (N, K)`` → codes in ``{−1, +1}^K`` and indices in ``[0, 2^K)``."""
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        k = config.latent_dim
+        self.register_buffer("bit_values", 2 ** torch.arange(k), persistent=False)  # (K,)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``(...)`` → codes ``(..., K)`` in {−1, +1}."""
+        bits = (indices.unsqueeze(-1) & self.bit_values) != 0
+        return bits.float() * 2 - 1
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (or latents) ``(..., K)`` → indices ``(...)``: bit i set where component i > 0."""
+        return ((codes > 0).long() * self.bit_values).sum(-1)
+
+    def entropy_terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean per-sample entropy and batch entropy of ``q(c|z)`` for ``z (N, K)``, in nats."""
+        cfg = self.config
+        z = z.float()
+        # Per sample, exact: bit i is +1 with probability sigmoid(4 z_i / τ).
+        p_bit = torch.sigmoid(4 * z / cfg.entropy_temperature)  # (N, K)
+        per_sample = _entropy(torch.stack([p_bit, 1 - p_bit], -1)).sum(-1).mean()
+        # Batch: the mean of q over the batch, one 2^g-wide distribution per group of bits.
+        batch = z.new_zeros(())
+        for zg in z.split(cfg.entropy_group_bits, dim=-1):  # (N, g)
+            g = zg.shape[-1]
+            codes = self.indices_to_codes(torch.arange(2**g, device=z.device))[:, :g]  # (2^g, g)
+            logits = 2 * zg @ codes.T / cfg.entropy_temperature  # (N, 2^g)
+            mean_q = all_reduce_mean(logits.softmax(-1).mean(0))  # (2^g,)
+            batch = batch + _entropy(mean_q)
+        return per_sample, batch
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        # z: (N, K)
+        cfg = self.config
+        codes = torch.where(z > 0, 1.0, -1.0).to(z.dtype)  # (N, K)
+        indices = self.codes_to_indices(z)  # (N,)
+        quantized = z + (codes - z).detach()  # straight-through
+        commitment = F.mse_loss(z.float(), codes.float())
+        stats = code_stats(indices, cfg.vocab_size)
+        loss = cfg.commitment_weight * commitment
+        stats["commitment"] = commitment.detach()
+        if self.training and cfg.entropy_weight > 0:
+            per_sample, batch = self.entropy_terms(z)
+            loss = loss + cfg.entropy_weight * (per_sample - cfg.diversity_gamma * batch)
+            stats["sample_entropy"] = per_sample.detach()
+            stats["batch_entropy"] = batch.detach()
+        return QuantizerOutput(quantized, indices, loss, stats)
+
+
+class ClusteredVectorQuantizer(nn.Module):
+    """CVQ: ``z (N, D)`` → nearest of ``K`` codes ``(N, D)`` and indices in ``[0, K)``."""
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        k, d = config.codebook_size, config.latent_dim
+        self.codebook = nn.Parameter(torch.randn(k, d) / d**0.5)  # (K, D)
+        self.register_buffer("usage", torch.zeros(k))  # (K,) running N_k
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.config.cvq_distance == "cosine" else x
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``(...)`` → codes ``(..., D)``."""
+        return self._normalise(self.codebook)[indices]
+
+    def nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``(N,)`` of the nearest codes and the distance matrix ``(N, K)``."""
+        z, e = self._normalise(z.float()), self._normalise(self.codebook.float())
+        dist = (z * z).sum(-1, keepdim=True) - 2 * z @ e.T + (e * e).sum(-1)  # (N, K)
+        return dist.argmin(-1), dist
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        # z: (N, D)
+        cfg = self.config
+        indices, dist = self.nearest(z)
+        z_n = self._normalise(z)
+        codes = self._normalise(self.codebook)[indices]  # (N, D)
+        codebook_loss = F.mse_loss(codes.float(), z_n.detach().float())
+        commitment = F.mse_loss(z_n.float(), codes.detach().float())
+        quantized = z_n + (codes - z_n).detach()
+        if self.training and cfg.cvq_anchor_update:
+            self._anchor_update(z.detach(), indices, dist.detach())
+        stats = code_stats(indices, cfg.codebook_size)
+        stats["commitment"] = commitment.detach()
+        stats["codebook_loss"] = codebook_loss.detach()
+        loss = codebook_loss + cfg.commitment_weight * commitment
+        return QuantizerOutput(quantized, indices, loss, stats)
+
+    @torch.no_grad()
+    def _anchor_update(self, z: torch.Tensor, indices: torch.Tensor, dist: torch.Tensor) -> None:
+        cfg = self.config
+        k = cfg.codebook_size
+        counts = torch.bincount(indices, minlength=k).float()  # (K,)
+        share = all_reduce_mean(counts / indices.numel())
+        self.usage.mul_(cfg.cvq_decay).add_((1 - cfg.cvq_decay) * share)
+        # Each code's anchor is its closest feature in the batch (Zheng & Vedaldi, eq. 7).
+        # With data parallelism every rank sees different anchors; averaging the updated
+        # codebooks keeps replicas identical.
+        anchors = z[dist.argmin(0)]  # (K, D)
+        alpha = torch.exp(-self.usage * k * 10 / (1 - cfg.cvq_decay) - 1e-3).unsqueeze(-1)
+        new = (1 - alpha) * self.codebook.float() + alpha * anchors.float()
+        self.codebook.copy_(all_reduce_mean(new).to(self.codebook.dtype))
+
+
+def build_quantizer(config: QuantizerConfig) -> LookupFreeQuantizer | ClusteredVectorQuantizer:
+    if config.kind == "lfq":
+        return LookupFreeQuantizer(config)
+    return ClusteredVectorQuantizer(config)
