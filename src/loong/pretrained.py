@@ -38,7 +38,7 @@ def save_pretrained(
 def load_pretrained(
     directory: str | Path, config_cls: type[C], *, kind: str
 ) -> tuple[C, dict[str, torch.Tensor]]:
-    """Read a directory written by :func:`save_pretrained`; errors name the directory and the fix."""
+    """Read a directory written by :func:`save_pretrained`; errors name it and the fix."""
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():

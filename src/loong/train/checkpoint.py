@@ -21,7 +21,7 @@ from loong.pretrained import atomic_write_text
 def save_checkpoint(
     directory: str | Path, state: dict[str, Any], *, step: int, keep: int = 2
 ) -> Path:
-    """Write ``state`` as ``step_<step>.pt`` atomically, point ``latest.json`` at it, prune old ones."""
+    """Write ``step_<step>.pt`` atomically, point ``latest.json`` at it, prune old ones."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:09d}.pt"

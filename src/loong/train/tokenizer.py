@@ -227,7 +227,7 @@ def training_batches(cfg: TokenizerDataConfig, position: dict[str, int]) -> Iter
 
 
 def held_out_clips(cfg: TokenizerDataConfig, n: int) -> torch.Tensor:
-    """``n`` evaluation clips ``(n, C, T, H, W)``: from ``cfg.eval_folder`` or unseen shapes-world seeds."""
+    """``n`` evaluation clips ``(n, C, T, H, W)``: ``cfg.eval_folder`` or unseen shapes seeds."""
     if cfg.eval_folder:
         folder = VideoFolder(
             cfg.eval_folder, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, shuffle=False
@@ -407,9 +407,10 @@ def train_tokenizer(
             cfg.max_minutes > 0 and time.monotonic() - started > 60 * cfg.max_minutes
         )
         if step % cfg.eval_every == 0 or done:
-            record |= {f"eval_{k}": v for k, v in evaluate(ema or model, eval_clips).items()}
+            result = evaluate(ema or model, eval_clips)
+            record |= {f"eval_{k}": v for k, v in result.items()}
             bar.write(
-                f"step {step}: held-out PSNR {record['eval_psnr']:.2f} dB, SSIM {record['eval_ssim']:.4f}"
+                f"step {step}: held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}"
             )
         if step % cfg.log_every == 0 or "eval_psnr" in record:
             metrics_file.write(json.dumps(record) + "\n")

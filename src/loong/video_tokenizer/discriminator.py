@@ -30,7 +30,7 @@ class DiscriminatorConfig:
 
 
 def blur_downsample(x: torch.Tensor) -> torch.Tensor:
-    """Anti-aliased 2× downsampling: separable [1, 2, 1] blur, then stride 2 (time only if T > 1)."""
+    """Anti-aliased 2× downsampling: a [1, 2, 1] blur, then stride 2 (in time only if T > 1)."""
     # x: (B, C, T, H, W) → (B, C, ceil(T/2), H/2, W/2)
     c = x.shape[1]
     k1 = x.new_tensor([1.0, 2.0, 1.0]) / 4

@@ -101,7 +101,7 @@ def load_vgg16_weights(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
+        except Exception as e:
             raise ValueError(
                 f"{path} is not a tensors-only state dict ({e}); save VGG16's state_dict() "
                 "with torch.save or as .safetensors"

@@ -1,4 +1,4 @@
-"""Causal 3D CNN video tokenizer (MAGVIT-v2, Yu et al. 2023; the tokenizer of Loong, Wang et al. 2024).
+"""Causal 3D CNN video tokenizer (MAGVIT-v2, Yu et al. 2023; also Loong's, Wang et al. 2024).
 
 Encoder: causal conv in → stages of residual blocks (per-frame GroupNorm → SiLU → causal 3×3×3
 conv, twice) with strided causal convs between stages (temporal stride only in the last ones) →
@@ -28,7 +28,7 @@ from loong.video_tokenizer.causal_conv import (
     depth_to_space,
     frame_group_norm,
 )
-from loong.video_tokenizer.quantize import QuantizerConfig, build_quantizer
+from loong.video_tokenizer.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
 
 
 @dataclass(kw_only=True)
@@ -89,7 +89,7 @@ class VideoTokenizerConfig:
 
 
 class Norm(nn.Module):
-    """Per-frame GroupNorm; adaptive (scale and shift from the latent) when ``latent_dim`` is set."""
+    """Per-frame GroupNorm; adaptive (scale, shift from the latent) when ``latent_dim`` is set."""
 
     def __init__(self, channels: int, groups: int, latent_dim: int | None = None) -> None:
         super().__init__()
@@ -327,8 +327,8 @@ class VideoTokenizer(nn.Module):
 
     # -- training path
 
-    def quantize(self, z: torch.Tensor):
-        """Latent ``(B, D, t, h, w)`` → quantized latent of the same shape and the quantizer output."""
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """Latent ``(B, D, t, h, w)`` → the quantized latent (same shape) and quantizer output."""
         b, _, t, h, w = z.shape
         out = self.quantizer(rearrange(z, "b d t h w -> (b t h w) d"))
         quantized = rearrange(out.quantized, "(b t h w) d -> b d t h w", b=b, t=t, h=h, w=w)

@@ -10,7 +10,7 @@ from loong.video_tokenizer.quantize import QuantizerConfig
 
 
 def tiny() -> VideoTokenizerConfig:
-    """For the CPU and the shapes world: 64×64 → 8×8 tokens a latent frame, 2^12 codes. 2.5M params."""
+    """CPU and shapes world: 64×64 → 8×8 tokens a latent frame, 2^12 codes. 2.5M params."""
     return VideoTokenizerConfig(
         base_width=16,
         width_mults=(1, 2, 4, 4),
@@ -39,7 +39,7 @@ PRESETS: dict[str, Callable[[], VideoTokenizerConfig]] = {"tiny": tiny, "loong-2
 
 
 def tokenizer_preset(name: str, **overrides: object) -> VideoTokenizerConfig:
-    """The config of preset ``name`` with dotted-key ``overrides`` (e.g. ``quantizer.kind="cvq"``)."""
+    """Preset ``name`` with dotted-key ``overrides`` (``quantizer__kind="cvq"`` also works)."""
     if name not in PRESETS:
         raise ValueError(f"unknown tokenizer preset {name!r}: choose one of {sorted(PRESETS)}")
     config = PRESETS[name]()

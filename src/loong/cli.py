@@ -1,0 +1,138 @@
+"""The ``loong`` command line: argparse only; the work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="named size to start from (default: tiny)")
+    p.add_argument("--config", help="TOML file overriding the preset")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. optim.lr=3e-4",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loong", description="Text-to-video with an autoregressive model over video tokens."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tok = commands.add_parser("tokenizer", help="train and use the video tokenizer")
+    tok_cmds = tok.add_subparsers(dest="action", required=True)
+
+    train = tok_cmds.add_parser("train", help="train a tokenizer (resumes if OUT has a checkpoint)")
+    _add_config_args(train)
+    train.add_argument(
+        "--out", default="runs/tokenizer", help="run directory (default: runs/tokenizer)"
+    )
+    train.add_argument("--data", help='"shapes" or a folder of videos (sets data.source)')
+    train.add_argument("--steps", type=int, help="training steps (sets steps)")
+    train.add_argument(
+        "--minutes", type=float, help="stop after this much wall time (sets max_minutes)"
+    )
+
+    enc = tok_cmds.add_parser("encode", help="video file → token file (.safetensors)")
+    enc.add_argument("video")
+    enc.add_argument(
+        "--model", required=True, help="tokenizer directory (config.json + model.safetensors)"
+    )
+    enc.add_argument("--out", required=True, help="token file to write (.safetensors)")
+    enc.add_argument("--size", type=int, help="resize (centre crop) to SIZE×SIZE first")
+    enc.add_argument("--fps", type=float, help="resample to this frame rate first")
+    enc.add_argument(
+        "--chunk-frames", type=int, default=64, help="frames per chunk (multiple of 4)"
+    )
+
+    dec = tok_cmds.add_parser("decode", help="token file → video (.mp4 or .gif)")
+    dec.add_argument("tokens")
+    dec.add_argument("--model", required=True, help="tokenizer directory")
+    dec.add_argument("--out", required=True, help="video to write (.mp4 or .gif)")
+
+    ev = tok_cmds.add_parser("eval", help="PSNR, SSIM and codebook usage on held-out clips")
+    ev.add_argument("--model", required=True, help="tokenizer directory")
+    ev.add_argument(
+        "--data", default="shapes", help='"shapes" (held-out seeds) or a folder of videos'
+    )
+    ev.add_argument("--clips", type=int, default=32, help="clips to evaluate (default: 32)")
+    ev.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default: 17)")
+    ev.add_argument("--size", type=int, default=64, help="clip size in pixels (default: 64)")
+    ev.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        if args.command == "tokenizer":
+            return _tokenizer(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"loong: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from loong.video_tokenizer.model import VideoTokenizer
+
+    if args.action == "train":
+        from loong.config import resolve_config
+        from loong.train.tokenizer import tokenizer_train_preset, train_tokenizer
+
+        sets = list(args.set)
+        if args.data:
+            sets.append(f"data.source={args.data!r}".replace("'", '"'))
+        if args.steps is not None:
+            sets.append(f"steps={args.steps}")
+        if args.minutes is not None:
+            sets.append(f"max_minutes={args.minutes}")
+        cfg = resolve_config(tokenizer_train_preset(args.preset), args.config, sets)
+        export = train_tokenizer(cfg, args.out)
+        print(f"tokenizer exported to {export}; previews in {Path(args.out) / 'previews'}")
+        return 0
+
+    model = VideoTokenizer.from_pretrained(args.model)
+    if args.action == "encode":
+        from loong.video_tokenizer.files import encode_file
+
+        shape = encode_file(
+            model,
+            args.video,
+            args.out,
+            size=args.size,
+            fps=args.fps,
+            chunk_frames=args.chunk_frames,
+        )
+        print(f"wrote {args.out}: tokens {shape[0]}×{shape[1]}×{shape[2]}")
+    elif args.action == "decode":
+        from loong.video_tokenizer.files import decode_file
+
+        n = decode_file(model, args.tokens, args.out)
+        print(f"wrote {args.out}: {n} frames")
+    elif args.action == "eval":
+        from loong.train.tokenizer import TokenizerDataConfig, evaluate, held_out_clips
+
+        source = "" if args.data == "shapes" else args.data
+        data = TokenizerDataConfig(
+            n_frames=args.frames, size=args.size, fps=args.fps, eval_folder=source
+        )
+        result = evaluate(model, held_out_clips(data, args.clips))
+        for key, value in result.items():
+            print(f"{key:>15}: {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
