@@ -183,13 +183,17 @@ class ClusteredVectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         # z: (N, D)
         cfg = self.config
+        # A clone, so that the anchor update below may change the parameter in place while
+        # autograd still holds the values this forward used.
+        codebook = self.codebook.clone()  # (K, D)
         indices, dist = self.nearest(z)
         z_n = self._normalise(z)
-        codes = self._normalise(self.codebook)[indices]  # (N, D)
+        codes = self._normalise(codebook)[indices]  # (N, D)
         codebook_loss = F.mse_loss(codes.float(), z_n.detach().float())
         commitment = F.mse_loss(z_n.float(), codes.detach().float())
         quantized = z_n + (codes - z_n).detach()
-        if self.training and cfg.cvq_anchor_update:
+        # Only training steps move codes: encoding under no_grad leaves the model as it was.
+        if self.training and torch.is_grad_enabled() and cfg.cvq_anchor_update:
             self._anchor_update(z.detach(), indices, dist.detach())
         stats = code_stats(indices, cfg.codebook_size)
         stats["commitment"] = commitment.detach()

@@ -1,0 +1,73 @@
+"""Shared fixtures: very small seeded video tokenizers and inputs, milliseconds on a CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+
+def _small_tokenizer_config(**overrides: object):
+    """A tokenizer config with the paper's 8× spatial / 4× temporal compression and ~0.2M params.
+
+    ``overrides`` are dotted keys (``"quantizer.kind": "cvq"``) applied with ``apply_overrides``.
+    """
+    from loong.config import apply_overrides
+    from loong.video_tokenizer.model import VideoTokenizerConfig
+    from loong.video_tokenizer.quantize import QuantizerConfig
+
+    config = VideoTokenizerConfig(
+        base_width=8,
+        width_mults=(1, 1, 2, 2),
+        temporal_downsample=(False, True, True),
+        encoder_blocks=1,
+        decoder_blocks=1,
+        num_groups=4,
+        quantizer=QuantizerConfig(kind="lfq", latent_dim=6, entropy_group_bits=6),
+    )
+    return apply_overrides(config, dict(overrides)) if overrides else config
+
+
+@pytest.fixture
+def small_tokenizer_config() -> Callable[..., object]:
+    """Factory: ``small_tokenizer_config(**dotted_overrides)`` → a tiny ``VideoTokenizerConfig``."""
+    return _small_tokenizer_config
+
+
+@pytest.fixture
+def make_small_tokenizer() -> Callable[..., object]:
+    """Factory: a seeded tiny ``VideoTokenizer`` in eval mode.
+
+    The decoder's adaptive norms start as plain norms (zero-initialised scale and shift convs); the
+    factory gives them small random weights so that tests also exercise the latent's path into
+    every decoder norm (``expand_latent``), which a freshly built model would hide.
+    """
+    from loong.video_tokenizer.model import Norm, VideoTokenizer
+
+    def make(seed: int = 0, *, perturb_adaptive_norms: bool = True, **overrides: object):
+        torch.manual_seed(seed)
+        model = VideoTokenizer(_small_tokenizer_config(**overrides))
+        if perturb_adaptive_norms:
+            with torch.no_grad():
+                for module in model.modules():
+                    if isinstance(module, Norm) and module.adaptive:
+                        for conv in (module.scale, module.shift):
+                            conv.weight.normal_(0.0, 0.2)
+                            conv.bias.normal_(0.0, 0.1)
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture
+def make_video() -> Callable[..., torch.Tensor]:
+    """Factory: a seeded video ``(B, 3, T, H, W)`` in [−1, 1] (defaults: 1 × 17 × 32 × 32)."""
+
+    def make(
+        batch: int = 1, frames: int = 17, height: int = 32, width: int = 32, seed: int = 0
+    ) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.rand(batch, 3, frames, height, width, generator=g) * 2 - 1
+
+    return make

@@ -1,0 +1,149 @@
+"""Tokenizer losses (VQGAN, MAGVIT-v2) and the 3D discriminator, on toy inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loong.video_tokenizer.discriminator import (
+    Discriminator3D,
+    DiscriminatorConfig,
+    blur_downsample,
+)
+from loong.video_tokenizer.losses import (
+    LeCam,
+    PerceptualLoss,
+    VGG16Features,
+    adaptive_generator_weight,
+    discriminator_hinge_loss,
+    generator_loss,
+    load_vgg16_weights,
+    reconstruction_loss,
+)
+
+
+def test_reconstruction_loss_kinds():
+    a, b = torch.zeros(2, 3), torch.full((2, 3), 0.5)
+    assert reconstruction_loss(a, b, "l1").item() == pytest.approx(0.5)
+    assert reconstruction_loss(a, b, "l2").item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match='"l1" or "l2"'):
+        reconstruction_loss(a, b, "huber")
+
+
+def test_adaptive_generator_weight_is_the_ratio_of_gradient_norms():
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    x, target = torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)
+    out = layer(x)  # (8, 3)
+    rec = (out - target).square().mean()
+    g_loss = -(out * torch.linspace(-1, 2, 3)).mean()
+
+    # By hand: ∂/∂W mean((Wx + b − t)²) = 2 (out − t)ᵀ x / (N·C)
+    # and ∂/∂W −mean(out·c) = −c Σ_n xₙᵀ / (N·C).
+    n, c = out.shape
+    rec_grad = 2 / (n * c) * (out - target).detach().T @ x
+    g_grad = -(torch.linspace(-1, 2, 3)[:, None] * x.sum(0)[None, :]) / (n * c)
+    expected = rec_grad.norm() / (g_grad.norm() + 1e-4)
+
+    weight = adaptive_generator_weight(rec, g_loss, layer.weight)
+    assert not weight.requires_grad
+    assert weight.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The graph is kept for the real backward that follows.
+    (rec + weight * g_loss).backward()
+    assert layer.weight.grad is not None
+
+
+def test_adaptive_generator_weight_is_clamped():
+    layer = torch.nn.Linear(4, 2)
+    out = layer(torch.ones(3, 4))
+    rec = out.square().mean() + 10.0
+    flat = 0.0 * out.sum()  # zero generator gradient: λ = ‖∇L_rec‖ / 1e-4, clamped
+    assert adaptive_generator_weight(rec, flat, layer.weight, max_weight=7.0).item() == 7.0
+
+
+def test_lecam_emas_move_toward_the_means():
+    lecam = LeCam(decay=0.9)
+    real, fake = torch.full((16,), 2.0), torch.full((16,), -3.0)
+    lecam(real, fake)
+    assert lecam.ema_real.item() == pytest.approx(0.2)  # lerp from 0 by 1 − decay
+    assert lecam.ema_fake.item() == pytest.approx(-0.3)
+    for _ in range(200):
+        reg = lecam(real, fake)
+    assert lecam.ema_real.item() == pytest.approx(2.0, abs=1e-6)
+    assert lecam.ema_fake.item() == pytest.approx(-3.0, abs=1e-6)
+    # relu(real − ema_fake)² + relu(ema_real − fake)² with the EMAs at the means: 5² + 5².
+    assert reg.item() == pytest.approx(50.0, rel=1e-4)
+    # Only the EMAs are state; the regulariser differentiates through its inputs.
+    real = real.clone().requires_grad_()
+    lecam(real, fake).backward()
+    assert (real.grad > 0).all()
+
+
+def test_discriminator_hinge_loss():
+    assert discriminator_hinge_loss(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, -5.0])) == 0
+    # Each side's margin violation counts: relu(1 − 0.5) + relu(1 + 0) = 1.5.
+    assert discriminator_hinge_loss(torch.tensor([0.5]), torch.tensor([0.0])).item() == 1.5
+    assert generator_loss(torch.tensor([1.0, 3.0])).item() == -2.0
+
+
+@pytest.fixture
+def vgg_weights(tmp_path):
+    torch.manual_seed(0)
+    state = {k: v for k, v in VGG16Features().state_dict().items() if k.startswith("features.")}
+    path = tmp_path / "vgg16.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_perceptual_loss(vgg_weights):
+    path, state = vgg_weights
+    loss_fn = PerceptualLoss(path)
+    assert torch.equal(loss_fn.net.features[0].weight, state["features.0.weight"])
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(1, 3, 2, 32, 32, generator=g) * 2 - 1
+    assert loss_fn(target, target).item() == pytest.approx(0.0, abs=1e-10)
+    recon = (target + 0.3 * torch.randn(target.shape, generator=g)).requires_grad_()
+    loss = loss_fn(recon, target)
+    assert loss.item() > 1e-4
+    loss.backward()
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss_fn.parameters())  # the feature net stays fixed
+    assert not loss_fn.train().net.training
+
+
+def test_perceptual_weights_with_wrong_keys_raise(tmp_path):
+    path = tmp_path / "not-vgg.safetensors"
+    save_file({"features.0.weight": torch.zeros(2, 3, 3, 3), "other": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="does not hold VGG16 features"):
+        PerceptualLoss(path)
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
+        load_vgg16_weights(tmp_path / "missing.safetensors")
+
+
+def test_vgg16_weights_load_from_tensors_only_pth(vgg_weights, tmp_path):
+    _, state = vgg_weights
+    torch.save(state, tmp_path / "vgg16.pth")
+    loaded = load_vgg16_weights(tmp_path / "vgg16.pth")
+    assert loaded.keys() == state.keys()
+
+
+def test_discriminator_maps_videos_and_images_to_one_logit():
+    torch.manual_seed(0)
+    disc = Discriminator3D(DiscriminatorConfig(base_width=8, max_width=32, n_blocks=3))
+    video = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    logits = disc(video)
+    assert logits.shape == (2,)
+    assert disc(video[:, :, :1]).shape == (2,)
+    # Batch items are judged independently.
+    torch.testing.assert_close(disc(video[1:]), logits[1:], rtol=1e-5, atol=1e-6)
+    logits.sum().backward()
+    assert disc.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_blur_downsample_shapes_and_constants():
+    x = torch.full((1, 2, 9, 8, 8), 3.0)
+    y = blur_downsample(x)
+    assert y.shape == (1, 2, 5, 4, 4)
+    torch.testing.assert_close(y, torch.full_like(y, 3.0))  # a normalised blur keeps constants
+    assert blur_downsample(x[:, :, :1]).shape == (1, 2, 1, 4, 4)

@@ -1,0 +1,203 @@
+"""The tokenizer as a whole: files, presets, configs and the index range the decoder accepts."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from loong.config import apply_overrides, config_from_dict, config_to_dict, parse_set
+from loong.video_tokenizer.model import StreamCache, VideoTokenizer, VideoTokenizerConfig
+from loong.video_tokenizer.quantize import QuantizerConfig
+
+# --- save_pretrained / from_pretrained -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"quantizer.kind": "cvq", "quantizer.codebook_size": 32}]
+)
+def test_save_then_load_gives_identical_outputs(
+    make_small_tokenizer, make_video, tmp_path, overrides
+):
+    model = make_small_tokenizer(**overrides)
+    if overrides:  # give the CVQ usage buffer a non-default value that must survive the trip
+        model.quantizer.usage.uniform_()
+    video = make_video(frames=9)
+    model.save_pretrained(tmp_path / "tok")
+    assert {p.name for p in (tmp_path / "tok").iterdir()} == {"config.json", "model.safetensors"}
+
+    loaded = VideoTokenizer.from_pretrained(tmp_path / "tok")
+    assert not loaded.training
+    assert loaded.config == model.config
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    idx = model.encode(video)
+    assert torch.equal(loaded.encode(video), idx)
+    assert torch.equal(loaded.decode(idx), model.decode(idx))
+
+
+def test_from_pretrained_on_empty_directory_names_it(tmp_path):
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    match = re.escape(str(empty)) + r".*config\.json and model\.safetensors"
+    with pytest.raises(FileNotFoundError, match=match):
+        VideoTokenizer.from_pretrained(empty)
+
+
+def test_from_pretrained_rejects_another_kind_of_model(make_small_tokenizer, tmp_path):
+    make_small_tokenizer().save_pretrained(tmp_path)
+    payload = json.loads((tmp_path / "config.json").read_text())
+    payload["kind"] = "language_model"
+    (tmp_path / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="'language_model' model, not a 'video_tokenizer'"):
+        VideoTokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [64, 1000, -1])
+def test_decode_rejects_out_of_range_indices(make_small_tokenizer, bad):
+    model = make_small_tokenizer()  # LFQ with 6 bits: vocabulary 64
+    idx = torch.zeros(1, 2, 2, 2, dtype=torch.long)
+    idx[0, 1, 1, 1] = bad
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        model.decode(idx)
+    model.decode(idx.clamp(0, 63))  # the same shape in range decodes
+
+
+def test_cvq_tokenizer_round_trips_through_its_codebook(make_small_tokenizer, make_video):
+    model = make_small_tokenizer(
+        **{"quantizer.kind": "cvq", "quantizer.codebook_size": 32, "quantizer.latent_dim": 6}
+    )
+    idx = model.encode(make_video(frames=5))
+    assert idx.shape == (1, 2, 4, 4)
+    assert int(idx.min()) >= 0 and int(idx.max()) < 32
+    # Decoding the indices re-creates the codes the encoder picked: encoding those codes again
+    # through the quantizer gives the same indices.
+    codes = model.indices_to_latents(idx)  # (B, D, t, h, w)
+    _, q = model.quantize(codes)
+    assert torch.equal(q.indices, idx)
+
+
+def test_encode_is_pure_even_in_training_mode(make_small_tokenizer, make_video):
+    model = make_small_tokenizer(**{"quantizer.kind": "cvq", "quantizer.codebook_size": 256})
+    model.train()
+    video = make_video(frames=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = model.encode(video)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == []
+    assert torch.equal(model.encode(video), first)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"quantizer.kind": "cvq", "quantizer.codebook_size": 32, "quantizer.cvq_distance": "l2"},
+        {"quantizer.kind": "cvq", "quantizer.codebook_size": 32},
+    ],
+    ids=["lfq", "cvq-l2", "cvq-cosine"],
+)
+def test_training_forward_backpropagates_to_encoder_and_decoder(
+    make_small_tokenizer, make_video, overrides
+):
+    # forward in training mode gives a differentiable reconstruction and quantizer loss.
+    model = make_small_tokenizer(**overrides).train()
+    out = model(make_video(frames=5))
+    loss = (out.recon - 0.0).abs().mean() + out.quantizer_loss
+    loss.backward()
+    assert model.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+    assert model.decoder.last_layer.grad.abs().sum() > 0
+    assert {"perplexity", "usage", "commitment"} <= set(out.stats)
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+
+def test_tiny_preset_runs():
+    torch.manual_seed(0)
+    model = VideoTokenizer.from_preset("tiny").eval()
+    assert model.config.vocab_size == 2**12
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    with torch.no_grad():
+        out = model(video)
+    assert out.indices.shape == (1, 3, 8, 8)
+    assert out.recon.shape == video.shape
+    assert int(out.indices.max()) < 2**12
+
+
+def test_preset_overrides_and_unknown_names():
+    model_cfg = VideoTokenizer.from_preset(
+        "tiny", **{"quantizer.kind": "cvq"}, quantizer__codebook_size=128
+    ).config
+    assert model_cfg.quantizer.kind == "cvq" and model_cfg.vocab_size == 128
+    with pytest.raises(ValueError, match=r"unknown tokenizer preset 'huge'.*loong-246m.*tiny"):
+        VideoTokenizer.from_preset("huge")
+
+
+def test_loong_246m_on_the_meta_device():
+    with torch.device("meta"):
+        model = VideoTokenizer.from_preset("loong-246m")
+        n = model.num_parameters()
+        assert abs(n - 246e6) / 246e6 < 0.10, f"{n / 1e6:.1f}M parameters"
+        cfg = model.config
+        assert (cfg.spatial_compression, cfg.temporal_compression) == (8, 4)
+        assert cfg.vocab_size == 8192 and cfg.quantizer.kind == "cvq"
+        video = torch.empty(1, 3, 65, 128, 128)
+        z = model.encoder(video, StreamCache())
+        assert z.shape == (1, cfg.quantizer.latent_dim, 17, 16, 16)
+        assert model.decoder(z, StreamCache()).shape == (1, 3, 65, 128, 128)
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+def test_apply_overrides_rejects_unknown_keys_listing_valid_ones(small_tokenizer_config):
+    cfg = small_tokenizer_config()
+    with pytest.raises(ValueError, match=r"unknown config key 'quantizer.nope'.*latent_dim"):
+        apply_overrides(cfg, {"quantizer.nope": 1})
+    with pytest.raises(ValueError, match=r"unknown config key 'nope'.*base_width"):
+        apply_overrides(cfg, {"nope": 1})
+    with pytest.raises(ValueError, match="'base_width' is not a config section"):
+        apply_overrides(cfg, {"base_width.x": 1})
+    # Overrides are validated by the dataclasses: widths 8 and 16 are not divisible by 3 groups.
+    with pytest.raises(ValueError, match="num_groups=3"):
+        apply_overrides(cfg, {"num_groups": 3})
+    new = apply_overrides(cfg, {"quantizer.latent_dim": 10, "width_mults": [1, 2, 2, 4]})
+    assert new.quantizer.latent_dim == 10 and new.width_mults == (1, 2, 2, 4)
+    assert cfg.quantizer.latent_dim == 6  # the original is untouched
+
+
+def test_parse_set_parses_toml_values():
+    parsed = parse_set(["a.b=1e-3", "x=true", "s=hello", "n=3", "l=[1, 2]", 'q="quoted"'])
+    assert parsed == {"a.b": 1e-3, "x": True, "s": "hello", "n": 3, "l": [1, 2], "q": "quoted"}
+    assert isinstance(parsed["a.b"], float) and isinstance(parsed["n"], int)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_set(["no-equals-sign"])
+
+
+def test_config_dict_round_trip():
+    cfg = VideoTokenizerConfig(
+        base_width=16,
+        width_mults=(1, 2, 4),
+        temporal_downsample=(True, False),
+        num_groups=8,
+        quantizer=QuantizerConfig(kind="cvq", latent_dim=16, codebook_size=512, cvq_distance="l2"),
+    )
+    data = config_to_dict(cfg)
+    assert data["width_mults"] == [1, 2, 4] and isinstance(data["quantizer"], dict)
+    back = config_from_dict(VideoTokenizerConfig, json.loads(json.dumps(data)))
+    assert back == cfg
+    assert isinstance(back.quantizer, QuantizerConfig)
+    assert isinstance(back.width_mults, tuple) and isinstance(back.temporal_downsample, tuple)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['quantizer.bogus'\]"):
+        config_from_dict(VideoTokenizerConfig, {**data, "quantizer": {"bogus": 1}})
+
+
+def test_tokenizer_config_validation():
+    with pytest.raises(ValueError, match="one entry per downsampling step"):
+        VideoTokenizerConfig(width_mults=(1, 2, 2, 4), temporal_downsample=(True,))
+    with pytest.raises(ValueError, match="not divisible by num_groups"):
+        VideoTokenizerConfig(base_width=12, num_groups=8)
