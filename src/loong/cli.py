@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default: 17)")
     ev.add_argument("--size", type=int, default=64, help="clip size in pixels (default: 64)")
     ev.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to")
+    info = tok_cmds.add_parser("info", help="a preset's parameter count and shapes (built on meta)")
+    info.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
     return parser
 
 
@@ -101,6 +103,24 @@ def _tokenizer(args: argparse.Namespace) -> int:
         cfg = resolve_config(tokenizer_train_preset(args.preset), args.config, sets)
         export = train_tokenizer(cfg, args.out)
         print(f"tokenizer exported to {export}; previews in {Path(args.out) / 'previews'}")
+        return 0
+
+    if args.action == "info":
+        import torch
+
+        with torch.device("meta"):
+            model = VideoTokenizer.from_preset(args.preset)
+        cfg = model.config
+        s, r = cfg.spatial_compression, cfg.temporal_compression
+        print(f"preset {args.preset}: {model.num_parameters():,} parameters")
+        print(
+            f"  compression {r}× time, {s}× space; "
+            f"{cfg.quantizer.kind} with {cfg.vocab_size:,} codes"
+        )
+        print(
+            f"  encoder {sum(p.numel() for p in model.encoder.parameters()):,}, "
+            f"decoder {sum(p.numel() for p in model.decoder.parameters()):,}"
+        )
         return 0
 
     model = VideoTokenizer.from_pretrained(args.model)

@@ -297,6 +297,12 @@ def train_tokenizer(
     # 0. models, optimisers, losses
     model = VideoTokenizer(cfg.model)
     disc = Discriminator3D(cfg.discriminator)
+    log.info(
+        "tokenizer: %s parameters, %s codes; discriminator: %s parameters",
+        f"{model.num_parameters():,}",
+        f"{cfg.model.vocab_size:,}",
+        f"{sum(p.numel() for p in disc.parameters()):,}",
+    )
     lecam = LeCam()
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     opt_g = torch.optim.AdamW(

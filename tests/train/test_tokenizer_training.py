@@ -1,0 +1,135 @@
+"""The tokenizer's training loop: it learns, it resumes exactly, it writes what it promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import loong.train.tokenizer as tokenizer_training
+from loong.config import apply_overrides
+from loong.train.tokenizer import (
+    TokenizerDataConfig,
+    TokenizerLossConfig,
+    TokenizerOptimConfig,
+    TokenizerTrainConfig,
+    evaluate,
+    held_out_clips,
+    train_tokenizer,
+)
+from loong.video_tokenizer.discriminator import DiscriminatorConfig
+from loong.video_tokenizer.model import VideoTokenizer
+
+
+@pytest.fixture
+def train_config(small_tokenizer_config) -> TokenizerTrainConfig:
+    """Seconds on a CPU: a ~0.2M-parameter tokenizer on 5-frame 64×64 shapes-world clips."""
+    return TokenizerTrainConfig(
+        model=small_tokenizer_config(),
+        discriminator=DiscriminatorConfig(base_width=4, max_width=8, n_blocks=2),
+        data=TokenizerDataConfig(n_frames=5, size=64, batch_size=2),
+        loss=TokenizerLossConfig(disc_start_step=2),
+        optim=TokenizerOptimConfig(lr=3e-3, betas=(0.9, 0.99), warmup_steps=2),
+        steps=6,
+        ema_decay=0.9,
+        log_every=1,
+        eval_every=1000,
+        eval_clips=2,
+        preview_every=1000,
+        checkpoint_every=3,
+    )
+
+
+def _losses(run: Path) -> dict[int, tuple[float, ...]]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = (r["rec"], r["quant"], r.get("g", 0.0), r.get("d", 0.0))
+    return out
+
+
+def test_short_training_on_the_shapes_world_improves_psnr(tmp_path, train_config):
+    cfg = apply_overrides(
+        train_config, {"steps": 60, "ema_decay": 0.0, "loss.disc_start_step": 1000}
+    )
+    clips = held_out_clips(cfg.data, 4)
+    torch.manual_seed(cfg.seed)
+    before = evaluate(VideoTokenizer(cfg.model), clips)["psnr"]
+    export = train_tokenizer(cfg, tmp_path / "run", progress=False)
+    after = evaluate(VideoTokenizer.from_pretrained(export), clips)["psnr"]
+    assert after > before + 3.0, (before, after)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, train_config, monkeypatch):
+    # The GAN switches on at step 2 and EMA is on, so every piece of state must come back.
+    straight = train_tokenizer(train_config, tmp_path / "straight", progress=False)
+
+    real_save = tokenizer_training.save_checkpoint
+
+    def save_then_crash(directory, state, *, step, keep):
+        real_save(directory, state, step=step, keep=keep)
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
+
+    monkeypatch.setattr(tokenizer_training, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(train_config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(tokenizer_training, "save_checkpoint", real_save)
+    resumed = train_tokenizer(train_config, tmp_path / "resumed", progress=False)
+
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert want.keys() == got.keys() == set(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    a = VideoTokenizer.from_pretrained(straight).state_dict()
+    b = VideoTokenizer.from_pretrained(resumed).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_a_run_writes_previews_metrics_checkpoints_and_an_export(tmp_path, train_config):
+    cfg = apply_overrides(train_config, {"preview_every": 3, "eval_every": 3})
+    export = train_tokenizer(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert (run / "previews" / "step_0000003.mp4").stat().st_size > 0
+    assert (run / "previews" / "step_0000006.gif").stat().st_size > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_psnr" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 < r["eval_codebook_usage"] <= 1 for r in evals)
+    assert json.loads((run / "config.json").read_text())["model"]["base_width"] == 8
+    assert sorted(p.name for p in (export).iterdir()) == ["config.json", "model.safetensors"]
+    assert len(list((run / "checkpoints").glob("*.pt"))) == 2
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, train_config):
+    run = tmp_path / "run"
+    train_tokenizer(train_config, run, progress=False)  # checkpoints at steps 3 and 6
+    latest = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    latest.write_bytes(latest.read_bytes()[:100])  # a torn write
+    from loong.train.checkpoint import load_latest_checkpoint
+
+    with pytest.warns(UserWarning, match="unreadable"):
+        state = load_latest_checkpoint(run / "checkpoints")
+    assert state is not None and state["step"] == 3
+
+
+def test_folder_data_skips_bad_files_and_keeps_training(tmp_path, train_config):
+    from loong.data.shapes import Scene, ShapeObject, render
+    from loong.data.video import write_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    scene = Scene(objects=(ShapeObject(colour="red", shape="circle", direction="right"),))
+    for i in range(2):
+        write_video(folder / f"clip{i}.mp4", render(scene, seed=i, n_frames=12), fps=8)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    cfg = apply_overrides(
+        train_config, {"data.source": str(folder), "data.eval_folder": str(folder), "steps": 4}
+    )
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        export = train_tokenizer(cfg, tmp_path / "run", progress=False)
+    assert (export / "model.safetensors").is_file()
+    assert len(_losses(tmp_path / "run")) == 4
