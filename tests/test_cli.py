@@ -1,0 +1,118 @@
+"""The ``loong`` command line: tokenizer encode → decode → eval, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from loong.cli import main
+from loong.data.shapes import Scene, ShapeObject, render
+from loong.data.video import read_video, write_video
+
+
+@pytest.fixture
+def model_dir(tmp_path, make_small_tokenizer):
+    directory = tmp_path / "tokenizer"
+    make_small_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def video_file(tmp_path):
+    scene = Scene(objects=(ShapeObject(colour="red", shape="square", direction="right"),))
+    path = tmp_path / "clip.mp4"
+    write_video(path, render(scene, seed=0, n_frames=20), fps=8)
+    return path
+
+
+def test_encode_then_decode_writes_a_video_of_the_encoded_length(
+    tmp_path, model_dir, video_file, capsys
+):
+    tokens = tmp_path / "tokens.safetensors"
+    assert (
+        main(
+            [
+                "tokenizer",
+                "encode",
+                str(video_file),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tokens),
+                "--chunk-frames",
+                "8",
+            ]
+        )
+        == 0
+    )
+    indices = load_file(tokens)["indices"]
+    assert tuple(indices.shape) == (5, 8, 8)  # 20 frames → the 17-frame prefix → 5 latent frames
+    out = tmp_path / "decoded.mp4"
+    assert (
+        main(["tokenizer", "decode", str(tokens), "--model", str(model_dir), "--out", str(out)])
+        == 0
+    )
+    frames, fps = read_video(out)
+    assert frames.shape == (17, 64, 64, 3) and fps == pytest.approx(8.0)
+    assert "17 frames" in capsys.readouterr().out
+
+
+def test_eval_prints_psnr_ssim_and_codebook_usage(model_dir, capsys):
+    args = ["tokenizer", "eval", "--model", str(model_dir), "--clips", "2", "--frames", "5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for key in ("psnr", "ssim", "codebook_usage", "perplexity"):
+        assert key in printed
+
+
+def test_a_corrupt_video_gives_a_one_line_error_naming_the_file(tmp_path, model_dir, capsys):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    code = main(
+        [
+            "tokenizer",
+            "encode",
+            str(bad),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "t.safetensors"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "broken.mp4" in err and "Traceback" not in err
+
+
+def test_a_missing_model_directory_is_named_in_the_error(tmp_path, video_file, capsys):
+    code = main(
+        [
+            "tokenizer",
+            "encode",
+            str(video_file),
+            "--model",
+            str(tmp_path / "nope"),
+            "--out",
+            "x.safetensors",
+        ]
+    )
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_unknown_set_keys_are_rejected_before_training(tmp_path, capsys):
+    code = main(
+        ["tokenizer", "train", "--set", "optim.learning_rate=1", "--out", str(tmp_path / "run")]
+    )
+    assert code == 2
+    assert "optim.learning_rate" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_info_prints_the_parameter_count_of_the_paper_preset(capsys):
+    assert main(["tokenizer", "info", "--preset", "loong-246m"]) == 0
+    count = re.search(r"([\d,]+) parameters", capsys.readouterr().out).group(1)
+    assert abs(int(count.replace(",", "")) - 246e6) < 0.1 * 246e6
