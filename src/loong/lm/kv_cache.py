@@ -1,0 +1,75 @@
+"""Preallocated key/value cache for incremental decoding (as in gpt-fast).
+
+Keys and values live in two tensors ``(n_layers, B, n_kv_heads, max_len, head_dim)`` written in
+place at the slots ``input_pos`` of each forward: a prefill writes L slots, each decode step one.
+Slot s holds the token at position s, and the keys are stored after RoPE.
+
+A bool ``valid`` ``(B, max_len)`` records which written slots hold real tokens, so left-padded
+prompts in one batch (PAD before the shorter prompts) are never attended to.
+
+Sliding windows over long videos need no cache surgery: the next window's prefix (the text plus
+the re-encoded last frames) differs from the tokens already cached, so the window is prefilled
+again after :meth:`KVCache.reset`. Keys are stored rotated by their absolute position, which is
+why rolling the slots in place would need the positions rebased as well.
+
+Axes: B batch, L new tokens, S cache slots (``max_len``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch_size`` rows and up to ``max_len`` positions."""
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros((batch_size, max_len), dtype=torch.bool, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached token (the buffers stay allocated)."""
+        self.k.zero_()
+        self.v.zero_()
+        self.valid.zero_()
+
+    def mark(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Record slots ``input_pos`` (L,) as written; ``attention_mask`` (B, L) marks real ones."""
+        if int(input_pos.max()) >= self.max_len:  # one host sync per forward, not per layer
+            raise ValueError(
+                f"position {int(input_pos.max())} does not fit a KV cache of {self.max_len} "
+                f"slots: allocate a longer cache"
+            )
+        if attention_mask is None:
+            self.valid[:, input_pos] = True
+        else:
+            self.valid[:, input_pos] = attention_mask.to(torch.bool)
+
+    def update(
+        self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v`` (B, n_kv_heads, L, head_dim) at slots ``input_pos`` (L,) of ``layer``.
+
+        Returns the layer's whole cache, ``(B, n_kv_heads, S, head_dim)`` twice.
+        """
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        return k_cache, v_cache

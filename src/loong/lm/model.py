@@ -1,0 +1,363 @@
+"""LLaMA-style decoder over one sequence of text and video tokens (Loong, Wang et al. 2024).
+
+LLaMA (Touvron et al. 2023): pre-norm blocks of RMSNorm → grouped-query attention with rotary
+position embedding → residual, RMSNorm → SwiGLU feed-forward → residual; a final RMSNorm and a
+linear head; no biases. Parameter names follow Meta's LLaMA (``wq``, ``w1``, ``attention_norm``)
+and RoPE rotates the two halves of each head (``rotate_half``, as transformers' LLaMA does), so
+weights convert to and from ``LlamaForCausalLM`` by renaming alone (see :mod:`loong.lm.hf`).
+
+Axes: B batch, L sequence (new tokens), S key positions (the KV cache's slots), D model width,
+N heads, M key/value heads, E head width, F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loong.lm.kv_cache import KVCache
+from loong.lm.vocab import VocabConfig
+
+
+@dataclass(kw_only=True)
+class VideoLMConfig:
+    dim: int = 1536
+    """Model width D."""
+    n_layers: int = 24
+    """Number of transformer blocks."""
+    n_heads: int = 16
+    """Query heads; dim must be divisible by it."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    ffn_dim: int | None = None
+    """SwiGLU hidden width F; None derives LLaMA's: 8/3·dim rounded up to ``multiple_of``."""
+    multiple_of: int = 256
+    """Rounding of the derived SwiGLU width."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    max_seq_len: int = 4608
+    """Longest sequence (and default KV cache length); positions must stay below it."""
+    tie_embeddings: bool = False
+    """Use the token embedding as the output head."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std / sqrt(2·n_layers)."""
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    """The joint text + video + special id space; vocab_size derives from it."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vocab, dict):
+            self.vocab = VocabConfig(**self.vocab)
+        if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
+            raise ValueError(
+                f"dim, n_layers and n_heads must be positive, got {self.dim}, "
+                f"{self.n_layers}, {self.n_heads}"
+            )
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head width dim/n_heads={self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}: "
+                f"each key/value head serves a whole group of query heads"
+            )
+        if self.ffn_dim is not None and self.ffn_dim <= 0:
+            raise ValueError(f"ffn_dim must be positive or None, got {self.ffn_dim}")
+        if self.max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads with None resolved to n_heads."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU width F: ffn_dim, or LLaMA's 8/3·dim rounded up to multiple_of."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · weight, computed in float32 (as LLaMA and transformers do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for ``positions`` (L,) → cos, sin ``(L, E)``, both halves the same angles.
+
+    Computed per call in float32: an outer product of L × E/2, negligible next to attention,
+    and it leaves the module with no buffers to rebuild after meta-device initialisation.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # (E/2,)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (L, E/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, E)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, N, L, E); cos, sin: (L, E). Pairs (i, i + E/2) rotate together.
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; writes to and reads from a KV cache if given."""
+
+    def __init__(self, cfg: VideoLMConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        input_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        # x: (B, L, D); mask: (B, 1, L, S) bool (True = attend) or None for plain causal
+        b, length, _ = x.shape
+        q = self.wq(x).view(b, length, self.n_heads, self.head_dim)  # (B, L, N, E)
+        k = self.wk(x).view(b, length, self.n_kv_heads, self.head_dim)  # (B, L, M, E)
+        v = self.wv(x).view(b, length, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N|M, L, E)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_all, v_all = cache.update(self.layer, input_pos, k, v)  # (B, M, S, E)
+            # With no mask this is a prefill from slot 0: the new keys are the whole context.
+            if mask is not None:
+                k, v = k_all, v_all
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:  # each key/value head serves `groups` consecutive query heads
+            k = k.repeat_interleave(groups, dim=1)  # (B, N, S, E)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None
+        )  # (B, N, L, E)
+        return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, L, D)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x) (Shazeer 2020)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, L, D) → (B, L, F) → (B, L, D)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VideoLMConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        input_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        # x: (B, L, D) → (B, L, D)
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, input_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class VideoLM(nn.Module):
+    """Token ids ``(B, L)`` → next-token logits ``(B, L, V)`` over text, video and special ids.
+
+    Training calls ``model(token_ids)`` (plain causal attention). Generation prefills a
+    :class:`KVCache` and then feeds one token a step with ``cache`` and ``input_pos``; see
+    :func:`loong.lm.sampling.generate_video_tokens`.
+    """
+
+    def __init__(self, config: VideoLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied: logits use tok_embeddings.weight, so the state dict holds the matrix once.
+        self.output = (
+            None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal(0, init_std) weights; residual projections scaled by 1/sqrt(2·n_layers) (GPT-2).
+
+        Call again after ``to_empty`` when the model was built on the meta device.
+        """
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.layers:
+            for proj in (block.attention.wo, block.feed_forward.w2):
+                nn.init.normal_(
+                    proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers)
+                )
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, L, V)`` for ``token_ids`` ``(B, L)``.
+
+        - ``input_pos`` (L,): positions (and cache slots) of the tokens; default ``0..L−1``.
+        - ``cache``: keys and values are written at ``input_pos``; the tokens attend to every
+          cached slot up to their own.
+        - ``attention_mask`` (B, L) bool, False for padding: padded keys are never attended to
+          (each padded query attends to itself only, to stay finite). Left-pad prompts of
+          unequal length: RoPE attention depends only on position differences, so a row
+          shifted right by its padding gets the logits it would get alone.
+        """
+        if token_ids.ndim != 2:
+            raise ValueError(f"token_ids must be (B, L), got shape {tuple(token_ids.shape)}")
+        b, length = token_ids.shape
+        device = token_ids.device
+        if input_pos is None:
+            input_pos = torch.arange(length, device=device)
+        if input_pos.shape != (length,):
+            raise ValueError(
+                f"input_pos must be ({length},), one position per new token, got "
+                f"{tuple(input_pos.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape != (b, length):
+            raise ValueError(
+                f"attention_mask must be ({b}, {length}) like token_ids, got "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if cache is not None:
+            if cache.batch_size != b:
+                raise ValueError(f"the KV cache holds {cache.batch_size} rows, got {b}")
+            cache.mark(input_pos, attention_mask)
+        mask = self._mask(input_pos, attention_mask, cache)  # (B, 1, L, S) or None
+
+        x = self.tok_embeddings(token_ids)  # (B, L, D)
+        cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, input_pos)
+        x = self.norm(x)
+        if self.output is None:
+            return F.linear(x, self.tok_embeddings.weight)  # (B, L, V)
+        return self.output(x)  # (B, L, V)
+
+    @staticmethod
+    def _mask(
+        input_pos: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor | None:
+        """Bool attention mask ``(B, 1, L, S)``, or None where plain causal attention is exact.
+
+        None (the fused ``is_causal`` path) needs the new tokens to be the whole context from
+        position 0 without padding: training, or a KV-cache prefill from slot 0.
+        """
+        if attention_mask is None:
+            if cache is None:
+                return None
+            # A decode step (L = 1) skips the check, so it costs no host sync.
+            if input_pos.shape[0] > 1 and int(input_pos[0]) == 0:
+                return None
+        if cache is None:
+            key_pos = input_pos  # (S,) = (L,)
+            key_valid = attention_mask  # (B, S)
+        else:
+            key_pos = torch.arange(cache.max_len, device=input_pos.device)
+            key_valid = cache.valid
+        mask = key_pos[None, :] <= input_pos[:, None]  # (L, S) causal
+        mask = mask[None] & key_valid[:, None, :]  # (B, L, S)
+        mask = mask | (key_pos[None, :] == input_pos[:, None])  # a token always sees itself
+        return mask[:, None]  # (B, 1, L, S)
+
+    # -- construction and files
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> VideoLM:
+        """An untrained model of a named size (see :mod:`loong.lm.presets`)."""
+        from loong.lm.presets import lm_preset
+
+        return cls(lm_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VideoLM:
+        """Load ``config.json`` + ``model.safetensors`` written by :meth:`save_pretrained`."""
+        from loong.pretrained import load_pretrained
+
+        config, state = load_pretrained(directory, VideoLMConfig, kind="video_lm")
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        return model.to(device).eval()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from loong.pretrained import save_pretrained
+
+        save_pretrained(self, self.config, directory, kind="video_lm")
+
+    def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
+        """Parameter count; ``exclude_embeddings`` leaves out the input embedding table."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n

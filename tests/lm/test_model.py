@@ -1,0 +1,181 @@
+"""The LLaMA decoder: causality, KV-cache decoding against the full forward, files, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loong.lm.kv_cache import KVCache
+from loong.lm.model import VideoLM, VideoLMConfig
+from loong.lm.presets import PRESETS, lm_preset
+from loong.lm.vocab import VocabConfig, Vocabulary
+
+ATOL = 1e-5
+
+
+def new_cache(model: VideoLM, batch_size: int, max_len: int) -> KVCache:
+    cfg = model.config
+    return KVCache(
+        n_layers=cfg.n_layers,
+        batch_size=batch_size,
+        n_kv_heads=cfg.kv_heads,
+        max_len=max_len,
+        head_dim=cfg.head_dim,
+    )
+
+
+def random_ids(model: VideoLM, batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Random text and video ids (no specials, so no accidental PAD)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab
+    high = vocab.text_vocab_size + vocab.video_vocab_size
+    return torch.randint(0, high, (batch, length), generator=g)
+
+
+def test_future_tokens_leave_past_logits_unchanged(make_lm):
+    model = make_lm()
+    ids = random_ids(model, 2, 24)
+    changed = ids.clone()
+    changed[:, 12:] = random_ids(model, 2, 12, seed=2)
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert a.shape == (2, 24, model.config.vocab_size)
+    torch.testing.assert_close(a[:, :12], b[:, :12], atol=ATOL, rtol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"n_kv_heads": 4}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "tie_embeddings": True}],
+    ids=["mha", "gqa", "mqa-tied"],
+)
+def test_kv_cache_decoding_equals_full_forward(make_lm, fields):
+    model = make_lm(**fields)
+    ids = random_ids(model, 2, 20)
+    with torch.no_grad():
+        full = model(ids)
+        cache = new_cache(model, 2, 32)
+        steps = [model(ids[:, :8], cache=cache, input_pos=torch.arange(8))]  # prefill
+        steps.append(model(ids[:, 8:12], cache=cache, input_pos=torch.arange(8, 12)))  # a chunk
+        for i in range(12, 20):  # one token at a time
+            steps.append(model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_reset_cache_prefills_again(make_lm):
+    model = make_lm()
+    ids = random_ids(model, 1, 10)
+    cache = new_cache(model, 1, 16)
+    with torch.no_grad():
+        first = model(ids, cache=cache, input_pos=torch.arange(10))
+        cache.reset()
+        assert not cache.valid.any()
+        other = random_ids(model, 1, 6, seed=3)
+        again = model(other, cache=cache, input_pos=torch.arange(6))
+    torch.testing.assert_close(again, model(other), atol=ATOL, rtol=0)
+    assert not torch.allclose(first[:, :6], again, atol=1e-3)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(make_lm):
+    """Padding is masked, and RoPE makes a right-shifted row give the logits it gives alone."""
+    model = make_lm()
+    pad = Vocabulary(model.config.vocab).pad
+    short, long = random_ids(model, 1, 5, seed=4)[0], random_ids(model, 1, 9, seed=5)[0]
+    ids = torch.stack([torch.cat([torch.full((4,), pad), short]), long])  # (2, 9)
+    mask = ids != pad
+    nxt = random_ids(model, 2, 3, seed=6)
+    with torch.no_grad():
+        cache = new_cache(model, 2, 12)
+        batched = [model(ids, cache=cache, input_pos=torch.arange(9), attention_mask=mask)]
+        for i in range(3):
+            batched.append(model(nxt[:, i : i + 1], cache=cache, input_pos=torch.tensor([9 + i])))
+        batched = torch.cat(batched, dim=1)  # (2, 12, V)
+        no_cache = model(
+            torch.cat([ids, nxt], 1), attention_mask=torch.cat([mask, mask[:, -3:]], 1)
+        )
+        alone_short = model(torch.cat([short, nxt[0]])[None])
+        alone_long = model(torch.cat([long, nxt[1]])[None])
+    torch.testing.assert_close(batched[0, 4:], alone_short[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(batched[1], alone_long[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(no_cache[0, 4:], alone_short[0], atol=ATOL, rtol=0)
+    assert torch.isfinite(batched).all() and torch.isfinite(no_cache).all()
+
+
+def test_cache_overflow_and_bad_shapes_are_rejected(make_lm):
+    model = make_lm()
+    cache = new_cache(model, 1, 4)
+    with pytest.raises(ValueError, match="allocate a longer cache"):
+        model(random_ids(model, 1, 5), cache=cache, input_pos=torch.arange(5))
+    with pytest.raises(ValueError, match="input_pos"):
+        model(random_ids(model, 1, 3), input_pos=torch.arange(4))
+    with pytest.raises(ValueError, match=r"\(B, L\)"):
+        model(torch.zeros(5, dtype=torch.long))
+
+
+def test_config_validation_and_derived_sizes():
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        VideoLMConfig(dim=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        VideoLMConfig(dim=32, n_heads=4, n_kv_heads=3)
+    config = VideoLMConfig(dim=4096, n_heads=32)
+    assert config.hidden_dim == 11008  # LLaMA-7B's width from the 8/3·dim rule
+    assert config.kv_heads == 32 and config.head_dim == 128
+    assert config.vocab_size == 40_202
+
+
+def test_a_few_steps_lower_the_loss(make_lm):
+    model = make_lm(seed=1).train()
+    ids = random_ids(model, 2, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_and_load_round_trip(make_lm, tmp_path, tied):
+    model = make_lm(tie_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    loaded = VideoLM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    ids = random_ids(model, 1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+    if tied:
+        assert loaded.output is None
+
+
+def test_loading_a_tokenizer_directory_is_rejected(tmp_path):
+    from loong.pretrained import save_pretrained
+
+    save_pretrained(torch.nn.Linear(1, 1), VocabConfig(), tmp_path, kind="video_tokenizer")
+    with pytest.raises(ValueError, match="'video_tokenizer' model, not a 'video_lm'"):
+        VideoLM.from_pretrained(tmp_path)
+
+
+# Targets from the names; counts include both embedding matrices (see loong.lm.presets).
+@pytest.mark.parametrize(
+    ("name", "target"), [("loong-700m", 700e6), ("loong-3b", 3e9), ("loong-7b", 7e9)]
+)
+def test_paper_presets_land_within_ten_percent_of_their_names(name, target):
+    with torch.device("meta"):
+        model = VideoLM.from_preset(name)
+    assert abs(model.num_parameters() - target) / target < 0.10
+    assert model.config.vocab_size == 40_202
+
+
+def test_tiny_preset_and_overrides():
+    config = lm_preset("tiny", dim=128, vocab__text_vocab_size=1024)
+    assert config.dim == 128 and config.vocab.text_vocab_size == 1024
+    assert config.vocab.video_vocab_size == 4096  # the tiny video tokenizer's 2^12 LFQ codes
+    assert set(PRESETS) == {"tiny", "loong-700m", "loong-3b", "loong-7b"}
+    with pytest.raises(ValueError, match="unknown config key"):
+        lm_preset("tiny", n_layer=3)
+    with pytest.raises(ValueError, match="choose one of"):
+        lm_preset("loong-13b")

@@ -1,0 +1,164 @@
+"""Sampling functions and video-token generation with the KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loong.lm.model import VideoLM
+from loong.lm.sampling import (
+    cfg_logits,
+    generate_video_tokens,
+    left_pad,
+    logits_to_probs,
+    restrict_to_range,
+    sample,
+)
+from loong.lm.vocab import Vocabulary
+
+
+def test_top_k_one_and_temperature_zero_are_argmax():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    argmax = logits.argmax(-1)
+    assert torch.equal(sample(logits, top_k=1, generator=g), argmax)
+    assert torch.equal(sample(logits, temperature=0.0, generator=g), argmax)
+    # As the temperature falls, sampling concentrates on the argmax.
+    assert torch.equal(sample(logits, temperature=1e-3, generator=g), argmax)
+
+
+def test_temperature_and_top_k_reshape_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    torch.testing.assert_close(logits_to_probs(logits, 0.5), torch.softmax(logits / 0.5, -1))
+    probs = logits_to_probs(logits, 1.0, top_k=2)
+    torch.testing.assert_close(probs[0, 2:], torch.zeros(2))
+    torch.testing.assert_close(probs[0, :2], torch.softmax(logits[0, :2], -1))
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"), [(0.4, [0.5]), (0.7, [0.5, 0.25]), (0.8, [0.5, 0.25, 0.15]), (1.0, None)]
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    probs = torch.tensor([0.15, 0.5, 0.1, 0.25])  # shuffled, so order handling is exercised
+    out = logits_to_probs(probs.log()[None], top_p=top_p)[0]
+    kept = probs.tolist() if kept is None else kept
+    expected = torch.where(torch.isin(probs, torch.tensor(kept)), probs, torch.zeros_like(probs))
+    torch.testing.assert_close(out, expected / expected.sum())
+
+
+def test_sampling_frequencies_follow_the_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    logits = probs.log().expand(20_000, 3)
+    ids = sample(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=3).float() / len(ids)
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_restrict_to_range_and_cfg_logits():
+    logits = torch.arange(10.0)[None]
+    out = restrict_to_range(logits, 3, 7)
+    assert torch.isinf(out[0, :3]).all() and torch.isinf(out[0, 7:]).all()
+    torch.testing.assert_close(out[0, 3:7], logits[0, 3:7])
+    assert not torch.isinf(logits).any()  # the input is untouched
+    cond, uncond = torch.randn(2, 10), torch.randn(2, 10)
+    torch.testing.assert_close(cfg_logits(cond, uncond, 1.0), cond)
+    torch.testing.assert_close(cfg_logits(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(cfg_logits(cond, uncond, 3.0), uncond + 3 * (cond - uncond))
+
+
+def prompts(vocab: Vocabulary) -> torch.Tensor:
+    return torch.stack(
+        [vocab.layout([1, 2, 3], None).token_ids, vocab.layout([4, 5, 6], None).token_ids]
+    )
+
+
+def test_same_seed_same_tokens_and_other_seed_other_tokens(make_lm):
+    model = make_lm()
+    vocab = Vocabulary(model.config.vocab)
+    run = lambda seed: generate_video_tokens(model, prompts(vocab), 12, vocab=vocab, seed=seed)
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (2, 12)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_guidance_scale_one_equals_unguided(make_lm):
+    model = make_lm()
+    vocab = Vocabulary(model.config.vocab)
+    kwargs = {"vocab": vocab, "seed": 3, "top_k": 20, "top_p": 0.9}
+    plain = generate_video_tokens(model, prompts(vocab), 10, **kwargs)
+    uncond = torch.full((2, 2), vocab.bos)
+    uncond[:, 1] = vocab.bov
+    scale_one = generate_video_tokens(
+        model, prompts(vocab), 10, uncond_ids=uncond, guidance_scale=1.0, **kwargs
+    )
+    assert torch.equal(plain, scale_one)
+
+
+class TextLovingLM(VideoLM):
+    """A model whose logits favour text and special ids by a wide margin."""
+
+    def forward(self, token_ids, **kwargs):
+        logits = super().forward(token_ids, **kwargs)
+        lo, hi = Vocabulary(self.config.vocab).video_id_range
+        bias = torch.full((logits.shape[-1],), 50.0)
+        bias[lo:hi] = 0.0
+        return logits + bias
+
+
+def test_only_video_ids_are_sampled_even_when_text_is_preferred(make_lm):
+    model = TextLovingLM(make_lm().config)
+    model.load_state_dict(make_lm().state_dict())
+    vocab = Vocabulary(model.config.vocab)
+    with torch.no_grad():
+        assert not vocab.is_video(model(prompts(vocab))[:, -1].argmax(-1)).any()
+    for guidance in (1.0, 4.0):
+        ids = generate_video_tokens(
+            model, prompts(vocab), 16, vocab=vocab, guidance_scale=guidance, temperature=2.0
+        )
+        assert vocab.is_video(ids).all()
+
+
+def greedy_reference(model, cond, uncond, n_tokens, scale, vocab):
+    """No cache, no batching, no padding: full forwards of each sequence, step by step."""
+    lo, hi = vocab.video_id_range
+    out = []
+    for _ in range(n_tokens):
+        with torch.no_grad():
+            logits = model(cond[None])[0, -1]
+            if scale != 1.0:
+                logits = cfg_logits(logits, model(uncond[None])[0, -1], scale)
+        token = restrict_to_range(logits, lo, hi).argmax()
+        out.append(token)
+        cond, uncond = torch.cat([cond, token[None]]), torch.cat([uncond, token[None]])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_generation_with_padding_and_guidance_matches_a_plain_reference(make_lm, scale):
+    model = make_lm()
+    vocab = Vocabulary(model.config.vocab)
+    rows = [vocab.layout([1, 2, 3, 4, 5], None).token_ids, vocab.layout([6], None).token_ids]
+    uncond = [vocab.layout([], None).token_ids, vocab.layout([7, 8], None).token_ids]
+    calls = []
+    ids = generate_video_tokens(
+        model,
+        left_pad(rows, vocab.pad),
+        8,
+        vocab=vocab,
+        uncond_ids=left_pad(uncond, vocab.pad),
+        guidance_scale=scale,
+        temperature=0.0,
+        on_token=lambda step, tokens: calls.append(step),
+    )
+    assert calls == list(range(8))
+    for i in range(2):
+        expected = greedy_reference(model, rows[i], uncond[i], 8, scale, vocab)
+        assert torch.equal(ids[i], expected)
+
+
+def test_generation_longer_than_max_seq_len_is_rejected(make_lm):
+    model = make_lm()
+    vocab = Vocabulary(model.config.vocab)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_video_tokens(model, prompts(vocab), 64, vocab=vocab)
