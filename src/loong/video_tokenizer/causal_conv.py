@@ -55,32 +55,37 @@ class CausalConv3d(nn.Module):
             raise ValueError(f"spatial kernel sizes must be odd, got {kernel_size}")
         self.time_kernel = k_t
         self.time_stride = stride[0]
-        # Spatial padding: symmetric "same" padding, then stride. For stride 2 and kernel 3 we pad
-        # (0, 1) so that H / 2 outputs line up with the top-left pixel of each 2×2 cell.
-        self.spatial_pad: tuple[int, int, int, int] = (
-            *_same_pad(k_w, stride[2]),
-            *_same_pad(k_h, stride[1]),
+        # Spatial padding is "same", then stride. Symmetric padding is left to the convolution
+        # (no copy); for stride 2 and kernel 3 it is (0, 1), so the H / 2 outputs line up with
+        # the top-left pixel of each 2×2 cell, and needs an explicit pad.
+        pad_w, pad_h = _same_pad(k_w, stride[2]), _same_pad(k_h, stride[1])
+        symmetric = pad_w[0] == pad_w[1] and pad_h[0] == pad_h[1]
+        self.spatial_pad = None if symmetric else (*pad_w, *pad_h)
+        conv_pad = (0, pad_h[0], pad_w[0]) if symmetric else 0
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=conv_pad
         )
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride)
 
     def forward(self, x: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         # x: (B, C, T, H, W)
         key = id(self)
         past = cache.pop(key) if cache is not None else None
-        if past is None:
-            past = x.new_zeros(*x.shape[:2], self.time_kernel - 1, *x.shape[3:])
-        x = torch.cat([past, x], dim=2)  # (B, C, T_past + T, H, W)
+        n_new = x.shape[2]
+        if past is None:  # the start of a video: k_t − 1 zero frames before frame 0
+            x = F.pad(x, (0, 0, 0, 0, self.time_kernel - 1, 0))
+        else:
+            x = torch.cat([past, x], dim=2)  # (B, C, T_past + T, H, W)
         n_out = (x.shape[2] - self.time_kernel) // self.time_stride + 1
+        if n_out <= 0:
+            raise ValueError(
+                f"a chunk of {n_new} frames is too short for this causal convolution: stream "
+                "chunks whose frame count is a multiple of the temporal compression (4 by default)"
+            )
         if cache is not None:
             # Keep the frames the next output window starts from.
             cache.put(key, x[:, :, n_out * self.time_stride :])
-        if n_out <= 0:
-            raise ValueError(
-                f"a chunk of {x.shape[2] - past.shape[2]} frames is too short for this causal "
-                "convolution: stream chunks whose frame count is a multiple of the temporal "
-                "compression (4 by default)"
-            )
-        x = F.pad(x, self.spatial_pad)
+        if self.spatial_pad is not None:
+            x = F.pad(x, self.spatial_pad)
         return self.conv(x)  # (B, C_out, n_out, H', W')
 
 
