@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default: 17)")
     ev.add_argument("--size", type=int, default=64, help="clip size in pixels (default: 64)")
     ev.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to")
+    gen = commands.add_parser("generate", help="text → video (.mp4/.gif), written as it is sampled")
+    gen.add_argument("prompt", help='e.g. "a red circle moves right"')
+    gen.add_argument("--model", default="runs/lm/export", help="language model export directory")
+    gen.add_argument("--video-tokenizer", help="override the model's paired video tokenizer")
+    gen.add_argument("--seconds", type=float, default=4.0, help="video length (default: 4)")
+    gen.add_argument("--out", required=True, help="video to write (.mp4 or .gif)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--gif", action="store_true", help="also write a GIF beside the mp4")
+    gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    gen.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampling override, e.g. temperature=0.9, top_k=100, reencode=false",
+    )
+
     info = tok_cmds.add_parser("info", help="a preset's parameter count and shapes (built on meta)")
     info.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
     return parser
@@ -80,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tokenizer":
             return _tokenizer(args)
+        if args.command == "generate":
+            return _generate(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"loong: error: {e}", file=sys.stderr)
         return 2
@@ -151,6 +170,25 @@ def _tokenizer(args: argparse.Namespace) -> int:
         result = evaluate(model, held_out_clips(data, args.clips))
         for key, value in result.items():
             print(f"{key:>15}: {value:.4f}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from loong.config import apply_overrides, parse_set
+    from loong.generate import GenerateConfig, generate_video
+
+    config = GenerateConfig(seconds=args.seconds, seed=args.seed)
+    config = apply_overrides(config, parse_set(args.set))
+    out = generate_video(
+        args.prompt,
+        model_dir=args.model,
+        out=args.out,
+        gif=args.gif,
+        config=config,
+        video_tokenizer_dir=args.video_tokenizer,
+        device=args.device,
+    )
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,0 +1,358 @@
+"""The LM's training loop: stage schedule, loss re-weighting, learning, exact resume, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loong.train.lm as lm_training
+from loong.config import apply_overrides
+from loong.data.shards import TokenizeConfig, tokenize_dataset
+from loong.lm.model import VideoLM, VideoLMConfig
+from loong.lm.vocab import VocabConfig, Vocabulary
+from loong.text_tokenizer import TextTokenizer
+from loong.train.lm import (
+    LMDataConfig,
+    LMOptimConfig,
+    LMTrainConfig,
+    LossWeightConfig,
+    StageConfig,
+    add_frame_losses,
+    draw_plan,
+    evaluate_lm,
+    frame_means,
+    lm_config_json,
+    lm_train_preset,
+    loss_targets,
+    make_eval_batches,
+    open_data,
+    stage_at,
+    train_lm,
+    weighted_loss,
+    write_generation_file,
+)
+from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
+from loong.video_tokenizer.quantize import QuantizerConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory) -> Path:
+    """24 shapes-world items at 9 frames (t = 3) and stills (t = 1), tokenized by a tiny random
+    video tokenizer (64 codes, 8 × 8 latent grid), plus a 300-id BPE text tokenizer."""
+    torch.manual_seed(0)
+    config = VideoTokenizerConfig(
+        base_width=8,
+        width_mults=(1, 1, 2, 2),
+        temporal_downsample=(False, True, True),
+        encoder_blocks=1,
+        decoder_blocks=1,
+        num_groups=4,
+        quantizer=QuantizerConfig(kind="lfq", latent_dim=6, entropy_group_bits=6),
+    )
+    root = tmp_path_factory.mktemp("lm_data")
+    VideoTokenizer(config).save_pretrained(root / "video_tokenizer")
+    cfg = TokenizeConfig(
+        video_tokenizer=str(root / "video_tokenizer"),
+        n_clips=24,
+        n_frames=9,
+        still_share=0.3,
+        shard_size=12,
+        text_vocab_size=300,
+    )
+    return tokenize_dataset(cfg, root / "shards", progress=False)
+
+
+@pytest.fixture
+def train_config(shards_dir) -> LMTrainConfig:
+    """A 30k-parameter LM, three stages of 3 steps: image; + 2-frame crops; + full 3-frame clips."""
+    return LMTrainConfig(
+        model=VideoLMConfig(
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            max_seq_len=256,
+            vocab=VocabConfig(text_vocab_size=300, video_vocab_size=64, n_special=10),
+        ),
+        data=LMDataConfig(shards=(str(shards_dir),), max_text_tokens=32),
+        stages=(
+            StageConfig(name="image", steps=3, lengths=(1,)),
+            StageConfig(name="short", steps=3, lengths=(1, 2), weights=(1, 2)),
+            StageConfig(name="long", steps=3, lengths=(1, 2, 3)),
+        ),
+        loss=LossWeightConfig(first_frame=2.0, short_clip=1.0, rest=0.5, short_frames=2),
+        optim=LMOptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        batch_size=4,
+        grad_accum=2,
+        device="cpu",
+        log_every=1,
+        eval_every=1000,
+        eval_items=8,
+        checkpoint_every=4,
+        tensorboard=False,
+    )
+
+
+def _records(run: Path) -> dict[int, dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+# --- schedule and sampler --------------------------------------------------------------------
+
+
+def test_the_stage_at_each_step_follows_the_config():
+    stages = (
+        StageConfig(name="a", steps=3, lengths=(1,)),
+        StageConfig(name="b", steps=2, lengths=(1, 5)),
+        StageConfig(name="c", steps=4, lengths=(1, 5, 17)),
+    )
+    assert [stage_at(stages, s) for s in range(11)] == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
+
+
+def test_each_stage_draws_only_its_lengths_with_its_weights(train_config):
+    cfg = apply_overrides(
+        train_config,
+        {
+            "stages": [
+                {"name": "a", "steps": 1, "lengths": [1]},
+                {"name": "b", "steps": 1, "lengths": [1, 2], "weights": [0, 1]},
+                {"name": "c", "steps": 1, "lengths": [1, 2, 3], "weights": [1, 1, 2]},
+            ]
+        },
+    )
+    sizes = {1: 7, 2: 17, 3: 17}
+    drawn = {stage.name: [] for stage in cfg.stages}
+    for stage in cfg.stages:
+        for step in range(300):
+            plan = draw_plan(stage, sizes, cfg, step, 0)
+            drawn[stage.name].append(plan.length)
+            assert all(0 <= i < sizes[plan.length] for i in plan.items)
+    assert set(drawn["a"]) == {1} and set(drawn["b"]) == {2}
+    counts = [drawn["c"].count(t) for t in (1, 2, 3)]
+    assert set(drawn["c"]) == {1, 2, 3} and counts[2] > max(counts[:2])  # weight 2 vs 1
+    # A pure function of (seed, step, micro-batch): resuming redraws the same batches.
+    stage = cfg.stages[2]
+    assert draw_plan(stage, sizes, cfg, 5, 1) == draw_plan(stage, sizes, cfg, 5, 1)
+    assert draw_plan(stage, sizes, cfg, 5, 1) != draw_plan(stage, sizes, cfg, 6, 1)
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+
+def _hand_batch():
+    """Two samples (text of 2 and 1 ids, 3 latent frames of 1 × 2) and random logits."""
+    vocab = Vocabulary(VocabConfig(text_vocab_size=5, video_vocab_size=8, n_special=5))
+    g = torch.Generator().manual_seed(0)
+    layouts = [
+        vocab.layout([1, 2], torch.randint(8, (3, 1, 2), generator=g)),
+        vocab.layout([4], torch.randint(8, (3, 1, 2), generator=g)),
+    ]
+    batch = vocab.collate(layouts)
+    logits = torch.randn(*batch.token_ids.shape, vocab.vocab_size, generator=g)
+    return vocab, batch, logits
+
+
+def _hand_losses(vocab, batch, logits):
+    """Per target: (ce, frame) by hand, walking the sequences; EOV belongs to the last frame."""
+    out = []
+    logp = logits.log_softmax(-1)
+    for b in range(batch.token_ids.shape[0]):
+        ids = batch.token_ids[b].tolist()
+        frames = batch.frame_index[b].tolist()
+        for i in range(1, len(ids)):
+            if not batch.attention_mask[b, i]:
+                continue
+            if vocab.video_offset <= ids[i] < vocab.special_offset:
+                out.append((-logp[b, i - 1, ids[i]].item(), frames[i]))
+            elif ids[i] == vocab.eov:
+                out.append((-logp[b, i - 1, ids[i]].item(), frames[i - 1]))
+    return out
+
+
+def test_first_frame_weight_two_counts_first_frame_tokens_double():
+    vocab, batch, logits = _hand_batch()
+    cfg = LossWeightConfig(first_frame=2.0, short_clip=1.0, rest=1.0, short_frames=2)
+    loss, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg)
+    hand = _hand_losses(vocab, batch, logits)
+    assert len(hand) == len(ce) == 2 * (3 * 2 + 1)  # 6 video tokens + EOV per sample
+    weights = [2.0 if f == 0 else 1.0 for _, f in hand]
+    want = sum(w * c for w, (c, _) in zip(weights, hand, strict=True)) / sum(weights)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert sorted(frames.tolist()) == sorted(f for _, f in hand)
+    assert int(is_eov.sum()) == 2 and set(frames[is_eov].tolist()) == {2}
+
+    groups = LossWeightConfig(first_frame=3.0, short_clip=2.0, rest=0.5, short_frames=2)
+    w3 = {0: 3.0, 1: 2.0, 2: 0.5}
+    want = sum(w3[f] * c for c, f in hand) / sum(w3[f] for _, f in hand)
+    assert weighted_loss(logits, batch, vocab, groups)[0].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_equal_weights_give_the_plain_mean_cross_entropy_at_any_scale():
+    vocab, batch, logits = _hand_batch()
+    mask, _, _ = loss_targets(batch, vocab)
+    plain = F.cross_entropy(logits[:, :-1][mask], batch.token_ids[:, 1:][mask])
+    for w in (1.0, 7.0):
+        cfg = LossWeightConfig(first_frame=w, short_clip=w, rest=w)
+        assert weighted_loss(logits, batch, vocab, cfg)[0].item() == pytest.approx(plain.item())
+
+
+def test_per_frame_losses_are_unweighted_means_keyed_by_frame():
+    vocab, batch, logits = _hand_batch()
+    cfg = LossWeightConfig(first_frame=5.0)
+    _, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg)
+    window: dict[str, list[float]] = {}
+    add_frame_losses(window, ce, frames, is_eov)
+    means = frame_means(window)
+    assert list(means) == ["loss_frame_0", "loss_frame_1", "loss_frame_2"]
+    hand = [(c, f) for c, f in _hand_losses(vocab, batch, logits)]
+    video = [(c, f) for (c, f), eov in zip(hand, is_eov.tolist(), strict=True) if not eov]
+    for k in range(3):
+        values = [c for c, f in video if f == k]
+        assert len(values) == 4 and means[f"loss_frame_{k}"] == pytest.approx(
+            sum(values) / 4, rel=1e-6
+        )
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
+    cfg = apply_overrides(
+        train_config,
+        {
+            "stages": [
+                {"name": "image", "steps": 10, "lengths": [1]},
+                {"name": "short", "steps": 10, "lengths": [1, 2], "weights": [1, 2]},
+                {"name": "long", "steps": 10, "lengths": [1, 2, 3]},
+            ],
+            "checkpoint_every": 1000,
+            "log_every": 5,
+        },
+    )
+    shards, text, vocab = open_data(cfg)
+    batches = make_eval_batches(cfg, shards, text, vocab)
+    torch.manual_seed(cfg.seed)
+    before = evaluate_lm(VideoLM(cfg.model), batches, vocab, torch.device("cpu"))
+    export = train_lm(cfg, tmp_path / "run", progress=False)
+    after = evaluate_lm(VideoLM.from_pretrained(export), batches, vocab, torch.device("cpu"))
+    assert after["loss"] < before["loss"] - 0.5, (before, after)
+    for k in range(3):
+        assert after[f"loss_frame_{k}"] < before[f"loss_frame_{k}"]
+    records = _records(tmp_path / "run")
+    assert [records[s]["stage"] for s in (5, 10, 15, 20, 25, 30)] == ["image"] * 2 + [
+        "short"
+    ] * 2 + ["long"] * 2
+    assert records[30]["eval_loss"] == pytest.approx(after["loss"], rel=1e-5)
+    # Per-frame keys: only frame 0 while training on images; later frames once clips come in.
+    assert [k for k in records[5] if k.startswith("loss_frame")] == ["loss_frame_0"]
+    assert {"loss_frame_0", "loss_frame_1", "loss_frame_2"} <= set(records[30])
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, train_config, monkeypatch):
+    straight = train_lm(train_config, tmp_path / "straight", progress=False)
+
+    real_save = lm_training.save_checkpoint
+
+    def save_then_crash(directory, state, *, step, keep):
+        real_save(directory, state, step=step, keep=keep)
+        if step == 4:
+            raise KeyboardInterrupt("simulated crash after the step-4 checkpoint")
+
+    monkeypatch.setattr(lm_training, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(train_config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(lm_training, "save_checkpoint", real_save)
+    resumed = train_lm(train_config, tmp_path / "resumed", progress=False)
+
+    want, got = _records(tmp_path / "straight"), _records(tmp_path / "resumed")
+    assert set(want) == set(got) == set(range(1, 10))
+    for step in range(5, 10):
+        assert got[step].keys() == want[step].keys()
+        for key, value in want[step].items():
+            if isinstance(value, float):
+                assert got[step][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
+            else:
+                assert got[step][key] == value, (step, key)
+    a, b = VideoLM.from_pretrained(straight), VideoLM.from_pretrained(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_export_holds_model_text_tokenizer_and_shards_meta(tmp_path, train_config, shards_dir):
+    export = train_lm(train_config, tmp_path / "run", progress=False)
+    names = sorted(p.name for p in export.iterdir())
+    assert names == [
+        "config.json",
+        "generation.json",
+        "model.safetensors",
+        "shards_meta.json",
+        "tokenizer.json",
+        "train_config.json",
+    ]
+    model = VideoLM.from_pretrained(export)
+    assert model.config == train_config.model
+    text = TextTokenizer.load(export)
+    assert text.encode("a red circle") == TextTokenizer.load(shards_dir).encode("a red circle")
+    meta = json.loads((export / "shards_meta.json").read_text())
+    assert meta["grid"] == [8, 8] and meta["fps"] == 8.0
+    assert Path(meta["video_tokenizer"]["path"]).name == "video_tokenizer"
+    VideoTokenizer.from_pretrained(meta["video_tokenizer"]["path"])  # generation can pair them
+    generation = json.loads((export / "generation.json").read_text())
+    assert generation == {
+        "video_tokenizer": meta["video_tokenizer"]["path"],
+        "latent_grid": [8, 8],
+        "clip_latents": 3,
+        "fps": 8.0,
+        "frame_size": [64, 64],
+    }
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert [s["lengths"] for s in run_config["stages"]] == [[1], [1, 2], [1, 2, 3]]
+    assert len(list((tmp_path / "run" / "checkpoints").glob("*.pt"))) == 2
+
+
+def test_config_errors_name_the_fix(tmp_path, train_config):
+    too_long = apply_overrides(
+        train_config, {"stages": [{"name": "x", "steps": 1, "lengths": [1, 5]}]}
+    )
+    with pytest.raises(ValueError, match="longest shards hold 3"):
+        train_lm(too_long, tmp_path / "a", progress=False)
+    small = apply_overrides(train_config, {"model.max_seq_len": 100})
+    with pytest.raises(ValueError, match="max_seq_len"):
+        train_lm(small, tmp_path / "b", progress=False)
+    wrong_vocab = apply_overrides(train_config, {"model.vocab.video_vocab_size": 128})
+    with pytest.raises(ValueError, match="64 codes"):
+        train_lm(wrong_vocab, tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="weights"):
+        StageConfig(name="x", lengths=(1, 2), weights=(1.0,))
+
+
+def test_presets_resolve_and_serialise():
+    for name in ("tiny", "loong-700m"):
+        cfg = lm_train_preset(name)
+        data = json.loads(lm_config_json(cfg))
+        assert data["stages"][0]["lengths"] == [1]
+        assert max(max(s.lengths) for s in cfg.stages) == (5 if name == "tiny" else 17)
+    tiny = lm_train_preset("tiny")
+    assert tiny.model.vocab.video_vocab_size == 4096  # the tiny video tokenizer's 2^12 codes
+
+
+def test_generation_json_is_what_loong_generate_reads(tmp_path, train_config, shards_dir):
+    generate = pytest.importorskip("loong.generate")
+    meta = json.loads((shards_dir / "meta.json").read_text())
+    write_generation_file(tmp_path, meta, train_config)
+    info = generate.GenerationMetadata.read(tmp_path)
+    assert info.latent_grid == (8, 8) and info.clip_latents == 3 and info.fps == 8.0
+    assert info.video_tokenizer == meta["video_tokenizer"]["path"]
