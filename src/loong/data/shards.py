@@ -205,15 +205,20 @@ def _write_shards(
     meta_path = out_dir / META_FILE
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        for key in ("params", "video_tokenizer"):
-            a, b = old.get(key, {}), meta[key]
-            if key == "video_tokenizer":  # the path may move; the weights must not change
-                a, b = a.get("fingerprint"), b["fingerprint"]
-            if a != b:
-                raise ValueError(
-                    f"{out_dir} holds shards made with other {key} ({a} vs now {b}): "
-                    f"use a new directory, or the settings it was made with"
-                )
+        before, now = old.get("params", {}), meta["params"]
+        changed = {k: (before.get(k), now.get(k)) for k in {*before, *now}}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+        # The tokenizer's path may move; its weights must not change.
+        if (
+            old.get("video_tokenizer", {}).get("fingerprint")
+            != meta["video_tokenizer"]["fingerprint"]
+        ):
+            changed["video_tokenizer weights"] = ("before", "different now")
+        if changed:
+            raise ValueError(
+                f"{out_dir} holds shards made with other settings (was, now): {changed}; "
+                f"use a new directory, or the settings it was made with"
+            )
     atomic_write_text(meta_path, json.dumps({**meta, "complete": False}, indent=2) + "\n")
     dtype = np.uint16 if video_tokenizer.config.vocab_size <= 2**16 else np.int32
     summary = _Summary()
