@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -116,3 +117,47 @@ def test_info_prints_the_parameter_count_of_the_paper_preset(capsys):
     assert main(["tokenizer", "info", "--preset", "loong-246m"]) == 0
     count = re.search(r"([\d,]+) parameters", capsys.readouterr().out).group(1)
     assert abs(int(count.replace(",", "")) - 246e6) < 0.1 * 246e6
+
+
+def test_end_to_end_tokenize_train_generate_past_the_trained_length(tmp_path, model_dir, capsys):
+    """Shapes world → token shards → a 3-stage LM run → a video 3× longer than its clips."""
+    shards, run = tmp_path / "shards", tmp_path / "lm"
+    tokenize = ["lm", "tokenize", "--video-tokenizer", str(model_dir), "--out", str(shards)]
+    tokenize += ["--set", "n_clips=16", "--set", "n_frames=17", "--set", "text_vocab_size=300"]
+    assert main(tokenize) == 0
+    model = {
+        "model.dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 2,
+        "model.n_kv_heads": 1,
+        "model.vocab.text_vocab_size": 300,
+        "model.vocab.video_vocab_size": 64,
+        "model.max_seq_len": 512,
+        "batch_size": 4,
+        "eval_every": 1000,
+        "log_every": 1,
+        "optim.warmup_steps": 2,
+        "optim.lr": 3e-3,
+    }
+    train = ["lm", "train", "--shards", str(shards), "--out", str(run), "--steps", "24"]
+    for key, value in model.items():
+        train += ["--set", f"{key}={value}"]
+    assert main(train) == 0
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+    out = tmp_path / "video.mp4"
+    args = [
+        "generate",
+        "a red circle moves right",
+        "--model",
+        str(run / "export"),
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--seconds", "6", "--seed", "1"]) == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (48, 64, 64, 3) and fps == pytest.approx(8.0)  # clips were 17 frames
+    assert main(["generate", "", "--model", str(run / "export"), "--out", str(out)]) == 2
+    assert "prompt" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -67,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default: 17)")
     ev.add_argument("--size", type=int, default=64, help="clip size in pixels (default: 64)")
     ev.add_argument("--fps", type=float, default=8.0, help="frame rate clips are resampled to")
+    lm = commands.add_parser("lm", help="tokenize a dataset and train the video language model")
+    lm_cmds = lm.add_subparsers(dest="action", required=True)
+    tokenize = lm_cmds.add_parser("tokenize", help="videos + captions → token shards (resumable)")
+    tokenize.add_argument("--video-tokenizer", required=True, help="video tokenizer export dir")
+    tokenize.add_argument("--data", help='"shapes" or a folder of captioned videos (sets source)')
+    tokenize.add_argument("--captions", help="JSONL of {file, caption} (else sidecar .txt files)")
+    tokenize.add_argument(
+        "--out", default="runs/shards", help="shards directory (default: runs/shards)"
+    )
+    tokenize.add_argument("--config", help="TOML file of tokenize settings")
+    tokenize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    lm_train = lm_cmds.add_parser("train", help="progressive short-to-long training (resumes)")
+    _add_config_args(lm_train)
+    lm_train.add_argument("--shards", nargs="+", help="token shard directories (sets data.shards)")
+    lm_train.add_argument("--out", default="runs/lm", help="run directory (default: runs/lm)")
+    lm_train.add_argument("--steps", type=int, help="scale every stage to this many steps in all")
+    lm_train.add_argument("--minutes", type=float, help="stop after this much wall time")
+
     gen = commands.add_parser("generate", help="text → video (.mp4/.gif), written as it is sampled")
     gen.add_argument("prompt", help='e.g. "a red circle moves right"')
     gen.add_argument("--model", default="runs/lm/export", help="language model export directory")
@@ -97,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tokenizer":
             return _tokenizer(args)
+        if args.command == "lm":
+            return _lm(args)
         if args.command == "generate":
             return _generate(args)
     except (ValueError, FileNotFoundError) as e:
@@ -114,7 +135,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
         sets = list(args.set)
         if args.data:
-            sets.append(f"data.source={args.data!r}".replace("'", '"'))
+            sets.append(f"data.source={_toml_string(args.data)}")
         if args.steps is not None:
             sets.append(f"steps={args.steps}")
         if args.minutes is not None:
@@ -170,6 +191,41 @@ def _tokenizer(args: argparse.Namespace) -> int:
         result = evaluate(model, held_out_clips(data, args.clips))
         for key, value in result.items():
             print(f"{key:>15}: {value:.4f}")
+    return 0
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def _lm(args: argparse.Namespace) -> int:
+    from loong.config import resolve_config
+
+    if args.action == "tokenize":
+        from loong.data.shards import TokenizeConfig, tokenize_dataset
+
+        sets = [f"video_tokenizer={_toml_string(args.video_tokenizer)}", *args.set]
+        if args.data:
+            sets.append(f"source={_toml_string(args.data)}")
+        if args.captions:
+            sets.append(f"captions={_toml_string(args.captions)}")
+        cfg = resolve_config(TokenizeConfig(), args.config, sets)
+        out = tokenize_dataset(cfg, args.out)
+        print(f"token shards in {out}")
+        return 0
+
+    from loong.train.lm import lm_train_preset, scale_stages, train_lm
+
+    sets = list(args.set)
+    if args.shards:
+        sets.append(f"data.shards={json.dumps(args.shards)}")
+    if args.minutes is not None:
+        sets.append(f"max_minutes={args.minutes}")
+    cfg = resolve_config(lm_train_preset(args.preset), args.config, sets)
+    if args.steps is not None:
+        cfg = scale_stages(cfg, args.steps)
+    export = train_lm(cfg, args.out)
+    print(f"language model exported to {export}")
     return 0
 
 

@@ -26,7 +26,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         if dataclasses.is_dataclass(value):
             value = config_to_dict(value)
         elif isinstance(value, tuple):
-            value = list(value)
+            value = [config_to_dict(v) if dataclasses.is_dataclass(v) else v for v in value]
         out[f.name] = value
     return out
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import loong.train.lm as lm_training
-from loong.config import apply_overrides
+from loong.config import apply_overrides, config_json
 from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import VocabConfig, Vocabulary
@@ -25,7 +25,6 @@ from loong.train.lm import (
     draw_plan,
     evaluate_lm,
     frame_means,
-    lm_config_json,
     lm_train_preset,
     loss_targets,
     make_eval_batches,
@@ -342,7 +341,7 @@ def test_config_errors_name_the_fix(tmp_path, train_config):
 def test_presets_resolve_and_serialise():
     for name in ("tiny", "loong-700m"):
         cfg = lm_train_preset(name)
-        data = json.loads(lm_config_json(cfg))
+        data = json.loads(config_json(cfg))
         assert data["stages"][0]["lengths"] == [1]
         assert max(max(s.lengths) for s in cfg.stages) == (5 if name == "tiny" else 17)
     tiny = lm_train_preset("tiny")

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from loong.config import config_json
 from loong.data.shards import TokenShards, check_compatible
 from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import Batch, Vocabulary
@@ -211,8 +212,8 @@ def lm_train_preset(name: str) -> LMTrainConfig:
     model = lm_preset(name)
     if name == "tiny":
         # Shapes world tokenized at 17 frames (t = 5) with stills (t = 1); t = 3 is cropped
-        # from the t = 5 clips. On 2 CPU cores a t = 5 step of 8 sequences takes ~3 s, so the
-        # run is about an hour; lr higher than for big models.
+        # from the t = 5 clips. On 2 CPU cores a t = 5 step of 8 sequences takes seconds, so
+        # the 2,000 steps are hours there; lr higher than for big models.
         return LMTrainConfig(
             model=model,
             stages=(
@@ -229,12 +230,21 @@ def lm_train_preset(name: str) -> LMTrainConfig:
     return LMTrainConfig(model=model)  # Loong: images, + 17-frame (t = 5), + 65-frame (t = 17)
 
 
-def lm_config_json(cfg: LMTrainConfig) -> str:
-    # dataclasses.asdict recurses into the tuple of stages, which config_to_dict does not.
-    return json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-
-
 # --- schedule, data and loss -----------------------------------------------------------------
+
+
+def scale_stages(cfg: LMTrainConfig, total_steps: int) -> LMTrainConfig:
+    """``cfg`` with every stage's steps scaled so that they add up to ``total_steps``."""
+    if total_steps < len(cfg.stages):
+        raise ValueError(f"--steps must be at least the number of stages ({len(cfg.stages)})")
+    old = [stage.steps for stage in cfg.stages]
+    bounds = [round(total_steps * sum(old[: i + 1]) / sum(old)) for i in range(len(old))]
+    steps = [max(1, b - a) for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
+    steps[-1] = max(1, total_steps - sum(steps[:-1]))
+    stages = tuple(
+        dataclasses.replace(st, steps=n) for st, n in zip(cfg.stages, steps, strict=True)
+    )
+    return dataclasses.replace(cfg, stages=stages)
 
 
 def stage_at(stages: tuple[StageConfig, ...], step: int) -> int:
@@ -364,11 +374,12 @@ def add_frame_losses(
 ) -> None:
     """Add per-target ce (N,) to ``window``'s ``loss_frame_k`` [sum, count] (video tokens only)."""
     video = ~is_eov
-    for k in frames[video].unique().tolist():
-        sel = video & (frames == k)
-        acc = window.setdefault(f"loss_frame_{k}", [0.0, 0])
-        acc[0] += ce[sel].sum().item()
-        acc[1] += int(sel.sum())
+    sums = torch.bincount(frames[video], weights=ce[video].double()).tolist()
+    counts = torch.bincount(frames[video]).tolist()
+    for k, (total, n) in enumerate(zip(sums, counts, strict=True)):
+        if n:
+            acc = window.setdefault(f"loss_frame_{k}", [0.0, 0])
+            acc[0], acc[1] = acc[0] + total, acc[1] + n
 
 
 def frame_means(window: dict[str, list[float]]) -> dict[str, float]:
@@ -506,7 +517,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     """Train (or resume) a language-model run in ``out_dir``; returns the export directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", lm_config_json(cfg))
+    atomic_write_text(out / "config.json", config_json(cfg))
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
@@ -635,5 +646,5 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     shutil.copyfile(text_path(cfg), export / TOKENIZER_FILE)
     atomic_write_text(export / "shards_meta.json", json.dumps(shards[0].meta, indent=2) + "\n")
     write_generation_file(export, shards[0].meta, cfg)
-    atomic_write_text(export / "train_config.json", lm_config_json(cfg))
+    atomic_write_text(export / "train_config.json", config_json(cfg))
     return export

@@ -1,0 +1,360 @@
+"""CPU speed of our ``VideoLM`` beside transformers' ``LlamaForCausalLM`` with the same weights.
+
+Both models run in one process on the same torch, threads and inputs; the HF model is
+``loong.lm.hf.to_hf_llama(ours)`` (identical weights, float32, its default attention
+implementation, SDPA). The timed calls are interleaved round by round (the order flips every
+round) so that both share the machine's noise; medians are reported with the ratio ours/HF
+(> 1: ours is faster).
+
+- train: one step of forward + backward + AdamW on a batch ``(B, L)`` of random ids. Both
+  losses are the same function, next-token cross-entropy on the logits
+  (``F.cross_entropy(logits[:, :-1], ids[:, 1:])``); HF is called as ``hf(ids).logits`` rather
+  than with ``labels=`` so that the loss code is shared. Each model has its own AdamW with the
+  same settings. Reported as trained tokens/s (B·L per step).
+- sample: batch 1, a prompt ``[BOS] text [BOV]`` of ``--prompt`` tokens (random text ids), then
+  exactly ``--new-tokens`` video ids. Ours: ``generate_video_tokens`` (static KV cache, video-id
+  mask, top-k). HF: ``generate(do_sample=True, top_k=...)`` with the default dynamic cache and a
+  logits processor that masks every non-video id (applied before top-k, as ours), EOS stopping
+  off. Timed end to end (prefill included) under ``torch.inference_mode``; reported as new
+  tokens/s. A greedy row uses top_k=1 (ours) and ``do_sample=False`` (HF).
+
+Before timing, the logits of both models on the training batch are compared (max abs diff), and
+the greedy token sequences of both are compared, so the two sides do the same work.
+
+    .venv/bin/python benchmarks/lm_speed.py --json runs/lm_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+
+def block_network() -> None:
+    """Make every outgoing connection fail loudly: the benchmark must need no download."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"lm_speed: a network connection was attempted: {args!r}")
+
+    socket.socket.connect = refuse  # type: ignore[method-assign]
+    socket.socket.connect_ex = refuse  # type: ignore[method-assign]
+    socket.create_connection = refuse  # type: ignore[assignment]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=default_threads or os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--preset", default="tiny", help="our preset (vocabulary) to resize")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--ffn-dim", type=int, default=None, help="default: LLaMA's 8/3·dim")
+    parser.add_argument("--batch", type=int, default=4, help="training batch B")
+    parser.add_argument("--seq", type=int, default=512, help="training sequence length L")
+    parser.add_argument("--prompt", type=int, default=32, help="sampling prompt length")
+    parser.add_argument("--new-tokens", type=int, default=256, help="sampled tokens")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--hf-cache",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="HF generate's cache_implementation (dynamic is its default)",
+    )
+    parser.add_argument(
+        "--skip", choices=("train", "sample"), action="append", default=[], help="leave out"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.prompt < 2 or args.new_tokens < 1 or args.seq < 2 or args.batch < 1:
+        parser.error("--prompt and --seq must be >= 2, --new-tokens and --batch >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    block_network()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    try:
+        import loong
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        import loong
+    from loong.lm.hf import to_hf_llama
+    from loong.lm.model import VideoLM
+    from loong.lm.presets import lm_preset
+    from loong.lm.sampling import generate_video_tokens
+    from loong.lm.vocab import Vocabulary
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    # --- the pair: ours, and a LlamaForCausalLM with the same weights
+    config = lm_preset(
+        args.preset,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        ffn_dim=args.ffn_dim,
+        max_seq_len=max(args.seq, args.prompt + args.new_tokens),
+    )
+    ours = VideoLM(config)
+    hf = to_hf_llama(ours)
+    vocab = Vocabulary(config.vocab)
+    lo, hi = vocab.video_id_range
+    n_ours = ours.num_parameters()
+    n_hf = sum(p.numel() for p in hf.parameters())
+    attn_impl = getattr(hf.config, "_attn_implementation", None)
+
+    # --- inputs
+    gen = torch.Generator().manual_seed(args.seed)
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)  # (B, L)
+    text = torch.randint(0, vocab.text_vocab_size, (args.prompt - 2,), generator=gen).tolist()
+    prompt = vocab.layout(text, None).token_ids[None]  # (1, L_p): [BOS] text [BOV]
+
+    # --- like for like: logits on the training batch, greedy tokens from the prompt
+    ours.eval()
+    with torch.inference_mode():
+        logits_ours = ours(batch)
+        logits_hf = hf(batch).logits
+        max_abs_diff = float((logits_ours - logits_hf).abs().max())
+        logit_scale = float(logits_ours.abs().max())
+    del logits_ours, logits_hf
+
+    class VideoIdsOnly(LogitsProcessor):
+        """Every id outside the video range to −inf, as ``generate_video_tokens`` does."""
+
+        def __init__(self) -> None:
+            ids = torch.arange(config.vocab_size)
+            self.outside = (ids < lo) | (ids >= hi)  # (V,)
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return scores.masked_fill(self.outside, float("-inf"))
+
+    processors = LogitsProcessorList([VideoIdsOnly()])
+
+    def hf_generation_config(greedy: bool) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=not greedy,
+            top_k=None if greedy else args.top_k,
+            top_p=None,
+            temperature=None,
+            eos_token_id=None,  # never stop early: exactly new_tokens, as ours
+            pad_token_id=vocab.pad,
+            bos_token_id=vocab.bos,
+            use_cache=True,
+            cache_implementation=None if args.hf_cache == "dynamic" else "static",
+        )
+
+    gen_configs = {False: hf_generation_config(False), True: hf_generation_config(True)}
+
+    def sample_ours(greedy: bool) -> torch.Tensor:
+        with torch.inference_mode():
+            top_k = 1 if greedy else args.top_k
+            out = generate_video_tokens(
+                ours, prompt, args.new_tokens, vocab=vocab, top_k=top_k, seed=args.seed
+            )
+        return out  # (1, N)
+
+    def sample_hf(greedy: bool) -> torch.Tensor:
+        with torch.inference_mode():
+            out = hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                generation_config=gen_configs[greedy],
+                logits_processor=processors,
+            )
+        return out[:, prompt.shape[1] :]  # (1, N)
+
+    greedy_match = None
+    if "sample" not in args.skip:
+        for name, fn in (("ours", sample_ours), ("HF", sample_hf)):
+            for greedy in (False, True):
+                out = fn(greedy)
+                if out.shape != (1, args.new_tokens) or not bool(vocab.is_video(out).all()):
+                    sys.exit(
+                        f"lm_speed: {name} sampled shape {tuple(out.shape)} (want "
+                        f"(1, {args.new_tokens})) or ids outside the video range"
+                    )
+        a, b = sample_ours(True)[0], sample_hf(True)[0]
+        differ = (a != b).nonzero()
+        greedy_match = args.new_tokens if differ.numel() == 0 else int(differ[0, 0])
+
+    # --- the timed operations
+    def make_train_step(model: torch.nn.Module, logits_of: Callable) -> Callable[[], None]:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+
+        def step() -> None:
+            logits = logits_of(batch)  # (B, L, V)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten()
+            )  # next-token
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    ops: dict[str, dict[str, Callable[[], object]]] = {"ours": {}, "HF": {}}
+    tokens_per_call: dict[str, int] = {}
+    if "train" not in args.skip:
+        ops["ours"]["train"] = make_train_step(ours, ours)
+        ops["HF"]["train"] = make_train_step(hf, lambda ids: hf(ids).logits)
+        tokens_per_call["train"] = args.batch * args.seq
+    if "sample" not in args.skip:
+        ops["ours"]["sample"] = lambda: sample_ours(False)
+        ops["HF"]["sample"] = lambda: sample_hf(False)
+        ops["ours"]["greedy"] = lambda: sample_ours(True)
+        ops["HF"]["greedy"] = lambda: sample_hf(True)
+        tokens_per_call["sample"] = tokens_per_call["greedy"] = args.new_tokens
+    metrics = list(tokens_per_call)
+    if not metrics:
+        sys.exit("lm_speed: nothing to time (both train and sample skipped)")
+
+    # --- interleaved timing: ours/HF alternate, and which goes first flips every round
+    times: dict[str, dict[str, list[float]]] = {n: {m: [] for m in metrics} for n in ops}
+    order = ["ours", "HF"]
+    loadavg = Path("/proc/loadavg")
+    load_at_start = loadavg.read_text().split()[:3] if loadavg.exists() else None
+    print(
+        f"timing {args.warmup} warm-up + {args.repeats} rounds of {', '.join(metrics)}; "
+        f"{args.threads} threads",
+        file=sys.stderr,
+        flush=True,
+    )
+    for round_ in range(args.warmup + args.repeats):
+        for metric in metrics:
+            for name in order:
+                model = ours if name == "ours" else hf
+                model.train(metric == "train")
+                start = time.perf_counter()
+                ops[name][metric]()
+                elapsed = time.perf_counter() - start
+                if round_ >= args.warmup:
+                    times[name][metric].append(elapsed)
+        order.reverse()
+        print(
+            f"  round {round_ + 1}/{args.warmup + args.repeats} done", file=sys.stderr, flush=True
+        )
+    ours.eval()
+    hf.eval()
+
+    median = {n: {m: statistics.median(t) for m, t in d.items()} for n, d in times.items()}
+    tok_s = {n: {m: tokens_per_call[m] / s for m, s in d.items()} for n, d in median.items()}
+    ratio = {m: tok_s["ours"][m] / tok_s["HF"][m] for m in metrics}
+
+    # --- report
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "loadavg_at_start": load_at_start,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "loong": getattr(loong, "__version__", None),
+    }
+    model_desc = (
+        f"dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads / "
+        f"{config.kv_heads} kv heads, ffn {config.hidden_dim}, vocab {config.vocab_size} "
+        f"(video ids [{lo}, {hi})), tied {config.tie_embeddings}"
+    )
+    labels = {
+        "train": f"train tok/s (B={args.batch}, L={args.seq}, fwd+bwd+AdamW)",
+        "sample": f"sample tok/s (top_k={args.top_k}, {args.prompt}+{args.new_tokens})",
+        "greedy": f"greedy tok/s (top_k=1, {args.prompt}+{args.new_tokens})",
+    }
+    print()
+    print(f"model:  {model_desc}")
+    print(f"params: ours {n_ours / 1e6:.2f}M, HF {n_hf / 1e6:.2f}M; HF attention {attn_impl}")
+    print(
+        f"torch {env['torch']}, transformers {env['transformers']}; {env['cpu']}; "
+        f"{env['threads']} threads; load {load_at_start}; {env['date']}; "
+        f"median of {args.repeats} (after {args.warmup} warm-up)"
+    )
+    print(
+        f"logits max |ours − HF| = {max_abs_diff:.2e} (max |logit| {logit_scale:.2f})"
+        + (
+            ""
+            if greedy_match is None
+            else f"; greedy tokens agree on {greedy_match}/{args.new_tokens}"
+        )
+    )
+    print()
+    width = max(len(v) for v in labels.values())
+    header = f"{'metric':{width}}{'ours':>11}{'HF':>11}{'ours/HF':>9}"
+    print(header)
+    print("-" * len(header))
+    for m in metrics:
+        print(
+            f"{labels[m]:{width}}{tok_s['ours'][m]:>11.1f}{tok_s['HF'][m]:>11.1f}{ratio[m]:>9.2f}"
+        )
+    print("\nratio = ours / HF tokens per second: > 1 means ours is faster.")
+    if n_ours != n_hf:
+        print(f"warning: parameter counts differ ({n_ours} vs {n_hf})")
+    if max_abs_diff > 1e-3 * max(1.0, logit_scale):
+        print(f"warning: the logits differ by {max_abs_diff:.2e}: the models are not the same")
+
+    if args.json is not None:
+        result = {
+            "env": env,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model": model_desc,
+            "params": {"ours": n_ours, "HF": n_hf},
+            "hf_attn_implementation": attn_impl,
+            "logits_max_abs_diff": max_abs_diff,
+            "greedy_tokens_agree": greedy_match,
+            "metrics": {m: labels[m] for m in metrics},
+            "tokens_per_call": tokens_per_call,
+            "times_s": times,
+            "median_s": median,
+            "tokens_per_s": tok_s,
+            "ratio_ours_over_hf": ratio,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
