@@ -17,7 +17,6 @@ from loong.lm.vocab import VocabConfig, Vocabulary
 from loong.text_tokenizer import TextTokenizer
 from loong.train.lm import (
     LMDataConfig,
-    LMOptimConfig,
     LMTrainConfig,
     LossWeightConfig,
     StageConfig,
@@ -34,6 +33,7 @@ from loong.train.lm import (
     weighted_loss,
     write_generation_file,
 )
+from loong.train.optim import OptimConfig
 from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
 from loong.video_tokenizer.quantize import QuantizerConfig
 
@@ -92,7 +92,7 @@ def train_config(shards_dir) -> LMTrainConfig:
             StageConfig(name="long", steps=3, lengths=(1, 2, 3)),
         ),
         loss=LossWeightConfig(first_frame=2.0, short_clip=1.0, rest=0.5, short_frames=2),
-        optim=LMOptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.0),
         batch_size=4,
         grad_accum=2,
         device="cpu",

@@ -10,10 +10,10 @@ import torch
 
 import loong.train.tokenizer as tokenizer_training
 from loong.config import apply_overrides
+from loong.train.optim import OptimConfig
 from loong.train.tokenizer import (
     TokenizerDataConfig,
     TokenizerLossConfig,
-    TokenizerOptimConfig,
     TokenizerTrainConfig,
     evaluate,
     held_out_clips,
@@ -31,7 +31,7 @@ def train_config(small_tokenizer_config) -> TokenizerTrainConfig:
         discriminator=DiscriminatorConfig(base_width=4, max_width=8, n_blocks=2),
         data=TokenizerDataConfig(n_frames=5, size=64, batch_size=2),
         loss=TokenizerLossConfig(disc_start_step=2),
-        optim=TokenizerOptimConfig(lr=3e-3, betas=(0.9, 0.99), warmup_steps=2),
+        optim=OptimConfig(lr=3e-3, betas=(0.9, 0.99), warmup_steps=2),
         steps=6,
         ema_decay=0.9,
         log_every=1,

@@ -49,6 +49,7 @@ from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
 from loong.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from loong.train.optim import OptimConfig
 
 log = logging.getLogger("loong")
 
@@ -128,22 +129,6 @@ class LMDataConfig:
 
 
 @dataclass(kw_only=True)
-class LMOptimConfig:
-    lr: float = 3e-4
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, on matrices and embeddings only (not norms)."""
-    warmup_steps: int = 200
-    """Linear warm-up steps, then cosine decay over all stages to lr_min_ratio · lr."""
-    lr_min_ratio: float = 0.1
-    """Final learning rate as a share of the peak."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0: off)."""
-
-
-@dataclass(kw_only=True)
 class LMTrainConfig:
     model: VideoLMConfig = field(default_factory=VideoLMConfig)
     """The language model to train."""
@@ -153,7 +138,9 @@ class LMTrainConfig:
     """Progressive short-to-long schedule, run in order."""
     loss: LossWeightConfig = field(default_factory=LossWeightConfig)
     """Per-group loss weights."""
-    optim: LMOptimConfig = field(default_factory=LMOptimConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.1, warmup_steps=200)
+    )
     """Optimizer and schedule."""
     batch_size: int = 16
     """Sequences per micro-batch."""
@@ -222,7 +209,7 @@ def lm_train_preset(name: str) -> LMTrainConfig:
                 StageConfig(name="long", steps=1000, lengths=(1, 3, 5), weights=(1, 1, 2)),
             ),
             loss=LossWeightConfig(short_frames=3),
-            optim=LMOptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),
+            optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),
             batch_size=8,
             eval_every=250,
             checkpoint_every=250,
@@ -436,14 +423,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     )
 
 
-def lr_at(step: int, cfg: LMOptimConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cosine)
-
-
 def text_path(cfg: LMTrainConfig) -> Path:
     """The text tokenizer file a run uses."""
     return Path(cfg.data.text_tokenizer or Path(cfg.data.shards[0]) / TOKENIZER_FILE)
@@ -570,7 +549,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         plans = [draw_plan(stage, sizes, cfg, step, m) for m in range(cfg.grad_accum)]
         batches = [make_batch(p, pools[p.length], text, vocab, cfg.data) for p in plans]
         norm = sum(batch_weight(b, vocab, cfg.loss) for b in batches).to(device)
-        lr = lr_at(step, cfg.optim, total)
+        lr = cfg.optim.lr_at(step, total)
         for group in opt.param_groups:
             group["lr"] = lr
 

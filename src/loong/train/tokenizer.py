@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from loong.data.video import VideoFolder, tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
 from loong.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from loong.train.optim import OptimConfig
 from loong.video_tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
 from loong.video_tokenizer.losses import (
     LeCam,
@@ -94,22 +94,6 @@ class TokenizerLossConfig:
 
 
 @dataclass(kw_only=True)
-class TokenizerOptimConfig:
-    lr: float = 1e-4
-    """Peak learning rate of the tokenizer (and of the discriminator)."""
-    betas: tuple[float, float] = (0.0, 0.99)
-    """Adam betas (MAGVIT-v2: (0, 0.99))."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 100
-    """Linear warm-up steps, then cosine decay to lr_min_ratio · lr."""
-    lr_min_ratio: float = 0.1
-    """Final learning rate as a share of the peak."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0: off)."""
-
-
-@dataclass(kw_only=True)
 class TokenizerTrainConfig:
     model: VideoTokenizerConfig = field(default_factory=VideoTokenizerConfig)
     """The tokenizer to train."""
@@ -119,8 +103,8 @@ class TokenizerTrainConfig:
     """Training clips."""
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     """Loss terms and weights."""
-    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
-    """Optimiser and schedule."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99)))
+    """Optimiser and schedule (MAGVIT-v2: Adam, lr 1e-4, betas (0, 0.99))."""
     steps: int = 10_000
     """Training steps."""
     seed: int = 0
@@ -162,7 +146,7 @@ def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
             discriminator=DiscriminatorConfig(base_width=16, max_width=64, n_blocks=3),
             data=TokenizerDataConfig(n_frames=9, size=64, batch_size=4),
             loss=TokenizerLossConfig(disc_start_step=3000),
-            optim=TokenizerOptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=50),
+            optim=OptimConfig(lr=1e-3, betas=(0.9, 0.99), warmup_steps=50),
             steps=4000,
             ema_decay=0.99,
             eval_every=250,
@@ -274,14 +258,6 @@ def write_preview(model: VideoTokenizer, clips: torch.Tensor, path_stem: Path, f
     write_video(path_stem.with_suffix(".gif"), frames, fps)
 
 
-def lr_at(step: int, cfg: TokenizerOptimConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cosine)
-
-
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -348,7 +324,7 @@ def train_tokenizer(
     while step < cfg.steps:
         # 1. batch
         video = next(batches)  # (B, C, T, H, W)
-        lr = lr_at(step, cfg.optim, cfg.steps)
+        lr = cfg.optim.lr_at(step, cfg.steps)
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -1,0 +1,39 @@
+"""Optimiser settings and the learning-rate schedule shared by the training loops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 100
+    """Linear warm-up steps, then cosine decay to lr_min_ratio · lr at the last step."""
+    lr_min_ratio: float = 0.1
+    """Final learning rate as a share of the peak."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: off)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of (0-based) ``step`` in a run of ``total_steps``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.lr * (self.lr_min_ratio + (1 - self.lr_min_ratio) * cosine)
