@@ -29,7 +29,16 @@ def _small_tokenizer_config(**overrides: object):
     return apply_overrides(config, dict(overrides)) if overrides else config
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The suite runs on two shared cores; tiny models run fastest on one thread each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def small_tokenizer_config() -> Callable[..., object]:
     """Factory: ``small_tokenizer_config(**dotted_overrides)`` → a tiny ``VideoTokenizerConfig``."""
     return _small_tokenizer_config

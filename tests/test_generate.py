@@ -32,14 +32,6 @@ HW = 16  # 4×4 ids per latent frame
 PROMPT = "a red ball bounces"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_lm(seed: int = 0, cls: type[VideoLM] = VideoLM) -> VideoLM:
     """dim 64, 2 layers; 256 text + 64 video (2^6 LFQ codes) + 10 special ids.
 

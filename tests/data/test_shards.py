@@ -20,38 +20,15 @@ from loong.data.shards import (
 )
 from loong.data.video import frames_to_tensor, resize_video, write_video
 from loong.text_tokenizer import TextTokenizer
-from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
-from loong.video_tokenizer.quantize import QuantizerConfig
+from loong.video_tokenizer.model import VideoTokenizer
 
 SHAPES = {"n_frames": 5, "size": 64, "fps": 8.0, "seed": 3, "still_share": 0.4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_video_tokenizer(seed: int = 0) -> VideoTokenizer:
-    """8× space / 4× time like the paper's, 64 LFQ codes, ~0.2M parameters (as tests/conftest)."""
-    torch.manual_seed(seed)
-    config = VideoTokenizerConfig(
-        base_width=8,
-        width_mults=(1, 1, 2, 2),
-        temporal_downsample=(False, True, True),
-        encoder_blocks=1,
-        decoder_blocks=1,
-        num_groups=4,
-        quantizer=QuantizerConfig(kind="lfq", latent_dim=6, entropy_group_bits=6),
-    )
-    return VideoTokenizer(config).eval()
-
-
 @pytest.fixture(scope="module")
-def video_tokenizer() -> VideoTokenizer:
-    return small_video_tokenizer()
+def video_tokenizer(small_tokenizer_config) -> VideoTokenizer:
+    torch.manual_seed(0)
+    return VideoTokenizer(small_tokenizer_config()).eval()
 
 
 def test_shapes_world_round_trip_groups_stills_apart(tmp_path, video_tokenizer):
@@ -92,7 +69,7 @@ def test_shapes_world_round_trip_groups_stills_apart(tmp_path, video_tokenizer):
 
 
 def test_a_rerun_skips_finished_units_and_an_interrupted_run_resumes(
-    tmp_path, video_tokenizer, monkeypatch
+    tmp_path, video_tokenizer, monkeypatch, make_small_tokenizer
 ):
     kwargs = {"n_clips": 7, "batch_size": 2, "shard_size": 3, "progress": False, **SHAPES}
     straight = tokenize_shapes_world(video_tokenizer, tmp_path / "straight", **kwargs)
@@ -133,7 +110,11 @@ def test_a_rerun_skips_finished_units_and_an_interrupted_run_resumes(
     with pytest.raises(ValueError, match=r"n_frames.: \(5, 9\)"):
         tokenize_shapes_world(video_tokenizer, tmp_path / "resumed", **{**kwargs, "n_frames": 9})
     with pytest.raises(ValueError, match="video_tokenizer weights"):
-        tokenize_shapes_world(small_video_tokenizer(seed=1), tmp_path / "resumed", **kwargs)
+        tokenize_shapes_world(
+            make_small_tokenizer(seed=1, perturb_adaptive_norms=False),
+            tmp_path / "resumed",
+            **kwargs,
+        )
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -11,14 +11,6 @@ from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import VocabConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_lm_config(**fields: object) -> VideoLMConfig:
     """dim 32, 2 layers, 4 heads (2 key/value heads), 40 text + 64 video + 10 special ids."""
     values: dict[str, object] = {

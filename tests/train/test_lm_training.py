@@ -34,32 +34,15 @@ from loong.train.lm import (
     write_generation_file,
 )
 from loong.train.optim import OptimConfig
-from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
-from loong.video_tokenizer.quantize import QuantizerConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from loong.video_tokenizer.model import VideoTokenizer
 
 
 @pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory) -> Path:
+def shards_dir(tmp_path_factory, small_tokenizer_config) -> Path:
     """24 shapes-world items at 9 frames (t = 3) and stills (t = 1), tokenized by a tiny random
     video tokenizer (64 codes, 8 × 8 latent grid), plus a 300-id BPE text tokenizer."""
     torch.manual_seed(0)
-    config = VideoTokenizerConfig(
-        base_width=8,
-        width_mults=(1, 1, 2, 2),
-        temporal_downsample=(False, True, True),
-        encoder_blocks=1,
-        decoder_blocks=1,
-        num_groups=4,
-        quantizer=QuantizerConfig(kind="lfq", latent_dim=6, entropy_group_bits=6),
-    )
+    config = small_tokenizer_config()
     root = tmp_path_factory.mktemp("lm_data")
     VideoTokenizer(config).save_pretrained(root / "video_tokenizer")
     cfg = TokenizeConfig(
