@@ -124,7 +124,7 @@ class TokenizerTrainConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk."""
     max_minutes: float = 0.0
-    """Stop (with a checkpoint and export) after this much wall time; 0: no limit."""
+    """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -384,10 +384,9 @@ def train_tokenizer(
         bar.set_postfix(
             rec=f"{rec.item():.4f}", usage=f"{stats.get('usage', 0):.3f}", refresh=False
         )
-        record = {"step": step, "lr": lr, **logs, **stats}
-        done = step == cfg.steps or (
-            cfg.max_minutes > 0 and time.monotonic() - started > 60 * cfg.max_minutes
-        )
+        elapsed = time.monotonic() - started
+        record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 1), **logs, **stats}
+        done = step == cfg.steps or (cfg.max_minutes > 0 and elapsed > 60 * cfg.max_minutes)
         if step % cfg.eval_every == 0 or done:
             result = evaluate(ema or model, eval_clips)
             record |= {f"eval_{k}": v for k, v in result.items()}
