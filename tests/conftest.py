@@ -50,7 +50,7 @@ def make_small_tokenizer() -> Callable[..., object]:
 
     The decoder's adaptive norms start as plain norms (zero-initialised scale and shift convs); the
     factory gives them small random weights so that tests also exercise the latent's path into
-    every decoder norm (``expand_latent``), which a freshly built model would hide.
+    every decoder norm (``stretch_latent``), which a freshly built model would hide.
     """
     from loong.video_tokenizer.model import Norm, VideoTokenizer
 

@@ -104,12 +104,20 @@ class Norm(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (B, C, T, H, W); z: (B, D, T, H, W) the latent resized to x's grid
+        # x: (B, C, T, H, W); z: (B, D, T, h, w) the latent stretched to x's frames
         x = frame_group_norm(self.norm, x)
-        if self.adaptive:
-            assert z is not None
-            x = x * (1 + self.scale(z)) + self.shift(z)
-        return x
+        if not self.adaptive:
+            return x
+        assert z is not None
+        # The 1×1×1 convs commute with nearest-neighbour upsampling, so scale and shift are
+        # computed on the latent grid and broadcast over each f×f pixel cell: no full-size
+        # latent, no full-size scale or shift is ever materialised.
+        b, c, t, height, width = x.shape
+        h, w = z.shape[-2:]
+        scale = (1 + self.scale(z))[:, :, :, :, None, :, None]  # (B, C, T, h, 1, w, 1)
+        shift = self.shift(z)[:, :, :, :, None, :, None]
+        x = x.view(b, c, t, h, height // h, w, width // w)  # (B, C, T, h, f, w, f)
+        return torch.addcmul(shift, x, scale).view(b, c, t, height, width)
 
 
 class ResBlock(nn.Module):
@@ -146,24 +154,20 @@ class Upsample(nn.Module):
         return x
 
 
-def expand_latent(z: torch.Tensor, shape: tuple[int, int, int], first: bool) -> torch.Tensor:
-    """Nearest-neighbour resize of the latent ``(B, D, t, h, w)`` to a decoder grid ``(T, H, W)``.
+def stretch_latent(z: torch.Tensor, frames: int, first: bool) -> torch.Tensor:
+    """Repeat latent frames ``(B, D, t, h, w)`` to ``(B, D, frames, h, w)``, causally.
 
-    In time the map is causal: frame 0 comes from latent frame 0 and each later latent frame
-    covers the next ``r`` frames (in a chunk after the first, every latent frame covers ``r``).
+    Frame 0 comes from latent frame 0 and each later latent frame covers the next ``r`` frames
+    (in a chunk after the first, every latent frame covers ``r``).
     """
-    t_out, h_out, w_out = shape
     t = z.shape[2]
-    frames = torch.arange(t_out, device=z.device)
+    index = torch.arange(frames, device=z.device)
     if first:
-        r = (t_out - 1) // max(t - 1, 1)
-        index = (frames + r - 1) // r if t > 1 else torch.zeros_like(frames)
+        r = (frames - 1) // max(t - 1, 1)
+        index = (index + r - 1) // r if t > 1 else torch.zeros_like(index)
     else:
-        index = frames // (t_out // t)
-    z = z.index_select(2, index)  # (B, D, T, h, w)
-    b = z.shape[0]
-    z = F.interpolate(rearrange(z, "b d t h w -> (b t) d h w"), size=(h_out, w_out), mode="nearest")
-    return rearrange(z, "(b t) d h w -> b d t h w", b=b)
+        index = index // (frames // t)
+    return z.index_select(2, index)
 
 
 # --- encoder and decoder ---------------------------------------------------------------------
@@ -230,12 +234,12 @@ class Decoder(nn.Module):
         # z: (B, D, t, h, w) quantized → (B, C, T, H, W)
         x = self.conv_in(z, cache)
         for i, blocks in enumerate(self.stages):
-            zi = expand_latent(z, tuple(x.shape[2:]), cache.first)
+            zi = stretch_latent(z, x.shape[2], cache.first)  # (B, D, T_i, h, w)
             for block in blocks:
                 x = block(x, cache, zi)
             if i < len(self.upsamples):
                 x = self.upsamples[i](x, cache)
-        zi = expand_latent(z, tuple(x.shape[2:]), cache.first)
+        zi = stretch_latent(z, x.shape[2], cache.first)
         return self.conv_out(F.silu(self.norm_out(x, zi)), cache)
 
     @property
