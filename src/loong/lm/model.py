@@ -171,12 +171,15 @@ class Attention(nn.Module):
             # With no mask this is a prefill from slot 0: the new keys are the whole context.
             if mask is not None:
                 k, v = k_all, v_all
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:  # each key/value head serves `groups` consecutive query heads
-            k = k.repeat_interleave(groups, dim=1)  # (B, N, S, E)
-            v = v.repeat_interleave(groups, dim=1)
+        # Each key/value head serves n_heads / n_kv_heads consecutive query heads; SDPA reads
+        # them in place (enable_gqa) rather than from a repeated copy of the cache.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, N, L, E)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, L, D)
 
