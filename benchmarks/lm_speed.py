@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -39,26 +38,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-
-def block_network() -> None:
-    """Make every outgoing connection fail loudly: the benchmark must need no download."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"lm_speed: a network connection was attempted: {args!r}")
-
-    socket.socket.connect = refuse  # type: ignore[method-assign]
-    socket.socket.connect_ex = refuse  # type: ignore[method-assign]
-    socket.create_connection = refuse  # type: ignore[assignment]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from common import block_network, cpu_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    block_network()
+    block_network("lm_speed")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

