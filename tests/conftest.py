@@ -80,3 +80,30 @@ def make_video() -> Callable[..., torch.Tensor]:
         return torch.rand(batch, 3, frames, height, width, generator=g) * 2 - 1
 
     return make
+
+
+@pytest.fixture
+def crash_after_checkpoint(monkeypatch) -> Callable[..., object]:
+    """Factory: ``with crash_after_checkpoint(loop_module, step): loop(...)`` runs a training loop
+    that raises KeyboardInterrupt right after writing its step-``step`` checkpoint, as a killed
+    run would; the real ``save_checkpoint`` is restored when the block ends."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def crash(module: object, step: int):
+        real_save = module.save_checkpoint
+
+        def save_then_crash(directory, state, *, step: int, keep: int):
+            real_save(directory, state, step=step, keep=keep)
+            if step == crash_step:
+                raise KeyboardInterrupt(f"simulated crash after the step-{step} checkpoint")
+
+        crash_step = step
+        monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(module, "save_checkpoint", real_save)
+
+    return crash

@@ -243,20 +243,13 @@ def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
     assert {"loss_frame_0", "loss_frame_1", "loss_frame_2"} <= set(records[30])
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, train_config, monkeypatch):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
+    tmp_path, train_config, crash_after_checkpoint
+):
     straight = train_lm(train_config, tmp_path / "straight", progress=False)
 
-    real_save = lm_training.save_checkpoint
-
-    def save_then_crash(directory, state, *, step, keep):
-        real_save(directory, state, step=step, keep=keep)
-        if step == 4:
-            raise KeyboardInterrupt("simulated crash after the step-4 checkpoint")
-
-    monkeypatch.setattr(lm_training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint(lm_training, step=4):
         train_lm(train_config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(lm_training, "save_checkpoint", real_save)
     resumed = train_lm(train_config, tmp_path / "resumed", progress=False)
 
     want, got = _records(tmp_path / "straight"), _records(tmp_path / "resumed")

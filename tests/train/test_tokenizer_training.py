@@ -62,21 +62,14 @@ def test_short_training_on_the_shapes_world_improves_psnr(tmp_path, train_config
     assert after > before + 3.0, (before, after)
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, train_config, monkeypatch):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
+    tmp_path, train_config, crash_after_checkpoint
+):
     # The GAN switches on at step 2 and EMA is on, so every piece of state must come back.
     straight = train_tokenizer(train_config, tmp_path / "straight", progress=False)
 
-    real_save = tokenizer_training.save_checkpoint
-
-    def save_then_crash(directory, state, *, step, keep):
-        real_save(directory, state, step=step, keep=keep)
-        if step == 3:
-            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
-
-    monkeypatch.setattr(tokenizer_training, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_checkpoint(tokenizer_training, step=3):
         train_tokenizer(train_config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(tokenizer_training, "save_checkpoint", real_save)
     resumed = train_tokenizer(train_config, tmp_path / "resumed", progress=False)
 
     want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
