@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="text → video (.mp4/.gif), written as it is sampled")
     gen.add_argument("prompt", help='e.g. "a red circle moves right"')
-    gen.add_argument("--model", default="runs/lm/export", help="language model export directory")
+    gen.add_argument("--model", help="language model export directory (default: the bundled model)")
     gen.add_argument("--video-tokenizer", help="override the model's paired video tokenizer")
     gen.add_argument("--seconds", type=float, default=4.0, help="video length (default: 4)")
     gen.add_argument("--out", required=True, help="video to write (.mp4 or .gif)")
@@ -101,6 +101,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="sampling override, e.g. temperature=0.9, top_k=100, reencode=false",
+    )
+
+    recipe = commands.add_parser("recipe", help="train a whole model from scratch in one command")
+    recipe_cmds = recipe.add_subparsers(dest="name", required=True)
+    shapes = recipe_cmds.add_parser(
+        "shapes", help="tokenizer + LM on the shapes world, on a CPU, into a bundle (resumes)"
+    )
+    shapes.add_argument("--out", default="runs/recipe", help="run directory (default: runs/recipe)")
+    shapes.add_argument("--config", help="TOML file overriding the recipe")
+    shapes.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. lm.batch_size=4"
+    )
+    shapes.add_argument(
+        "--install",
+        action="store_true",
+        help="copy the bundle into this install of loong as the default model of `generate`",
+    )
+
+    bench = commands.add_parser("bench", help="measure a model")
+    bench_cmds = bench.add_subparsers(dest="name", required=True)
+    fid = bench_cmds.add_parser(
+        "fidelity", help="minute-long videos of canonical prompts, scored from their pixels"
+    )
+    fid.add_argument("--model", help="LM export directory (default: the bundled model)")
+    fid.add_argument(
+        "--source",
+        default="model",
+        choices=("model", "tokenizer", "world"),
+        help="generated videos (default), or the world's own through the tokenizer, or as is",
+    )
+    fid.add_argument("--prompt", action="append", help="a prompt (repeatable; default: canonical)")
+    fid.add_argument("--seeds", type=int, nargs="+", help="seeds per prompt (default: 0)")
+    fid.add_argument("--seconds", type=float, help="video length (default: 60)")
+    fid.add_argument("--out", default="runs/bench/fidelity", help="output directory")
+    fid.add_argument("--save-videos", action="store_true", help="also write every video (mp4)")
+    fid.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    fid.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. generate.reencode=false, generate.temperature=0.9",
     )
 
     info = tok_cmds.add_parser("info", help="a preset's parameter count and shapes (built on meta)")
@@ -120,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             return _lm(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "recipe":
+            return _recipe(args)
+        if args.command == "bench":
+            return _bench(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"loong: error: {e}", file=sys.stderr)
         return 2
@@ -245,6 +291,47 @@ def _generate(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(f"wrote {out}")
+    return 0
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    import shutil
+
+    import loong
+    from loong.config import resolve_config
+    from loong.generate import BUNDLED_MODEL
+    from loong.recipe import ShapesRecipeConfig, run_shapes_recipe
+
+    cfg = resolve_config(ShapesRecipeConfig(), args.config, args.set)
+    lm_dir = run_shapes_recipe(cfg, args.out)
+    print(f"bundle written to {lm_dir.parent}; run: loong generate PROMPT --model {lm_dir} ...")
+    if args.install:
+        dest = Path(loong.__file__).parent / Path(BUNDLED_MODEL).parent
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(lm_dir.parent, dest)
+        print(f"installed as the default model: {dest}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loong.config import apply_overrides, parse_set
+    from loong.evaluate.bench import FidelityBenchConfig, format_table, run_fidelity_bench
+    from loong.generate import TextToVideo
+
+    cfg = FidelityBenchConfig(source=args.source, save_videos=args.save_videos)
+    if args.prompt:
+        cfg.prompts = tuple(args.prompt)
+    if args.seeds:
+        cfg.seeds = tuple(args.seeds)
+    if args.seconds is not None:
+        cfg.seconds = args.seconds
+    cfg = apply_overrides(cfg, parse_set(args.set))
+    pipe = None
+    if cfg.source != "world":
+        pipe = TextToVideo.from_pretrained(args.model, device=args.device)
+    result = run_fidelity_bench(cfg, args.out, pipe=pipe)
+    print(format_table(result))
+    print(f"wrote {Path(args.out) / 'fidelity.json'} and fidelity.png")
     return 0
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.resources
 import json
 import math
 from collections.abc import Iterator
@@ -73,6 +74,19 @@ from loong.video_tokenizer.model import StreamingDecoder, VideoTokenizer
 
 GENERATION_FILE = "generation.json"
 MAX_SECONDS = 3600.0
+BUNDLED_MODEL = "models/shapes/lm"
+"""The model ``loong generate`` uses by default, inside the package (``loong recipe shapes``)."""
+
+
+def default_model_dir() -> Path:
+    """The bundled shapes-world model's LM directory; a clear error when it is not installed."""
+    path = Path(str(importlib.resources.files("loong").joinpath(BUNDLED_MODEL)))
+    if not (path / GENERATION_FILE).is_file():
+        raise FileNotFoundError(
+            f"this install of loong has no bundled model ({path} is missing): pass "
+            f"--model DIR (an LM export), or make one with `loong recipe shapes --install`"
+        )
+    return path
 
 
 @dataclass(kw_only=True)
@@ -377,14 +391,14 @@ class TextToVideo:
     @classmethod
     def from_pretrained(
         cls,
-        model_dir: str | Path,
+        model_dir: str | Path | None = None,
         video_tokenizer_dir: str | Path | None = None,
         *,
         device: str | torch.device = "cpu",
     ) -> TextToVideo:
         """Load an LM export with its ``generation.json`` and the video tokenizer it names
-        (``video_tokenizer_dir`` overrides that path)."""
-        model_dir = Path(model_dir)
+        (``video_tokenizer_dir`` overrides that path); None loads the bundled model."""
+        model_dir = default_model_dir() if model_dir is None else Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(
                 f"model directory {model_dir} does not exist: pass the language model export "
@@ -580,7 +594,7 @@ class TextToVideo:
 def generate_video(
     prompt: str,
     *,
-    model_dir: str | Path,
+    model_dir: str | Path | None = None,
     out: str | Path,
     seconds: float | None = None,
     seed: int | None = None,
@@ -592,8 +606,9 @@ def generate_video(
     """Generate a video for ``prompt`` into ``out`` (``.mp4`` or ``.gif``); returns ``out``.
 
     Frames are written as they are sampled; ``gif=True`` also writes ``out`` with suffix
-    ``.gif``. ``seconds`` and ``seed`` override those of ``config``. Files appear atomically:
-    a failure leaves neither a half-written video nor an old one replaced.
+    ``.gif``. ``seconds`` and ``seed`` override those of ``config``; ``model_dir`` None is the
+    bundled shapes-world model. Files appear atomically: a failure leaves neither a
+    half-written video nor an old one replaced.
     """
     config = GenerateConfig() if config is None else config
     if seconds is not None:

@@ -32,6 +32,19 @@ def tiny() -> VideoLMConfig:
     )
 
 
+def shapes() -> VideoLMConfig:
+    """The bundled shapes-world model: ``tiny`` with a 512-id text vocabulary (the captions use
+    about 60 words) and room for 9 latent frames of 8×8 ids and a caption. 5.5M params."""
+    return VideoLMConfig(
+        dim=256,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=1024,
+        vocab=VocabConfig(text_vocab_size=512, video_vocab_size=4096, n_special=10),
+    )
+
+
 def loong_700m() -> VideoLMConfig:
     """24 layers × 1536 wide × 16 heads, SwiGLU 3072. 689.8M params."""
     return VideoLMConfig(
@@ -55,6 +68,7 @@ def loong_7b() -> VideoLMConfig:
 
 PRESETS: dict[str, Callable[[], VideoLMConfig]] = {
     "tiny": tiny,
+    "shapes": shapes,
     "loong-700m": loong_700m,
     "loong-3b": loong_3b,
     "loong-7b": loong_7b,

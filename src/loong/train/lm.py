@@ -214,6 +214,22 @@ def lm_train_preset(name: str) -> LMTrainConfig:
             eval_every=250,
             checkpoint_every=250,
         )
+    if name == "shapes":
+        # The bundled model (``loong recipe shapes``): clips of 33 frames (t = 9, 4 s at 8 fps)
+        # with 17-frame crops (t = 5) and stills, about 25 minutes on 2 CPU cores.
+        return LMTrainConfig(
+            model=model,
+            stages=(
+                StageConfig(name="image", steps=400, lengths=(1,)),
+                StageConfig(name="short", steps=800, lengths=(1, 5), weights=(1, 3)),
+                StageConfig(name="long", steps=1800, lengths=(1, 5, 9), weights=(1, 2, 4)),
+            ),
+            loss=LossWeightConfig(short_frames=5),
+            optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),
+            batch_size=8,
+            eval_every=500,
+            checkpoint_every=250,
+        )
     return LMTrainConfig(model=model)  # Loong: images, + 17-frame (t = 5), + 65-frame (t = 17)
 
 

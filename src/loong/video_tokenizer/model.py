@@ -35,6 +35,9 @@ from loong.video_tokenizer.quantize import QuantizerConfig, QuantizerOutput, bui
 class VideoTokenizerConfig:
     channels: int = 3
     """Image channels (3 for RGB)."""
+    patch_size: int = 1
+    """Space-to-depth factor before the first conv (and depth-to-space after the last): p×p
+    pixels become one position of p²·channels, so no conv runs at full resolution. 1: off."""
     base_width: int = 128
     """Width of the first encoder stage; stage i has base_width · width_mults[i] channels."""
     width_mults: tuple[int, ...] = (1, 2, 2, 4)
@@ -61,6 +64,8 @@ class VideoTokenizerConfig:
                 f"(len(width_mults) − 1 = {len(self.width_mults) - 1}), "
                 f"got {len(self.temporal_downsample)}"
             )
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         for w in self.widths:
             if w % self.num_groups:
                 raise ValueError(
@@ -74,7 +79,7 @@ class VideoTokenizerConfig:
 
     @property
     def spatial_compression(self) -> int:
-        return 2 ** (len(self.width_mults) - 1)
+        return self.patch_size * 2 ** (len(self.width_mults) - 1)
 
     @property
     def temporal_compression(self) -> int:
@@ -177,7 +182,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VideoTokenizerConfig) -> None:
         super().__init__()
         widths = cfg.widths
-        self.conv_in = CausalConv3d(cfg.channels, widths[0])
+        self.patch_size = cfg.patch_size
+        self.conv_in = CausalConv3d(cfg.channels * cfg.patch_size**2, widths[0])
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         in_ch = widths[0]
@@ -196,6 +202,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         # x: (B, C, T, H, W) → (B, D, t, h, w)
+        p = self.patch_size
+        if p > 1:
+            x = rearrange(x, "b c t (h ph) (w pw) -> b (c ph pw) t h w", ph=p, pw=p)
         x = self.conv_in(x, cache)
         for i, blocks in enumerate(self.stages):
             for block in blocks:
@@ -228,7 +237,8 @@ class Decoder(nn.Module):
                 self.upsamples.append(Upsample(w, widths[i + 1], temporal[i]))
                 in_ch = widths[i + 1]
         self.norm_out = Norm(widths[-1], cfg.num_groups, latent_dim=d)
-        self.conv_out = CausalConv3d(widths[-1], cfg.channels)
+        self.patch_size = cfg.patch_size
+        self.conv_out = CausalConv3d(widths[-1], cfg.channels * cfg.patch_size**2)
 
     def forward(self, z: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         # z: (B, D, t, h, w) quantized → (B, C, T, H, W)
@@ -240,7 +250,8 @@ class Decoder(nn.Module):
             if i < len(self.upsamples):
                 x = self.upsamples[i](x, cache)
         zi = stretch_latent(z, x.shape[2], cache.first)
-        return self.conv_out(F.silu(self.norm_out(x, zi)), cache)
+        x = self.conv_out(F.silu(self.norm_out(x, zi)), cache)
+        return depth_to_space(x, 1, self.patch_size) if self.patch_size > 1 else x
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""``loong recipe shapes``: the bundled model, from nothing, on a laptop CPU.
+
+One command runs the whole pipeline on the shapes world (``specs/shapes-world.md``):
+
+1. **tokenizer** — train the ``shapes`` video tokenizer
+   (:func:`~loong.train.tokenizer.train_tokenizer`);
+2. **shards** — tokenize shapes-world clips of 33 frames and stills into token shards, and train
+   the BPE text tokenizer on their captions (:func:`~loong.data.shards.tokenize_dataset`);
+3. **lm** — train the ``shapes`` language model with Loong's progressive short-to-long stages
+   and loss re-weighting (:func:`~loong.train.lm.train_lm`);
+4. **bundle** — write both models in float16 as one directory that ``loong generate`` loads
+   (:func:`write_bundle`): ``lm/`` (with ``generation.json`` pointing at ``../tokenizer``) and
+   ``tokenizer/``.
+
+Every step resumes: the training steps from their checkpoints, tokenizing from its finished
+shards, and a finished step is skipped (``recipe.json`` records it with its wall time and final
+losses). Run directory::
+
+    OUT/
+      recipe.json        steps done, seconds each, final losses
+      config.json        the recipe's config
+      tokenizer/ shards/ lm/   the three runs
+      bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loong.config import config_json
+from loong.data.shards import TokenizeConfig, tokenize_dataset
+from loong.generate import GenerationMetadata
+from loong.lm.model import VideoLM
+from loong.pretrained import atomic_write_text
+from loong.text_tokenizer import TOKENIZER_FILE
+from loong.train.lm import LMTrainConfig, lm_train_preset, train_lm
+from loong.train.tokenizer import TokenizerTrainConfig, tokenizer_train_preset, train_tokenizer
+from loong.video_tokenizer.model import VideoTokenizer
+
+log = logging.getLogger("loong")
+
+RECIPE_FILE = "recipe.json"
+STEPS = ("tokenizer", "shards", "lm", "bundle")
+
+
+def shapes_shards() -> TokenizeConfig:
+    """Shapes-world clips of 33 frames (t = 9): 4 s at 8 fps, cropped to t = 5 and 1 in training."""
+    return TokenizeConfig(
+        source="shapes",
+        n_clips=3000,
+        n_frames=33,
+        size=64,
+        fps=8.0,
+        still_share=0.1,
+        n_paraphrases=2,
+        text_vocab_size=512,
+    )
+
+
+@dataclass(kw_only=True)
+class ShapesRecipeConfig:
+    tokenizer: TokenizerTrainConfig = field(
+        default_factory=lambda: tokenizer_train_preset("shapes")
+    )
+    """Video tokenizer training (preset ``shapes``)."""
+    shards: TokenizeConfig = field(default_factory=shapes_shards)
+    """What is tokenized for the LM; ``video_tokenizer`` is filled in by the recipe."""
+    lm: LMTrainConfig = field(default_factory=lambda: lm_train_preset("shapes"))
+    """Language model training (preset ``shapes``); ``data.shards`` is filled in by the recipe."""
+    bundle_dtype: str = "float16"
+    """Weight dtype of the bundle: "float16", "bfloat16" or "float32"."""
+
+    def __post_init__(self) -> None:
+        if self.bundle_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(
+                f"bundle_dtype must be float16, bfloat16 or float32, got {self.bundle_dtype!r}"
+            )
+
+
+def write_bundle(
+    lm_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """An LM export and its video tokenizer as one self-contained directory ``out``.
+
+    ``out/lm`` holds the LM (weights cast to ``dtype``), its ``tokenizer.json`` and a
+    ``generation.json`` whose ``video_tokenizer`` is ``../tokenizer``; ``out/tokenizer`` holds the
+    video tokenizer. Loading casts the weights back to float32. Returns ``out/lm``, the
+    directory ``loong generate --model`` takes.
+    """
+    lm_dir, out = Path(lm_dir), Path(out)
+    meta = GenerationMetadata.read(lm_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    VideoLM.from_pretrained(lm_dir).to(dtype).save_pretrained(tmp / "lm")
+    VideoTokenizer.from_pretrained(tokenizer_dir).to(dtype).save_pretrained(tmp / "tokenizer")
+    shutil.copyfile(lm_dir / TOKENIZER_FILE, tmp / "lm" / TOKENIZER_FILE)
+    meta.video_tokenizer = "../tokenizer"
+    meta.write(tmp / "lm")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # the bundle appears whole or not at all
+    return out / "lm"
+
+
+def _last_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    """The latest value of each of ``keys`` in a metrics.jsonl file."""
+    found: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            found |= {k: record[k] for k in keys if k in record}
+    return found
+
+
+def run_shapes_recipe(
+    cfg: ShapesRecipeConfig, out_dir: str | Path, *, progress: bool = True
+) -> Path:
+    """Run (or resume) the shapes recipe in ``out_dir``; returns the bundle's LM directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", config_json(cfg))
+    state_path = out / RECIPE_FILE
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def step(name: str, run) -> None:
+        if name in state:
+            log.info("recipe: %s done earlier (%.0f s), skipped", name, state[name]["seconds"])
+            return
+        log.info("recipe: %s", name)
+        started = time.monotonic()
+        result = run() or {}
+        state[name] = {"seconds": round(time.monotonic() - started, 1), **result}
+        atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+
+    def tokenizer() -> dict[str, float]:
+        train_tokenizer(cfg.tokenizer, out / "tokenizer", progress=progress)
+        keys = ("rec", "eval_psnr", "eval_ssim", "eval_codebook_usage", "elapsed_s")
+        return _last_metrics(out / "tokenizer" / "metrics.jsonl", keys)
+
+    def shards() -> None:
+        cfg.shards.video_tokenizer = str(out / "tokenizer" / "export")
+        tokenize_dataset(cfg.shards, out / "shards", progress=progress)
+
+    def lm() -> dict[str, float]:
+        cfg.lm.data.shards = (str(out / "shards"),)
+        train_lm(cfg.lm, out / "lm", progress=progress)
+        return _last_metrics(out / "lm" / "metrics.jsonl", ("loss", "eval_loss"))
+
+    def bundle() -> dict[str, float]:
+        lm_dir = write_bundle(
+            out / "lm" / "export",
+            out / "tokenizer" / "export",
+            out / "bundle",
+            dtype=getattr(torch, cfg.bundle_dtype),
+        )
+        size = sum(f.stat().st_size for f in lm_dir.parent.rglob("*") if f.is_file())
+        return {"megabytes": round(size / 2**20, 2)}
+
+    for name, run in zip(STEPS, (tokenizer, shards, lm, bundle), strict=True):
+        step(name, run)
+    total = sum(state[name]["seconds"] for name in STEPS)
+    log.info("recipe: done in %.1f min; bundle %s", total / 60, out / "bundle")
+    return out / "bundle" / "lm"

@@ -1,0 +1,130 @@
+"""``loong recipe shapes`` at toy size: every step runs, the bundle loads and generates, and a
+second run resumes by skipping what is done; ``loong bench fidelity`` on the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from loong.cli import main
+from loong.data.video import read_video
+from loong.generate import TextToVideo
+
+TOY = {
+    # tokenizer: the shapes preset's layout at a fraction of its width, two steps
+    "tokenizer.model.base_width": 8,
+    "tokenizer.model.num_groups": 4,
+    "tokenizer.model.quantizer.latent_dim": 6,
+    "tokenizer.model.quantizer.entropy_group_bits": 6,
+    "tokenizer.steps": 2,
+    "tokenizer.eval_every": 2,
+    "tokenizer.eval_clips": 2,
+    "tokenizer.preview_every": 1000,
+    "tokenizer.data.batch_size": 2,
+    "tokenizer.data.n_frames": 5,
+    # shards: a few 9-frame clips
+    "shards.n_clips": 12,
+    "shards.n_frames": 9,
+    "shards.text_vocab_size": 300,
+    # lm: a two-layer model, stages of a few steps over t = 1, 2, 3
+    "lm.model.dim": 32,
+    "lm.model.n_layers": 2,
+    "lm.model.n_heads": 2,
+    "lm.model.n_kv_heads": 1,
+    "lm.model.vocab.text_vocab_size": 300,
+    "lm.model.vocab.video_vocab_size": 64,
+    "lm.model.max_seq_len": 512,
+    "lm.batch_size": 2,
+    "lm.eval_items": 2,
+    "lm.log_every": 1,
+    "lm.stages": (
+        '[{name="image", steps=2, lengths=[1]}, {name="short", steps=2, lengths=[1, 2]},'
+        ' {name="long", steps=2, lengths=[1, 3], weights=[1, 3]}]'
+    ),
+}
+
+
+def _sets(values: dict[str, object]) -> list[str]:
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def recipe_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    assert main(["recipe", "shapes", "--out", str(out), *_sets(TOY)]) == 0
+    return out
+
+
+def test_recipe_runs_every_step_and_records_it(recipe_dir):
+    state = json.loads((recipe_dir / "recipe.json").read_text())
+    assert list(state) == ["tokenizer", "shards", "lm", "bundle"]
+    assert all(step["seconds"] >= 0 for step in state.values())
+    assert np.isfinite(state["lm"]["loss"]) and np.isfinite(state["tokenizer"]["eval_psnr"])
+    assert 0 < state["bundle"]["megabytes"] < 1
+    stages = [json.loads(line)["stage"] for line in (recipe_dir / "lm" / "metrics.jsonl").open()]
+    assert stages[0] == "image" and stages[-1] == "long"  # progressive, in order
+
+
+def test_bundle_is_float16_self_contained_and_generates(recipe_dir, tmp_path):
+    bundle = recipe_dir / "bundle"
+    for part in ("lm", "tokenizer"):
+        weights = load_file(bundle / part / "model.safetensors")
+        assert {str(w.dtype) for w in weights.values()} == {"torch.float16"}
+    meta = json.loads((bundle / "lm" / "generation.json").read_text())
+    assert meta["video_tokenizer"] == "../tokenizer" and meta["clip_latents"] == 3
+    moved = tmp_path / "elsewhere"
+    bundle.rename(moved)  # the bundle names nothing outside itself
+    try:
+        pipe = TextToVideo.from_pretrained(moved / "lm")
+        out = tmp_path / "clip.mp4"
+        args = ["generate", "a red circle moves right", "--model", str(moved / "lm")]
+        assert main([*args, "--out", str(out), "--seconds", "3"]) == 0
+        frames, _ = read_video(out)
+        assert frames.shape == (24, 64, 64, 3)  # past the 9-frame clips by sliding windows
+        assert next(pipe.lm.parameters()).dtype.is_floating_point
+    finally:
+        moved.rename(bundle)
+
+
+def test_a_second_run_skips_the_finished_steps(recipe_dir, caplog):
+    before = (recipe_dir / "recipe.json").read_text()
+    with caplog.at_level("INFO", logger="loong"):
+        assert main(["recipe", "shapes", "--out", str(recipe_dir), *_sets(TOY)]) == 0
+    assert (recipe_dir / "recipe.json").read_text() == before
+    assert sum("skipped" in r.message for r in caplog.records) == 4
+
+
+def test_bench_fidelity_on_the_toy_bundle_writes_table_json_and_plot(recipe_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "fidelity", "--model", str(recipe_dir / "bundle" / "lm"), "--out", str(out)]
+    args += ["--prompt", "a red circle moves right", "--seconds", "4", "--seeds", "0", "1"]
+    args += ["--set", "span_seconds=2.0", "--set", "generate.reencode=false"]
+    assert main(args) == 0
+    result = json.loads((out / "fidelity.json").read_text())
+    assert len(result["videos"]) == 2 and len(result["mean_spans"]) == 2
+    assert result["config"]["generate"]["reencode"] is False
+    assert all(0.0 <= x <= 1.0 for x in result["mean_spans"])
+    assert (out / "fidelity.png").stat().st_size > 1000
+    assert "a red circle moves right (1)" in capsys.readouterr().out
+
+
+def test_bench_fidelity_scores_the_worlds_own_videos_one(tmp_path, capsys):
+    out = tmp_path / "world"
+    args = ["bench", "fidelity", "--source", "world", "--seconds", "20", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "fidelity.json").read_text())
+    assert len(result["videos"]) == 8 and result["mean_spans"] == [1.0, 1.0]
+    assert set(result["mean_checks"].values()) == {1.0}
+
+
+def test_bench_rejects_two_object_prompts(tmp_path, capsys):
+    args = ["bench", "fidelity", "--source", "world", "--out", str(tmp_path)]
+    args += ["--prompt", "a red circle moves right and a blue square moves up"]
+    assert main(args) == 2
+    assert "single-object" in capsys.readouterr().err
