@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gif", action="store_true", help="also write a GIF beside the mp4")
     gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     gen.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="language model dtype while sampling (auto: float16 on CPU, bfloat16 on GPU)",
+    )
+    gen.add_argument(
         "--set",
         action="append",
         default=[],
@@ -137,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--out", default="runs/bench/fidelity", help="output directory")
     fid.add_argument("--save-videos", action="store_true", help="also write every video (mp4)")
     fid.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    fid.add_argument(
+        "--dtype", default="auto", help="language model dtype (auto: float16 on CPU, else bf16)"
+    )
     fid.add_argument(
         "--set",
         action="append",
@@ -289,6 +298,7 @@ def _generate(args: argparse.Namespace) -> int:
         config=config,
         video_tokenizer_dir=args.video_tokenizer,
         device=args.device,
+        lm_dtype=args.dtype,
     )
     print(f"wrote {out}")
     return 0
@@ -328,7 +338,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = apply_overrides(cfg, parse_set(args.set))
     pipe = None
     if cfg.source != "world":
-        pipe = TextToVideo.from_pretrained(args.model, device=args.device)
+        pipe = TextToVideo.from_pretrained(args.model, device=args.device, lm_dtype=args.dtype)
     result = run_fidelity_bench(cfg, args.out, pipe=pipe)
     print(format_table(result))
     print(f"wrote {Path(args.out) / 'fidelity.json'} and fidelity.png")

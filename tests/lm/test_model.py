@@ -62,6 +62,69 @@ def test_kv_cache_decoding_equals_full_forward(make_lm, fields):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
 
 
+def test_fused_inference_projections_equal_the_separate_ones(make_lm):
+    """Without autograd q/k/v and w1/w3 run as one matmul each; with it, as separate layers."""
+    model = make_lm()
+    ids = random_ids(model, 2, 16)
+    reference = model(ids).detach()  # autograd on: the separate projections
+    with torch.no_grad():
+        fused = model(ids)
+        torch.testing.assert_close(fused, reference, atol=ATOL, rtol=0)
+        model.layers[0].feed_forward.w1.weight.mul_(0.5)  # an in-place change is seen
+        model.layers[0].attention.wk.weight.mul_(2.0)
+        changed = model(ids)
+    torch.testing.assert_close(changed, model(ids).detach(), atol=ATOL, rtol=0)
+    assert not torch.allclose(changed, fused, atol=1e-3)
+
+
+def test_dense_cache_decode_equals_the_masked_decode(make_lm):
+    """The one-token fast path (no mask, keys below cache.end) gives the masked path's logits."""
+    model = make_lm()
+    ids = random_ids(model, 2, 14)
+    logits = {}
+    with torch.no_grad():
+        for dense in (True, False):
+            cache = new_cache(model, 2, 40)
+            model(ids[:, :6], cache=cache, input_pos=torch.arange(6))
+            cache.dense = dense  # False forces the general mask over all slots
+            steps = [
+                model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i]))
+                for i in range(6, 14)
+            ]
+            logits[dense] = torch.cat(steps, dim=1)
+            assert cache.end == (14 if dense else 6)
+    torch.testing.assert_close(logits[True], logits[False], atol=ATOL, rtol=0)
+
+
+def test_cache_is_dense_only_for_in_order_unpadded_writes(make_lm):
+    model = make_lm()
+    ids = random_ids(model, 2, 8)
+    with torch.no_grad():
+        cache = new_cache(model, 2, 16)
+        model(ids[:, :4], cache=cache, input_pos=torch.arange(4))
+        assert cache.dense and cache.end == 4
+        model(ids[:, 4:5], cache=cache, input_pos=torch.tensor([6]))  # skips slots 4 and 5
+        assert not cache.dense
+        padded = new_cache(model, 2, 16)
+        mask = torch.ones(2, 4, dtype=torch.bool)
+        mask[1, 0] = False
+        model(ids[:, :4], cache=padded, input_pos=torch.arange(4), attention_mask=mask)
+        assert not padded.dense
+        padded.reset()
+        assert padded.dense and padded.end == 0
+
+
+def test_last_only_and_id_range_slice_the_full_logits(make_lm):
+    model = make_lm()
+    ids = random_ids(model, 2, 10)
+    with torch.no_grad():
+        full = model(ids)
+        part = model(ids, last_only=True, id_range=(40, 104))
+    torch.testing.assert_close(part, full[:, -1:, 40:104], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="id_range"):
+        model(ids, id_range=(5, 5))
+
+
 def test_reset_cache_prefills_again(make_lm):
     model = make_lm()
     ids = random_ids(model, 1, 10)
@@ -174,7 +237,7 @@ def test_tiny_preset_and_overrides():
     config = lm_preset("tiny", dim=128, vocab__text_vocab_size=1024)
     assert config.dim == 128 and config.vocab.text_vocab_size == 1024
     assert config.vocab.video_vocab_size == 4096  # the tiny video tokenizer's 2^12 LFQ codes
-    assert set(PRESETS) == {"tiny", "loong-700m", "loong-3b", "loong-7b"}
+    assert set(PRESETS) == {"tiny", "shapes", "loong-700m", "loong-3b", "loong-7b"}
     with pytest.raises(ValueError, match="unknown config key"):
         lm_preset("tiny", n_layer=3)
     with pytest.raises(ValueError, match="choose one of"):

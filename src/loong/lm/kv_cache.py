@@ -7,6 +7,10 @@ Slot s holds the token at position s, and the keys are stored after RoPE.
 A bool ``valid`` ``(B, max_len)`` records which written slots hold real tokens, so left-padded
 prompts in one batch (PAD before the shorter prompts) are never attended to.
 
+The cache also knows on the host whether it is **dense**: slots ``0 .. end − 1`` written in
+order, once each, with no padding. A one-token step at slot ``end`` of a dense cache then needs
+no mask at all (it attends to every slot below ``end``), which is the decode fast path.
+
 Sliding windows over long videos need no cache surgery: the next window's prefix (the text plus
 the re-encoded last frames) differs from the tokens already cached, so the window is prefilled
 again after :meth:`KVCache.reset`. Keys are stored rotated by their absolute position, which is
@@ -39,6 +43,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros((batch_size, max_len), dtype=torch.bool, device=device)
         self.max_len = max_len
+        self.end = 0
+        """One past the last written slot while the cache is dense."""
+        self.dense = True
+        """Slots 0 .. end − 1 were written in order, each once, none of them padding."""
 
     @property
     def batch_size(self) -> int:
@@ -49,14 +57,20 @@ class KVCache:
         self.k.zero_()
         self.v.zero_()
         self.valid.zero_()
+        self.end, self.dense = 0, True
 
     def mark(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Record slots ``input_pos`` (L,) as written; ``attention_mask`` (B, L) marks real ones."""
-        if int(input_pos.max()) >= self.max_len:  # one host sync per forward, not per layer
+        lo, hi = (int(v) for v in torch.aminmax(input_pos))  # one host sync per forward
+        if hi >= self.max_len:
             raise ValueError(
-                f"position {int(input_pos.max())} does not fit a KV cache of {self.max_len} "
-                f"slots: allocate a longer cache"
+                f"position {hi} does not fit a KV cache of {self.max_len} slots: allocate a "
+                f"longer cache"
             )
+        in_order = lo == self.end and hi - lo + 1 == len(input_pos)  # the next slots, all new
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        self.dense = self.dense and in_order and not padded
+        self.end = hi + 1 if self.dense else self.end
         if attention_mask is None:
             self.valid[:, input_pos] = True
         else:

@@ -95,6 +95,10 @@ class VideoLMConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
+ATTEND_ALL = True
+"""Attention "mask" of a one-token step on a dense KV cache: every slot below ``cache.end``."""
+
+
 # --- building blocks -------------------------------------------------------------------------
 
 
@@ -107,35 +111,67 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused op for x · rsqrt(mean(x²) + eps), in float32; the weight in x's dtype
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE tables for ``positions`` (L,) → cos, sin ``(L, E)``, both halves the same angles.
+    """RoPE tables for ``positions`` (L,) → cos, sin ``(L, 1, E)`` over the halves of a head.
 
+    Both halves hold the same angles; ``sin``'s first half is negated, so that
+    :func:`apply_rope` needs only a roll, not ``rotate_half``'s split, negation and concat.
     Computed per call in float32: an outer product of L × E/2, negligible next to attention,
     and it leaves the module with no buffers to rebuild after meta-device initialisation.
     """
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim
     inv_freq = 1.0 / (theta**exponent)  # (E/2,)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (L, E/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (L, E)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    cos = torch.cat([cos, cos], dim=-1)  # (L, E)
+    sin = torch.cat([-sin, sin], dim=-1)
+    return cos[:, None].to(dtype), sin[:, None].to(dtype)  # (L, 1, E)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, N, L, E); cos, sin: (L, E). Pairs (i, i + E/2) rotate together.
-    return x * cos + rotate_half(x) * sin
+    """Rotate pairs (i, i + E/2) of ``x`` (B, L, heads, E) by the tables (L, 1, E).
+
+    ``x.roll(E/2)`` is ``[x2, x1]``; times the signed sin ``[−s, s]`` it is transformers'
+    ``rotate_half(x) · sin``, so the result is theirs to the last bit of float arithmetic.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def fused_weight(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """The weights of ``layers`` stacked along their outputs, for one matmul instead of several.
+
+    Used only without autograd (generation): the stack is kept on ``owner`` and rebuilt when any
+    weight changes (new storage or an in-place update), so it never serves stale values.
+    """
+    key = tuple((w.weight.data_ptr(), w.weight._version) for w in layers)
+    cached = owner.__dict__.get("_fused")
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([w.weight for w in layers]))
+        owner.__dict__["_fused"] = cached
+    return cached[1]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query per row against every key: ``q`` (B, N, 1, E), ``k, v`` (B, M, S, E) →
+    (B, N, 1, E), softmax in float32.
+
+    The decode step's attention as three small ops. For a single query the fused CPU kernel
+    of SDPA costs ~0.1 ms a call, several times the work; the result is the same (tested).
+    Query heads are grouped onto their key/value head (GQA) by a reshape, not a copy.
+    """
+    b, n, _, e = q.shape
+    m = k.shape[1]
+    q = q.reshape(b, m, n // m, e)  # (B, M, N/M, E): heads 0..N/M−1 share kv head 0, …
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (e**-0.5)  # (B, M, N/M, S)
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(b, n, 1, e)  # (B, N, 1, E)
 
 
 class Attention(nn.Module):
@@ -159,27 +195,39 @@ class Attention(nn.Module):
         cache: KVCache | None,
         input_pos: torch.Tensor,
     ) -> torch.Tensor:
-        # x: (B, L, D); mask: (B, 1, L, S) bool (True = attend) or None for plain causal
+        # x: (B, L, D); mask: (B, 1, L, S) bool (True = attend), None for plain causal over the
+        # new tokens, or ATTEND_ALL: one new token that sees every cached slot below cache.end
         b, length, _ = x.shape
-        q = self.wq(x).view(b, length, self.n_heads, self.head_dim)  # (B, L, N, E)
-        k = self.wk(x).view(b, length, self.n_kv_heads, self.head_dim)  # (B, L, M, E)
-        v = self.wv(x).view(b, length, self.n_kv_heads, self.head_dim)
+        n, m, e = self.n_heads, self.n_kv_heads, self.head_dim
+        if torch.is_grad_enabled():
+            q = apply_rope(self.wq(x).view(b, length, n, e), cos, sin)  # (B, L, N, E)
+            k = apply_rope(self.wk(x).view(b, length, m, e), cos, sin)  # (B, L, M, E)
+            v = self.wv(x).view(b, length, m, e)
+        else:  # generation: one matmul for q, k, v and one rotation for q and k
+            qkv = F.linear(x, fused_weight(self, (self.wq, self.wk, self.wv)))
+            qkv = qkv.view(b, length, n + 2 * m, e)
+            qk = apply_rope(qkv[:, :, : n + m], cos, sin)  # (B, L, N + M, E)
+            q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + m :]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N|M, L, E)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_all, v_all = cache.update(self.layer, input_pos, k, v)  # (B, M, S, E)
-            # With no mask this is a prefill from slot 0: the new keys are the whole context.
-            if mask is not None:
+            if mask is ATTEND_ALL:
+                k, v = k_all[:, :, : cache.end], v_all[:, :, : cache.end]
+            elif mask is not None:
                 k, v = k_all, v_all
+            # With no mask this is a prefill from slot 0: the new keys are the whole context.
+        if mask is ATTEND_ALL:
+            out = decode_attention(q, k, v)  # (B, N, 1, E)
+            return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, 1, D)
         # Each key/value head serves n_heads / n_kv_heads consecutive query heads; SDPA reads
         # them in place (enable_gqa) rather than from a repeated copy of the cache.
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=mask,
+            attn_mask=None if mask is ATTEND_ALL else mask,
             is_causal=mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            enable_gqa=m != n,
         )  # (B, N, L, E)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, L, D)
 
@@ -195,7 +243,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B, L, D) → (B, L, F) → (B, L, D)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, fused_weight(self, (self.w1, self.w3))).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -241,7 +292,8 @@ class VideoLM(nn.Module):
         self.output = (
             None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         )
-        self.init_weights()
+        if not self.tok_embeddings.weight.is_meta:  # meta tensors hold no values to draw
+            self.init_weights()
 
     def init_weights(self) -> None:
         """Normal(0, init_std) weights; residual projections scaled by 1/sqrt(2·n_layers) (GPT-2).
@@ -267,6 +319,8 @@ class VideoLM(nn.Module):
         cache: KVCache | None = None,
         input_pos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        id_range: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L, V)`` for ``token_ids`` ``(B, L)``.
 
@@ -277,6 +331,9 @@ class VideoLM(nn.Module):
           (each padded query attends to itself only, to stay finite). Left-pad prompts of
           unequal length: RoPE attention depends only on position differences, so a row
           shifted right by its padding gets the logits it would get alone.
+        - ``last_only``: logits of the last position only, ``(B, 1, V)`` (sampling).
+        - ``id_range`` ``(lo, hi)``: logits of ids ``lo .. hi − 1`` only, ``(B, L, hi − lo)``:
+          the head's other rows are never multiplied (sampling video ids).
         """
         if token_ids.ndim != 2:
             raise ValueError(f"token_ids must be (B, L), got shape {tuple(token_ids.shape)}")
@@ -304,24 +361,36 @@ class VideoLM(nn.Module):
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, input_pos)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
         x = self.norm(x)
-        if self.output is None:
-            return F.linear(x, self.tok_embeddings.weight)  # (B, L, V)
-        return self.output(x)  # (B, L, V)
+        head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (V, D)
+        if id_range is not None:
+            lo, hi = id_range
+            if not 0 <= lo < hi <= head.shape[0]:
+                raise ValueError(f"id_range {id_range} is empty or outside [0, {head.shape[0]})")
+            head = head[lo:hi]
+        return F.linear(x, head)  # (B, L, V) or (B, L, hi − lo)
 
     @staticmethod
     def _mask(
         input_pos: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
-    ) -> torch.Tensor | None:
-        """Bool attention mask ``(B, 1, L, S)``, or None where plain causal attention is exact.
+    ) -> torch.Tensor | bool | None:
+        """Bool attention mask ``(B, 1, L, S)``; None where plain causal attention is exact;
+        ``ATTEND_ALL`` where one new token sees exactly the slots below ``cache.end``.
 
         None (the fused ``is_causal`` path) needs the new tokens to be the whole context from
-        position 0 without padding: training, or a KV-cache prefill from slot 0.
+        position 0 without padding: training, or a KV-cache prefill from slot 0. ``ATTEND_ALL``
+        needs a dense cache (see :class:`KVCache`) the token was just appended to.
         """
+        if cache is not None and cache.dense:  # mark() has run: a dense cache ends at the token
+            if int(input_pos[0]) == 0:
+                return None
+            if len(input_pos) == 1:
+                return ATTEND_ALL
         if attention_mask is None:
             if cache is None:
                 return None
-            # A decode step (L = 1) skips the check, so it costs no host sync.
             if input_pos.shape[0] > 1 and int(input_pos[0]) == 0:
                 return None
         if cache is None:

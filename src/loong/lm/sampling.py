@@ -123,7 +123,8 @@ def generate_video_tokens(
        ``[BOS] [BOV]``) join the batch, left-padded to the same length; at scale 1 they are
        not run, since guidance 1 is the conditional model.
     2. Prefill: one forward over all rows fills a KV cache of ``L + n_tokens`` slots.
-    3. Decode: each step guides (if asked), masks everything but video ids, samples with a
+    3. Decode: each step guides (if asked), samples among video ids only (the head computes
+       no other logits) with a
        ``torch.Generator`` seeded by ``seed`` (same seed, same tokens), and feeds the token to
        every row (conditional and unconditional alike) for the next step.
 
@@ -171,21 +172,24 @@ def generate_video_tokens(
         device=device,
     )
     generator = torch.Generator(device=device).manual_seed(seed)
+    # Only video ids may be sampled: the head computes just their logits (ids lo .. hi − 1).
+    lo, hi = vocab.video_id_range
+    head = {"last_only": True, "id_range": (lo, hi)}
     logits = model(
         ids,
         cache=cache,
         input_pos=torch.arange(length, device=device),
         attention_mask=attention_mask,
-    )[:, -1]  # (rows, V)
+        **head,
+    )[:, -1]  # (rows, V_video)
 
     # 3. decode
-    lo, hi = vocab.video_id_range
     out = torch.empty((b, n_tokens), dtype=torch.long, device=device)
     for step in range(n_tokens):
+        logits = logits.float()  # guidance and sampling in float32 whatever the model's dtype
         if guided:
-            logits = cfg_logits(logits[:b], logits[b:], guidance_scale)  # (B, V)
-        logits = restrict_to_range(logits, lo, hi)
-        next_ids = sample(
+            logits = cfg_logits(logits[:b], logits[b:], guidance_scale)  # (B, V_video)
+        next_ids = lo + sample(
             logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
         )  # (B,)
         out[:, step] = next_ids
@@ -195,5 +199,5 @@ def generate_video_tokens(
             break
         feed = next_ids.repeat(2) if guided else next_ids  # (rows,)
         pos = torch.tensor([length + step], device=device)
-        logits = model(feed[:, None], cache=cache, input_pos=pos)[:, -1]
+        logits = model(feed[:, None], cache=cache, input_pos=pos, **head)[:, -1]
     return out
