@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. generate.reencode=false, generate.temperature=0.9",
     )
 
+    from loong.plan import add_plan_parser
+
+    add_plan_parser(commands)
+
     info = tok_cmds.add_parser("info", help="a preset's parameter count and shapes (built on meta)")
     info.add_argument("--preset", default="tiny", help="preset name (default: tiny)")
     return parser
@@ -175,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             return _recipe(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "plan":
+            from loong.plan import run_plan
+
+            return run_plan(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"loong: error: {e}", file=sys.stderr)
         return 2
