@@ -1,0 +1,266 @@
+"""Parallelism applied from outside: DDP and FSDP2 on two CPU processes train like one process
+with the same global batch; activation checkpointing changes neither loss nor gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from loong.lm.model import VideoLM, VideoLMConfig
+from loong.lm.vocab import VocabConfig
+from loong.train.dist import all_reduce_mean, rank
+from loong.train.parallel import (
+    ParallelConfig,
+    clip_grad_norm_,
+    export_state_dict,
+    no_gradient_sync,
+    parallelize,
+    unwrap,
+)
+from loong.video_tokenizer.causal_conv import StreamCache
+from loong.video_tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
+
+CPU = torch.device("cpu")
+ROWS, ACCUM, SEQ, STEPS = 4, 2, 12, 3  # a step: ACCUM micro-batches of ROWS sequences
+MAX_NORM = 0.05  # small enough that every step clips
+
+
+def tiny_lm(seed: int = 0) -> VideoLM:
+    """About 7k parameters: dim 16, 2 layers, 62 ids."""
+    torch.manual_seed(seed)
+    config = VideoLMConfig(
+        dim=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_dim=32,
+        max_seq_len=SEQ,
+        vocab=VocabConfig(text_vocab_size=20, video_vocab_size=32, n_special=10),
+    )
+    return VideoLM(config)
+
+
+def batch(step: int, micro: int, vocab_size: int) -> torch.Tensor:
+    """The global micro-batch ``(ROWS, SEQ)`` of a step, the same in every process."""
+    g = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randint(vocab_size, (ROWS, SEQ), generator=g)
+
+
+def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)  # (B, L, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def train(model: torch.nn.Module, rows: slice, steps: int = STEPS) -> list[tuple[float, float]]:
+    """(global loss, gradient norm) of each step; this process trains on ``rows`` of each
+    micro-batch and the ranks' losses are averaged, as DDP averages their gradients."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    vocab_size = unwrap(model).config.vocab_size
+    out = []
+    for step in range(steps):
+        total = 0.0
+        for micro in range(ACCUM):
+            # gradients are averaged over ranks once a step, in the last micro-batch's backward
+            last = micro == ACCUM - 1
+            with contextlib.nullcontext() if last else no_gradient_sync(model):
+                loss = lm_loss(model, batch(step, micro, vocab_size)[rows]) / ACCUM
+                loss.backward()
+            total += all_reduce_mean(loss.detach()).item()
+        norm = clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((total, norm.item()))
+    return out
+
+
+# --- two processes on one machine ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, *args: object, world_size: int = 2) -> None:
+    """``fn(*args)`` in ``world_size`` forked processes joined in one gloo group."""
+    mp.start_processes(
+        _rank_main,
+        args=(world_size, _free_port(), fn, args),
+        nprocs=world_size,
+        start_method="fork",
+    )
+
+
+def _train_worker(mode: str, out: Path) -> None:
+    cfg = ParallelConfig(mode=mode, activation_checkpointing=mode == "fsdp", mixed_precision="fp32")
+    model = parallelize(tiny_lm(), cfg, CPU)
+    per_rank = ROWS // dist.get_world_size()
+    history = train(model, slice(rank() * per_rank, (rank() + 1) * per_rank))
+    weights = export_state_dict(model)
+    if rank() == 0:
+        torch.save({"history": history, "weights": weights}, out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_the_same_global_batch(mode, tmp_path):
+    if mode == "fsdp":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6")
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not in this torch")
+    reference = tiny_lm()
+    expected = train(reference, slice(None))
+    run_ranks(_train_worker, mode, tmp_path / "result.pt")
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    got = result["history"]
+    assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in expected], rel=1e-5)
+    # the gradient norm is that of the whole gradient, so every step clipped by the same factor
+    assert [n for _, n in got] == pytest.approx([n for _, n in expected], rel=1e-4)
+    assert all(n > MAX_NORM for _, n in expected)
+    plain = reference.state_dict()
+    assert result["weights"].keys() == plain.keys()
+    for key, value in plain.items():
+        torch.testing.assert_close(result["weights"][key], value, rtol=1e-4, atol=1e-5)
+
+
+# --- activation checkpointing ---------------------------------------------------------------
+
+
+def _loss_and_grads(model: torch.nn.Module, loss: torch.Tensor) -> tuple[float, dict]:
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in unwrap(model).named_parameters()}
+    return loss.item(), grads
+
+
+def _assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
+    assert a[0] == pytest.approx(b[0], rel=1e-6)
+    names = [n.replace("._checkpoint_wrapped_module", "") for n in b[1]]
+    assert list(a[1]) == names
+    for (name, ga), gb in zip(a[1].items(), b[1].values(), strict=True):
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_keeps_lm_loss_and_gradients():
+    ids = batch(0, 0, tiny_lm().config.vocab_size)
+    plain = tiny_lm()
+    checkpointed = parallelize(tiny_lm(), ParallelConfig(activation_checkpointing=True), CPU)
+    assert type(checkpointed.layers[0]).__name__ == "CheckpointWrapper"
+    _assert_same(
+        _loss_and_grads(plain, lm_loss(plain, ids)),
+        _loss_and_grads(checkpointed, lm_loss(checkpointed, ids)),
+    )
+
+
+def test_activation_checkpointing_keeps_tokenizer_loss_and_gradients(
+    make_small_tokenizer, make_video
+):
+    """The residual blocks keep streaming state in a cache; the recomputation must see it as
+    the first pass did, including on a second chunk, where the cache holds earlier frames."""
+    video = make_video(batch=1, frames=9, height=16, width=16)
+
+    def loss_of(model) -> torch.Tensor:
+        out = model(video)
+        chunked = StreamCache()  # frame 0 + 4 frames, then 4 more, with gradients
+        first = model.encoder(video[:, :, :5], chunked)
+        chunked.first = False
+        second = model.encoder(video[:, :, 5:], chunked)
+        return (out.recon - video).abs().mean() + first.square().mean() + second.square().mean()
+
+    plain = make_small_tokenizer().train()
+    checkpointed = parallelize(
+        make_small_tokenizer().train(), ParallelConfig(activation_checkpointing=True), CPU
+    )
+    _assert_same(
+        _loss_and_grads(plain, loss_of(plain)), _loss_and_grads(checkpointed, loss_of(checkpointed))
+    )
+
+
+def test_discriminator_blocks_are_checkpointed_with_the_same_gradients():
+    torch.manual_seed(0)
+    config = DiscriminatorConfig(base_width=4, max_width=8, n_blocks=2)
+    video = torch.randn(1, 3, 5, 16, 16)
+    plain = Discriminator3D(config)
+    checkpointed = Discriminator3D(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed = parallelize(checkpointed, ParallelConfig(activation_checkpointing=True), CPU)
+    assert type(checkpointed.blocks[0]).__name__ == "CheckpointWrapper"
+    _assert_same(
+        _loss_and_grads(plain, plain(video).square().mean()),
+        _loss_and_grads(checkpointed, checkpointed(video).square().mean()),
+    )
+
+
+# --- keys, wrappers, errors -----------------------------------------------------------------
+
+
+def test_checkpointed_and_compiled_model_saves_under_the_plain_keys():
+    plain = tiny_lm().state_dict()
+    cfg = ParallelConfig(activation_checkpointing=True, compile=True)
+    model = parallelize(tiny_lm(seed=1), cfg, CPU)  # compiled lazily: nothing runs here
+    assert unwrap(model) is model
+    assert model.layers[0]._compiled_call_impl is not None
+    saved = unwrap(model).state_dict()
+    assert saved.keys() == plain.keys()
+    fresh = tiny_lm(seed=2)
+    fresh.load_state_dict(saved)
+    assert export_state_dict(model).keys() == plain.keys()
+
+
+def test_clip_grad_norm_matches_torch_on_plain_gradients():
+    a, b = tiny_lm(), tiny_lm()
+    ids = batch(0, 0, a.config.vocab_size)
+    lm_loss(a, ids).backward()
+    lm_loss(b, ids).backward()
+    ours = clip_grad_norm_(a.parameters(), 0.01)
+    theirs = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.01)
+    torch.testing.assert_close(ours, theirs)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_config_and_process_group_errors_name_the_fix():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ParallelConfig(mode="zero3")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        ParallelConfig(mixed_precision="fp16")
+    with pytest.raises(ValueError, match="torchrun"):
+        parallelize(tiny_lm(), ParallelConfig(mode="ddp"), CPU)
+    with pytest.raises(ValueError, match="VideoLM, VideoTokenizer and Discriminator3D"):
+        parallelize(torch.nn.Linear(2, 2), ParallelConfig(), CPU)
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_keep_loss_and_gradients():
+    """Inductor compiles each block on its first call: about half a minute on a CPU."""
+    ids = batch(0, 0, tiny_lm().config.vocab_size)
+    plain = tiny_lm()
+    cfg = ParallelConfig(activation_checkpointing=True, compile=True)
+    compiled = parallelize(tiny_lm(), cfg, CPU)
+    _assert_same(
+        _loss_and_grads(plain, lm_loss(plain, ids)),
+        _loss_and_grads(compiled, lm_loss(compiled, ids)),
+    )
