@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
-        help="language model dtype while sampling (auto: float16 on CPU, bfloat16 on GPU)",
+        help="language model dtype while sampling (auto: float32 on CPU, bfloat16 on GPU)",
     )
     gen.add_argument(
         "--set",
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--save-videos", action="store_true", help="also write every video (mp4)")
     fid.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     fid.add_argument(
-        "--dtype", default="auto", help="language model dtype (auto: float16 on CPU, else bf16)"
+        "--dtype", default="auto", help="language model dtype (auto: float32 on CPU, else bf16)"
     )
     fid.add_argument(
         "--set",

@@ -79,11 +79,11 @@ BUNDLED_MODEL = "models/shapes/lm"
 
 
 def resolve_lm_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """ "auto" → float16 on CPU, bfloat16 elsewhere; names like "float32" → the torch dtype."""
+    """ "auto" → float32 on CPU, bfloat16 elsewhere; names like "float16" → the torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float16 if torch.device(device).type == "cpu" else torch.bfloat16
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"lm_dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
     return getattr(torch, dtype)
@@ -416,11 +416,11 @@ class TextToVideo:
         (``video_tokenizer_dir`` overrides that path); None loads the bundled model.
 
         ``lm_dtype`` is the language model's weight and activation dtype while sampling; "auto"
-        is float16 on CPU and bfloat16 on accelerators. Decoding one token reads every weight
-        once, so half-width weights halve the bytes moved: on a 2-core CPU a 5.5M-parameter
-        model samples about 3× faster in float16 than in float32 (see BENCHMARKS.md). Norms,
-        RoPE tables and the sampling softmax still run in float32. The video tokenizer stays
-        float32."""
+        is float32 on CPU and bfloat16 on accelerators. float16 halves the bytes each decoded
+        token reads (a 5.5M-parameter model's matmuls alone ran ~4× faster), but end to end a
+        one-minute video took as long as in float32 on a 2-core CPU (see BENCHMARKS.md), so it
+        is an option, not the CPU default. Norms, RoPE tables and the sampling softmax run in
+        float32 either way; the video tokenizer stays float32."""
         model_dir = default_model_dir() if model_dir is None else Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(
