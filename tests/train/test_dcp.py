@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ranks import run_ranks
 
 from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import VocabConfig
@@ -170,37 +167,6 @@ def test_extra_state_must_load_without_unpickling_code(tmp_path):
 
 
 # --- two processes (FSDP2), then one ----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, *args: object, world_size: int = 2) -> None:
-    """``fn(*args)`` in ``world_size`` forked processes joined in one gloo group."""
-    mp.start_processes(
-        _rank_main,
-        args=(world_size, _free_port(), fn, args),
-        nprocs=world_size,
-        start_method="fork",
-    )
 
 
 def _fsdp_resume_worker(directory: Path, out: Path) -> None:
