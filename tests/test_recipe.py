@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from loong.cli import main
@@ -87,7 +88,7 @@ def test_bundle_is_float16_self_contained_and_generates(recipe_dir, tmp_path):
         assert main([*args, "--out", str(out), "--seconds", "3"]) == 0
         frames, _ = read_video(out)
         assert frames.shape == (24, 64, 64, 3)  # past the 9-frame clips by sliding windows
-        assert next(pipe.lm.parameters()).dtype.is_floating_point
+        assert next(pipe.lm.parameters()).dtype == torch.float32  # float16 on disk, cast back
     finally:
         moved.rename(bundle)
 

@@ -25,6 +25,7 @@ losses). Run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -149,12 +150,14 @@ def run_shapes_recipe(
         return _last_metrics(out / "tokenizer" / "metrics.jsonl", keys)
 
     def shards() -> None:
-        cfg.shards.video_tokenizer = str(out / "tokenizer" / "export")
-        tokenize_dataset(cfg.shards, out / "shards", progress=progress)
+        tokenize = dataclasses.replace(
+            cfg.shards, video_tokenizer=str(out / "tokenizer" / "export")
+        )
+        tokenize_dataset(tokenize, out / "shards", progress=progress)
 
     def lm() -> dict[str, float]:
-        cfg.lm.data.shards = (str(out / "shards"),)
-        train_lm(cfg.lm, out / "lm", progress=progress)
+        data = dataclasses.replace(cfg.lm.data, shards=(str(out / "shards"),))
+        train_lm(dataclasses.replace(cfg.lm, data=data), out / "lm", progress=progress)
         return _last_metrics(out / "lm" / "metrics.jsonl", ("loss", "eval_loss"))
 
     def bundle() -> dict[str, float]:

@@ -11,30 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ranks import run_ranks
+from helpers import run_ranks, tiny_lm
 
-from loong.lm.model import VideoLM, VideoLMConfig
-from loong.lm.vocab import VocabConfig
 from loong.train.dcp import TrainState, load_sharded, save_sharded
 from loong.train.dist import all_reduce_mean, rank, world_size
 from loong.train.parallel import ParallelConfig, clip_grad_norm_, parallelize
 
 CPU = torch.device("cpu")
 ROWS, SEQ, POOL = 4, 12, 16
-
-
-def tiny_lm(seed: int = 0) -> VideoLM:
-    """About 7k parameters: dim 16, 2 layers, 62 ids."""
-    torch.manual_seed(seed)
-    config = VideoLMConfig(
-        dim=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_dim=32,
-        max_seq_len=SEQ,
-        vocab=VocabConfig(text_vocab_size=20, video_vocab_size=32, n_special=10),
-    )
-    return VideoLM(config)
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ranks import run_ranks
+from helpers import run_ranks, tiny_lm
 
-from loong.lm.model import VideoLM, VideoLMConfig
-from loong.lm.vocab import VocabConfig
 from loong.train.dist import all_reduce_mean, rank
 from loong.train.parallel import (
     ParallelConfig,
@@ -29,20 +27,6 @@ from loong.video_tokenizer.discriminator import Discriminator3D, DiscriminatorCo
 CPU = torch.device("cpu")
 ROWS, ACCUM, SEQ, STEPS = 4, 2, 12, 3  # a step: ACCUM micro-batches of ROWS sequences
 MAX_NORM = 0.05  # small enough that every step clips
-
-
-def tiny_lm(seed: int = 0) -> VideoLM:
-    """About 7k parameters: dim 16, 2 layers, 62 ids."""
-    torch.manual_seed(seed)
-    config = VideoLMConfig(
-        dim=16,
-        n_layers=2,
-        n_heads=2,
-        ffn_dim=32,
-        max_seq_len=SEQ,
-        vocab=VocabConfig(text_vocab_size=20, video_vocab_size=32, n_special=10),
-    )
-    return VideoLM(config)
 
 
 def batch(step: int, micro: int, vocab_size: int) -> torch.Tensor:

@@ -199,6 +199,19 @@ def _check_n_frames(n_frames: int) -> None:
         raise ValueError(f"n_frames must be 1+4k, got {n_frames}: pass {hint}")
 
 
+def check_clip_settings(
+    n_frames: int, size: int, fps: float | None, clips_per_video: int | None
+) -> None:
+    """The clip settings a video dataset takes, checked; errors name the fix."""
+    _check_n_frames(n_frames)
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}: pass e.g. 256")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}: pass e.g. 8.0, or None")
+    if clips_per_video is not None and clips_per_video < 1:
+        raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}: or pass None")
+
+
 def cut_clips(frames: np.ndarray, n_frames: int, *, stride: int | None = None) -> list[np.ndarray]:
     """Cut ``(T, ...)`` into clips ``(n_frames, ...)`` starting every ``stride`` frames (default
     ``n_frames``: back to back). A tail shorter than ``n_frames`` is dropped. Clips are views."""
@@ -409,13 +422,7 @@ class VideoFolder(IterableDataset[torch.Tensor]):
         clips_per_video: int | None = None,
     ) -> None:
         super().__init__()
-        _check_n_frames(n_frames)
-        if size < 1:
-            raise ValueError(f"size must be positive, got {size}: pass e.g. 256")
-        if fps is not None and not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}: pass e.g. 8.0, or None")
-        if clips_per_video is not None and clips_per_video < 1:
-            raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}: or pass None")
+        check_clip_settings(n_frames, size, fps, clips_per_video)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"VideoFolder root {self.root} is not a folder; check the path")

@@ -45,7 +45,7 @@ from loong.data.video import (
     VIDEO_SUFFIXES,
     PathLike,
     VideoReadError,
-    _check_n_frames,
+    check_clip_settings,
     cut_clips,
     frames_to_tensor,
     list_video_files,
@@ -170,13 +170,7 @@ class WebVideoDataset(IterableDataset[dict[str, Any]]):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        _check_n_frames(n_frames)
-        if size < 1:
-            raise ValueError(f"size must be positive, got {size}: pass e.g. 256")
-        if fps is not None and not fps > 0:
-            raise ValueError(f"fps must be positive, got {fps}: pass e.g. 8.0, or None")
-        if clips_per_video is not None and clips_per_video < 1:
-            raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}: or pass None")
+        check_clip_settings(n_frames, size, fps, clips_per_video)
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither (to use the process group)")
         self.shards = shard_paths(shards)

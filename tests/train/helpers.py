@@ -1,4 +1,5 @@
-"""Run a function in several forked CPU processes joined in one gloo process group (tests only)."""
+"""Helpers of the parallel and checkpoint tests: a tiny LM, and a function run in several forked
+CPU processes joined in one gloo process group."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from loong.lm.model import VideoLM, VideoLMConfig
+from loong.lm.vocab import VocabConfig
+
+
+def tiny_lm(seed: int = 0, *, max_seq_len: int = 12) -> VideoLM:
+    """About 7k parameters: dim 16, 2 layers, 62 ids."""
+    torch.manual_seed(seed)
+    config = VideoLMConfig(
+        dim=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_dim=32,
+        max_seq_len=max_seq_len,
+        vocab=VocabConfig(text_vocab_size=20, video_vocab_size=32, n_special=10),
+    )
+    return VideoLM(config)
 
 
 def _free_port() -> int:
