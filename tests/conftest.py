@@ -84,9 +84,10 @@ def make_video() -> Callable[..., torch.Tensor]:
 
 @pytest.fixture
 def crash_after_checkpoint(monkeypatch) -> Callable[..., object]:
-    """Factory: ``with crash_after_checkpoint(loop_module, step): loop(...)`` runs a training loop
+    """Factory: ``with crash_after_checkpoint(module, step): loop(...)`` runs a training loop
     that raises KeyboardInterrupt right after writing its step-``step`` checkpoint, as a killed
-    run would; the real ``save_checkpoint`` is restored when the block ends."""
+    run would (``module`` is the one whose ``save_checkpoint`` the loop calls:
+    ``loong.train.runtime``); the real ``save_checkpoint`` is restored when the block ends."""
     import contextlib
 
     @contextlib.contextmanager

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_ranks
 
 import loong.train.lm as lm_training
+import loong.train.runtime as runtime
 from loong.config import apply_overrides, config_json
 from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.lm.model import VideoLM, VideoLMConfig
@@ -248,7 +250,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
 ):
     straight = train_lm(train_config, tmp_path / "straight", progress=False)
 
-    with crash_after_checkpoint(lm_training, step=4):
+    with crash_after_checkpoint(runtime, step=4):
         train_lm(train_config, tmp_path / "resumed", progress=False)
     resumed = train_lm(train_config, tmp_path / "resumed", progress=False)
 
@@ -264,6 +266,72 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     a, b = VideoLM.from_pretrained(straight), VideoLM.from_pretrained(resumed)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+# --- several processes ----------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by every rank right after a checkpoint, as if the job had been stopped."""
+
+
+def _stop_then_resume_worker(cfg: LMTrainConfig, run: Path, stop_step: int) -> None:
+    real_save = lm_training.save_state
+
+    def save_then_stop(*args, step: int, **kwargs) -> None:
+        real_save(*args, step=step, **kwargs)
+        if step == stop_step:
+            raise _Stop
+
+    lm_training.save_state = save_then_stop  # in this forked process only
+    with pytest.raises(_Stop):
+        train_lm(cfg, run, progress=False)
+    lm_training.save_state = real_save
+    train_lm(cfg, run, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_with_the_same_global_batch_and_resume(
+    mode, tmp_path, train_config
+):
+    """Two gloo processes, each on half of every micro-batch (with gradient accumulation and
+    clipping), stopped after the step-4 checkpoint and resumed: DDP from the one-file
+    checkpoint, FSDP from the sharded one. The losses are those of one uninterrupted process."""
+    if mode == "fsdp":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not in this torch")
+    cfg = apply_overrides(train_config, {"eval_every": 5, "optim.grad_clip": 0.5})
+    one = train_lm(cfg, tmp_path / "one", progress=False)
+    two = apply_overrides(cfg, {"parallel.mode": mode, "parallel.activation_checkpointing": True})
+    run_ranks(_stop_then_resume_worker, two, tmp_path / "two", 4)
+
+    want, got = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert set(want) == set(got) == set(range(1, 10))
+    assert any(r["grad_norm"] > 0.5 for r in want.values())  # clipping is exercised
+    for step in want:
+        assert got[step].keys() == want[step].keys()
+        for key, value in want[step].items():
+            if isinstance(value, float):
+                assert got[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+            else:
+                assert got[step][key] == value, (step, key)
+    a, b = VideoLM.from_pretrained(one), VideoLM.from_pretrained(tmp_path / "two" / "export")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5, msg=name)
+    sharded = (tmp_path / "two" / "checkpoints" / "step_000000009").is_dir()
+    assert sharded == (mode == "fsdp")
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, train_config):
+    cfg = apply_overrides(train_config, {"batch_size": 3, "parallel.mode": "ddp"})
+    run_ranks(_expect_uneven_batch_error, cfg, tmp_path / "run")
+
+
+def _expect_uneven_batch_error(cfg: LMTrainConfig, run: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size=3 must divide among 2 ranks"):
+        train_lm(cfg, run, progress=False)
 
 
 def test_the_export_holds_model_text_tokenizer_and_shards_meta(tmp_path, train_config, shards_dir):

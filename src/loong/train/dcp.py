@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +61,9 @@ class TrainState:
     Each rank's torch RNG states are saved and restored as well."""
 
     model: nn.Module
-    """The module being trained: plain, DDP-wrapped or FSDP2-sharded."""
-    optimizer: torch.optim.Optimizer | None = None
-    """Its optimizer, or None to save the model only."""
+    """The module being trained: plain, DDP-wrapped or FSDP2-sharded (or a ModuleDict of them)."""
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None
+    """Its optimizer (or optimizers, each over its own parameters), or None for the model only."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Rank 0's extra state; replaced by the loaded one."""
 
@@ -88,7 +88,7 @@ def save_sharded(directory: str | Path, state: TrainState, *, step: int, keep: i
     model_sd, optim_sd = _state_dicts(state)
     with _one_process_is_fine():
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp)
-    torch.save(_rng_state(), tmp / f"rng_rank{rank()}.pt")
+    torch.save(rng_state(), tmp / f"rng_rank{rank()}.pt")
     barrier()
 
     # 2. rank 0: the extra state and the manifest, then the rename and the history
@@ -159,8 +159,15 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 
 def _state_dicts(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]:
     """Model and optimizer state dicts under the plain model's keys (DTensor shards under FSDP)."""
-    optimizers = [state.optimizer] if state.optimizer is not None else []
-    return get_state_dict(state.model, optimizers)
+    return get_state_dict(state.model, _optimizers(state))
+
+
+def _optimizers(state: TrainState) -> list[torch.optim.Optimizer]:
+    if state.optimizer is None:
+        return []
+    if isinstance(state.optimizer, torch.optim.Optimizer):
+        return [state.optimizer]
+    return list(state.optimizer)
 
 
 def _plain_bytes(extra: dict[str, Any]) -> bytes:
@@ -199,16 +206,15 @@ def _load(path: Path, state: TrainState) -> int:
     sharded = {"model": model_sd, "optimizer": optim_sd}
     with _one_process_is_fine():
         dcp.load(sharded, checkpoint_id=path, planner=_WeightsOnlyLoadPlanner())
-    optimizers = [state.optimizer] if state.optimizer is not None else []
     set_state_dict(
         state.model,
-        optimizers,
+        _optimizers(state),
         model_state_dict=sharded["model"],
         optim_state_dict=sharded["optimizer"],
     )
     state.extra = extra
     if rng is not None:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     return step
 
 
@@ -236,14 +242,16 @@ def _check_files(path: Path) -> str | None:
     return None
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch random-number generator states (CPU, and CUDA when in use)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore states that :func:`rng_state` returned."""
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

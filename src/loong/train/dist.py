@@ -97,6 +97,13 @@ def all_true(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on every rank, so that all ranks take one branch."""
     if not is_distributed():
         return flag
-    flags: list[object] = [None] * world_size()
-    dist.all_gather_object(flags, bool(flag))
-    return all(bool(f) for f in flags)
+    return all(bool(f) for f in all_gather_object(bool(flag)))
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
+    if not is_distributed():
+        return [obj]
+    objects: list[object] = [None] * world_size()
+    dist.all_gather_object(objects, obj)
+    return objects

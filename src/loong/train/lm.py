@@ -48,8 +48,17 @@ from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
-from loong.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from loong.train.dist import barrier
 from loong.train.optim import OptimConfig
+from loong.train.parallel import ParallelConfig, clip_grad_norm_, no_gradient_sync, unwrap
+from loong.train.runtime import (
+    MetricsLog,
+    load_state,
+    save_export,
+    save_state,
+    start,
+    summed,
+)
 
 log = logging.getLogger("loong")
 
@@ -149,7 +158,10 @@ class LMTrainConfig:
     seed: int = 0
     """Seed of the initialisation and of the data order."""
     device: str = "auto"
-    """"auto" (cuda if available), "cpu", "cuda", ...; bf16 autocast on cuda."""
+    """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism under torchrun (batch_size is the global micro-batch, split over ranks),
+    bf16 autocast on CUDA, activation checkpointing, compile."""
     log_every: int = 10
     """Steps between metrics.jsonl lines (per-frame losses are averaged over them)."""
     eval_every: int = 500
@@ -275,6 +287,10 @@ class Plan:
     """Items trained with the empty caption."""
     wording: list[float]
     """Per item, u in [0, 1): < alternate_caption_prob picks an alternate caption."""
+
+    def part(self, rows: slice) -> Plan:
+        """The plan of items ``rows`` only: one rank's part of the global micro-batch."""
+        return Plan(self.length, self.items[rows], self.drop_caption[rows], self.wording[rows])
 
 
 def draw_plan(
@@ -512,19 +528,21 @@ def write_generation_file(export: Path, meta: dict, cfg: LMTrainConfig) -> None:
 
 
 def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) -> Path:
-    """Train (or resume) a language-model run in ``out_dir``; returns the export directory."""
+    """Train (or resume) a language-model run in ``out_dir``; returns the export directory.
+
+    Under torchrun every rank calls it: each trains on its rows of every micro-batch and rank 0
+    writes the files (see :mod:`loong.train.runtime`).
+    """
+    rt = start(cfg.parallel, cfg.device)
+    rows = rt.rows(cfg.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", config_json(cfg))
+    if rt.main:
+        atomic_write_text(out / "config.json", config_json(cfg))
     # Subnormal floats make CPU kernels crawl (a tokenizer step on real video ran 3.5× slower);
     # flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    )
+    device = rt.device
 
     # 0. data, model, optimizer, resume
     shards, text, vocab = open_data(cfg)
@@ -532,7 +550,14 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     sizes = {t: len(pool) for t, pool in pools.items()}
     eval_set = make_eval_batches(cfg, shards, text, vocab)
     torch.manual_seed(cfg.seed)
-    model = VideoLM(cfg.model).to(device)
+    model = VideoLM(cfg.model)
+    log.info(
+        "language model: %s parameters; shards %s items by t: %s",
+        f"{model.num_parameters():,}",
+        f"{sum(len(s) for s in shards):,}",
+        sizes,
+    )
+    model = rt.wrap(model)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -541,111 +566,117 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         betas=cfg.optim.betas,
         weight_decay=0.0,
     )
-    log.info(
-        "language model: %s parameters; shards %s items by t: %s",
-        f"{model.num_parameters():,}",
-        f"{sum(len(s) for s in shards):,}",
-        sizes,
-    )
     step, window = 0, {}
-    state = load_latest_checkpoint(out / "checkpoints")
+    trained = {"modules": {"model": model}, "optimizers": {"optimizer": opt}}
+    state = load_state(out / "checkpoints", rt, **trained)
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         step, window = state["step"], state["window"]
-        torch.set_rng_state(state["rng"])
         log.info("resumed from step %d", step)
-    writer = _tensorboard(out) if cfg.tensorboard else None
+    writer = _tensorboard(out) if cfg.tensorboard and rt.main else None
     total = cfg.total_steps
-    bar = tqdm(total=total, initial=step, disable=not progress, desc="lm", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=step, disable=not (progress and rt.main), desc="lm", dynamic_ncols=True
+    )
+    say = bar.write if rt.main else log.debug
     started = time.monotonic()
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics = MetricsLog(out / "metrics.jsonl", step, rt)
     stage_index = -1
 
     while step < total:
-        # 1. batch: the stage's micro-batches, and the step's loss normaliser Σ w
+        # 1. batch: this rank's part of the stage's micro-batches; the step's normaliser Σ w
+        # over all ranks, so that every token weighs the same whatever the number of ranks
         if stage_at(cfg.stages, step) != stage_index:
             stage_index = stage_at(cfg.stages, step)
             stage = cfg.stages[stage_index]
-            bar.write(f"step {step}: stage {stage.name!r}, latent lengths {stage.lengths}")
+            say(f"step {step}: stage {stage.name!r}, latent lengths {stage.lengths}")
         plans = [draw_plan(stage, sizes, cfg, step, m) for m in range(cfg.grad_accum)]
-        batches = [make_batch(p, pools[p.length], text, vocab, cfg.data) for p in plans]
-        norm = sum(batch_weight(b, vocab, cfg.loss) for b in batches).to(device)
+        batches = [make_batch(p.part(rows), pools[p.length], text, vocab, cfg.data) for p in plans]
+        local_norm = sum(batch_weight(b, vocab, cfg.loss) for b in batches)
+        norm = torch.tensor(summed({"norm": [local_norm.item()]})["norm"][0], device=device)
         lr = cfg.optim.lr_at(step, total)
         for group in opt.param_groups:
             group["lr"] = lr
 
-        # 2. forward and backward, one micro-batch at a time
+        # 2. forward and backward, one micro-batch at a time; gradients are averaged over
+        # ranks once, in the last micro-batch's backward, hence the sum Σ w·ce times the ranks
         model.train()
-        loss_sum, ce_sum, n_targets = 0.0, 0.0, 0
-        for batch in batches:
+        loss_sum, ce_sum, n_targets, frame_window = 0.0, 0.0, 0, {}
+        for m, batch in enumerate(batches):
             batch = to_device(batch, device)
-            with autocast:
-                logits = model(batch.token_ids)  # (B, L, V)
-            loss, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg.loss, norm)
-            loss.backward()
+            with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
+                with rt.autocast():
+                    logits = model(batch.token_ids)  # (B, L, V)
+                loss, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg.loss, norm)
+                (loss * rt.world_size).backward()
             loss_sum += loss.item()
             ce_sum, n_targets = ce_sum + ce.sum().item(), n_targets + len(ce)
-            add_frame_losses(window, ce.cpu(), frames.cpu(), is_eov.cpu())
+            add_frame_losses(frame_window, ce.cpu(), frames.cpu(), is_eov.cpu())
 
         # 3. update
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = clip_grad_norm_(
             model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         )
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
 
-        # 4. logs, evaluation, checkpoints
+        # 4. logs (summed over ranks), evaluation, checkpoints
+        sums = summed({"loss": [loss_sum], "ce": [ce_sum, n_targets]} | frame_window)
+        for key in (k for k in sums if k.startswith("loss_frame_")):
+            acc = window.setdefault(key, [0.0, 0])
+            acc[0], acc[1] = acc[0] + sums[key][0], acc[1] + sums[key][1]
         bar.update(1)
-        bar.set_postfix(stage=stage.name, loss=f"{loss_sum:.4f}", refresh=False)
+        bar.set_postfix(stage=stage.name, loss=f"{sums['loss'][0]:.4f}", refresh=False)
         record = {
             "step": step,
             "stage": stage.name,
             "lengths": [p.length for p in plans],
             "lr": lr,
-            "loss": loss_sum,
-            "loss_unweighted": ce_sum / n_targets,
+            "loss": sums["loss"][0],
+            "loss_unweighted": sums["ce"][0] / sums["ce"][1],
             "grad_norm": grad_norm.item(),
         }
         done = step == total or (
-            cfg.max_minutes > 0 and time.monotonic() - started > 60 * cfg.max_minutes
+            cfg.max_minutes > 0 and rt.agree(time.monotonic() - started > 60 * cfg.max_minutes)
         )
         if step % cfg.log_every == 0 or done:
             record |= frame_means(window)
             window = {}
         if step % cfg.eval_every == 0 or done:
-            result = evaluate_lm(model, eval_set, vocab, device)
+            # every rank evaluates all batches (FSDP needs every rank for a forward pass)
+            result = evaluate_lm(unwrap(model), eval_set, vocab, device)
             record |= {f"eval_{k}": v for k, v in result.items()}
-            bar.write(f"step {step}: eval loss {result['loss']:.4f}")
+            say(f"step {step}: eval loss {result['loss']:.4f}")
         if step % cfg.log_every == 0 or "eval_loss" in record:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            metrics.write(record)
             if writer is not None:
                 for key, value in record.items():
                     if isinstance(value, float):
                         writer.add_scalar(key, value, step)
         if step % cfg.checkpoint_every == 0 or done:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "data_position": {"step": step},
-                "window": window,
-                "rng": torch.get_rng_state(),
-            }
-            save_checkpoint(out / "checkpoints", state, step=step, keep=cfg.keep_checkpoints)
+            extra = {"step": step, "data_position": {"step": step}, "window": window}
+            save_state(
+                out / "checkpoints",
+                rt,
+                **trained,
+                extra=extra,
+                step=step,
+                keep=cfg.keep_checkpoints,
+            )
         if done:
             break
 
     bar.close()
-    metrics_file.close()
+    metrics.close()
     if writer is not None:
         writer.close()
     export = out / "export"
-    model.save_pretrained(export)
-    shutil.copyfile(text_path(cfg), export / TOKENIZER_FILE)
-    atomic_write_text(export / "shards_meta.json", json.dumps(shards[0].meta, indent=2) + "\n")
-    write_generation_file(export, shards[0].meta, cfg)
-    atomic_write_text(export / "train_config.json", config_json(cfg))
+    save_export(model, rt, lambda: VideoLM(cfg.model), export)
+    if rt.main:
+        shutil.copyfile(text_path(cfg), export / TOKENIZER_FILE)
+        meta = json.dumps(shards[0].meta, indent=2) + "\n"
+        atomic_write_text(export / "shards_meta.json", meta)
+        write_generation_file(export, shards[0].meta, cfg)
+        atomic_write_text(export / "train_config.json", config_json(cfg))
+    barrier()
     return export
