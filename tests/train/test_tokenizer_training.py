@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ranks
 
+import loong.train.runtime as runtime
 import loong.train.tokenizer as tokenizer_training
 from loong.config import apply_overrides
 from loong.train.optim import OptimConfig
@@ -68,7 +70,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     # The GAN switches on at step 2 and EMA is on, so every piece of state must come back.
     straight = train_tokenizer(train_config, tmp_path / "straight", progress=False)
 
-    with crash_after_checkpoint(tokenizer_training, step=3):
+    with crash_after_checkpoint(runtime, step=3):
         train_tokenizer(train_config, tmp_path / "resumed", progress=False)
     resumed = train_tokenizer(train_config, tmp_path / "resumed", progress=False)
 
@@ -80,6 +82,60 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     b = VideoTokenizer.from_pretrained(resumed).state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+class _Stop(Exception):
+    """Raised by every rank right after a checkpoint, as if the job had been stopped."""
+
+
+def _stop_then_resume_worker(cfg: TokenizerTrainConfig, run: Path, stop_step: int) -> None:
+    real_save = tokenizer_training.save_state
+
+    def save_then_stop(*args, step: int, **kwargs) -> None:
+        real_save(*args, step=step, **kwargs)
+        if step == stop_step:
+            raise _Stop
+
+    tokenizer_training.save_state = save_then_stop  # in this forked process only
+    with pytest.raises(_Stop):
+        train_tokenizer(cfg, run, progress=False)
+    tokenizer_training.save_state = real_save
+    train_tokenizer(cfg, run, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_with_the_same_global_batch_and_resume(
+    mode, tmp_path, train_config
+):
+    """Two gloo processes with one clip each of every batch of two, GAN and EMA on, stopped after
+    the step-3 checkpoint and resumed: the losses (LFQ's batch entropy, the adaptive GAN weight
+    and LeCam's running means taken over both ranks) are those of one uninterrupted process."""
+    if mode == "fsdp":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) is not in this torch")
+    # FSDP shards the weight the adaptive GAN weight differentiates at: a fixed weight there.
+    # At the default entropy temperature (0.01) the entropy term amplifies rounding differences
+    # (a sum over two ranks is not added in one order) past any tolerance within a few steps.
+    overrides = {
+        "loss.adaptive_gan_weight": mode == "ddp",
+        "model.quantizer.entropy_temperature": 0.5,
+    }
+    cfg = apply_overrides(train_config, overrides)
+    one = train_tokenizer(cfg, tmp_path / "one", progress=False)
+    two = apply_overrides(cfg, {"parallel.mode": mode})
+    run_ranks(_stop_then_resume_worker, two, tmp_path / "two", 3)
+
+    want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert want.keys() == got.keys() == set(range(1, 7))
+    assert all(want[step][2] != 0.0 and want[step][3] != 0.0 for step in (3, 4, 5, 6))  # GAN on
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
+    a = VideoTokenizer.from_pretrained(one).state_dict()
+    b = VideoTokenizer.from_pretrained(tmp_path / "two" / "export").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
 
 
 def test_a_run_writes_previews_metrics_checkpoints_and_an_export(tmp_path, train_config):

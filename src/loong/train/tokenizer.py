@@ -9,13 +9,13 @@ reconstruction previews (original | reconstruction, mp4 and GIF) and the export
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch.utils.data import DataLoader
@@ -26,8 +26,17 @@ from loong.data.shapes import ShapesWorld, ShapesWorldConfig
 from loong.data.video import VideoFolder, tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
-from loong.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from loong.train.dist import barrier
 from loong.train.optim import OptimConfig
+from loong.train.parallel import ParallelConfig, clip_grad_norm_, parallelize, unwrap
+from loong.train.runtime import (
+    MetricsLog,
+    load_state,
+    mean_over_ranks,
+    save_export,
+    save_state,
+    start,
+)
 from loong.video_tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
 from loong.video_tokenizer.losses import (
     LeCam,
@@ -57,7 +66,7 @@ class TokenizerDataConfig:
     fps: float = 8.0
     """Frame rate clips are resampled to (folders) or labelled with (shapes world)."""
     batch_size: int = 8
-    """Clips per step."""
+    """Clips per step (the global batch: under torchrun each rank takes an equal share)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     seed: int = 0
@@ -125,6 +134,11 @@ class TokenizerTrainConfig:
     """Checkpoints kept on disk."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism under torchrun (tokenizer and discriminator alike), bf16 autocast on
+    CUDA, activation checkpointing, compile."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -168,20 +182,25 @@ def shapes_world(cfg: TokenizerDataConfig, *, held_out: bool = False) -> ShapesW
     )
 
 
-def training_batches(cfg: TokenizerDataConfig, position: dict[str, int]) -> Iterator[torch.Tensor]:
-    """Endless batches ``(B, C, T, H, W)`` starting at ``position``, which is updated in place.
+def training_batches(
+    cfg: TokenizerDataConfig, position: dict[str, int], rows: slice = slice(None)
+) -> Iterator[torch.Tensor]:
+    """Endless batches ``(B, C, T, H, W)`` starting at ``position``, which is updated in place;
+    ``rows`` of each (one rank's share of the global batch).
 
-    The shapes world is indexed, so a position is the number of batches drawn; a folder is read
-    in epochs, so a position is (epoch, batches into the epoch), and resuming skips to it.
+    The shapes world is indexed, so a position is the number of batches drawn and a rank renders
+    only its rows; a folder is read in epochs, so a position is (epoch, batches into the epoch),
+    resuming skips to it, and every rank decodes the global batch and keeps its rows.
     """
     if cfg.source == "shapes":
         world = shapes_world(cfg)
-        start = position.setdefault("batches", 0) * cfg.batch_size
+        first = position.setdefault("batches", 0)
+        mine = range(cfg.batch_size)[rows]
+        indices = (
+            k * cfg.batch_size + i for k in range(first, len(world) // cfg.batch_size) for i in mine
+        )
         loader = DataLoader(
-            world,
-            batch_size=cfg.batch_size,
-            sampler=range(start, len(world)),
-            num_workers=cfg.num_workers,
+            world, batch_size=len(mine), sampler=indices, num_workers=cfg.num_workers
         )
         for _, video in loader:
             position["batches"] += 1
@@ -202,7 +221,7 @@ def training_batches(cfg: TokenizerDataConfig, position: dict[str, int]) -> Iter
             if n <= skip:
                 continue
             position["batches"] = n
-            yield video
+            yield video[rows]
         if n == 0:
             raise ValueError(
                 f"{cfg.source} yields no clips of {cfg.n_frames} frames: {folder.summary()}"
@@ -250,11 +269,22 @@ def evaluate(model: VideoTokenizer, clips: torch.Tensor, batch_size: int = 4) ->
 
 
 @torch.no_grad()
-def write_preview(model: VideoTokenizer, clips: torch.Tensor, path_stem: Path, fps: float) -> None:
-    """Original | reconstruction side by side, clips stacked vertically, as mp4 and GIF."""
-    recon = model.decode(model.encode(clips))
+def preview_frames(model: VideoTokenizer, clips: torch.Tensor) -> np.ndarray:
+    """Original | reconstruction side by side, clips stacked vertically: uint8 (T, N·H, 2W, C).
+
+    The reconstruction comes from a forward pass (the decoded codes of the encoded clips), so
+    that under FSDP every rank can take part in it.
+    """
+    was_training = model.training
+    model.eval()
+    recon = model(clips).recon
+    model.train(was_training)
     pairs = torch.cat([clips, recon], dim=4)  # (N, C, T, H, 2W)
-    frames = tensor_to_frames(rearrange(pairs, "n c t h w -> c t (n h) w"))  # (T, N·H, 2W, C)
+    return tensor_to_frames(rearrange(pairs, "n c t h w -> c t (n h) w"))
+
+
+def write_preview(frames: np.ndarray, path_stem: Path, fps: float) -> None:
+    """``frames`` from :func:`preview_frames` as mp4 and GIF."""
     write_video(path_stem.with_suffix(".mp4"), frames, fps)
     write_video(path_stem.with_suffix(".gif"), frames, fps)
 
@@ -265,14 +295,27 @@ def write_preview(model: VideoTokenizer, clips: torch.Tensor, path_stem: Path, f
 def train_tokenizer(
     cfg: TokenizerTrainConfig, out_dir: str | Path, *, progress: bool = True
 ) -> Path:
-    """Train (or resume) a tokenizer run in ``out_dir``; returns the export directory."""
+    """Train (or resume) a tokenizer run in ``out_dir``; returns the export directory.
+
+    Under torchrun every rank calls it: each trains on its rows of every batch and rank 0 writes
+    the files (see :mod:`loong.train.runtime`).
+    """
+    rt = start(cfg.parallel, cfg.device)
+    rows = rt.rows(cfg.data.batch_size, "data.batch_size")
+    if rt.sharded and cfg.loss.adaptive_gan_weight and cfg.loss.gan_weight > 0:
+        raise ValueError(
+            "loss.adaptive_gan_weight needs the gradient at the decoder's last weight, which "
+            'FSDP shards: set loss.adaptive_gan_weight=false or use parallel.mode="ddp"'
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", config_json(cfg))
+    if rt.main:
+        atomic_write_text(out / "config.json", config_json(cfg))
     torch.manual_seed(cfg.seed)
     # Subnormal floats make CPU kernels crawl (a tokenizer step on real video ran 3.5× slower);
     # flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
+    device = rt.device
 
     # 0. models, optimisers, losses
     model = VideoTokenizer(cfg.model)
@@ -283,8 +326,12 @@ def train_tokenizer(
         f"{cfg.model.vocab_size:,}",
         f"{sum(p.numel() for p in disc.parameters()):,}",
     )
-    lecam = LeCam()
+    lecam = LeCam().to(device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    model, disc = rt.wrap(model), rt.wrap(disc)
+    if ema is not None:  # sharded like the model under FSDP, so the update is shard by shard
+        plain = ParallelConfig(mode="fsdp" if rt.sharded else "none")
+        ema = parallelize(ema, plain, device)
     opt_g = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.optim.lr,
@@ -299,35 +346,35 @@ def train_tokenizer(
     )
     perceptual = None
     if cfg.loss.perceptual_weights:
-        perceptual = PerceptualLoss(cfg.loss.perceptual_weights)
+        perceptual = PerceptualLoss(cfg.loss.perceptual_weights).to(device)
     else:
         log.info(
             "perceptual loss off: set loss.perceptual_weights to a VGG16 weights file to use it"
         )
     step, position = 0, {}
-    state = load_latest_checkpoint(out / "checkpoints")
+    modules = {"model": model, "discriminator": disc, "lecam": lecam}
+    trained = {"modules": modules | ({"ema": ema} if ema is not None else {})}
+    trained["optimizers"] = {"opt_g": opt_g, "opt_d": opt_d}
+    state = load_state(out / "checkpoints", rt, **trained)
     if state is not None:
-        model.load_state_dict(state["model"])
-        disc.load_state_dict(state["discriminator"])
-        lecam.load_state_dict(state["lecam"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
         step, position = state["step"], dict(state["data_position"])
-        torch.set_rng_state(state["rng"])
         log.info("resumed from step %d", step)
-    eval_clips = held_out_clips(cfg.data, cfg.eval_clips)
-    batches = training_batches(cfg.data, position)
+    eval_clips = held_out_clips(cfg.data, cfg.eval_clips).to(device)
+    batches = training_batches(cfg.data, position, rows)
     bar = tqdm(
-        total=cfg.steps, initial=step, disable=not progress, desc="tokenizer", dynamic_ncols=True
+        total=cfg.steps,
+        initial=step,
+        disable=not (progress and rt.main),
+        desc="tokenizer",
+        dynamic_ncols=True,
     )
     started = time.monotonic()
-    metrics_file = (out / "metrics.jsonl").open("a")
+    metrics = MetricsLog(out / "metrics.jsonl", step, rt)
+    tokenizer, evaluated = unwrap(model), ema or unwrap(model)
 
     while step < cfg.steps:
-        # 1. batch
-        video = next(batches)  # (B, C, T, H, W)
+        # 1. batch: this rank's rows of the global batch
+        video = next(batches).to(device)  # (B, C, T, H, W)
         lr = cfg.optim.lr_at(step, cfg.steps)
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
@@ -336,20 +383,26 @@ def train_tokenizer(
 
         # 2. tokenizer forward and losses
         model.train()
-        out_ = model(video)
-        rec = reconstruction_loss(out_.recon, video, cfg.loss.reconstruction)
+        with rt.autocast():
+            out_ = model(video)
+        rec = reconstruction_loss(out_.recon.float(), video, cfg.loss.reconstruction)
         loss_g = rec + out_.quantizer_loss
         logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
         if perceptual is not None:
-            p_loss = perceptual(out_.recon, video)
+            p_loss = perceptual(out_.recon.float(), video)
             loss_g = loss_g + cfg.loss.perceptual_weight * p_loss
             logs["perceptual"] = p_loss.item()
         if gan_on:
-            disc.requires_grad_(False)
-            g_loss = generator_loss(disc(out_.recon))
-            weight = torch.ones(())
+            # Through the discriminator itself, not its DDP wrapper, and frozen. Not frozen under
+            # FSDP2: there the weights it leaves unsharded after a forward pass (root, last
+            # block) then got no gradient in the discriminator's update; the gradients they get
+            # here are cleared before that update.
+            disc.requires_grad_(rt.sharded)
+            with rt.autocast():
+                g_loss = generator_loss(unwrap(disc)(out_.recon))
+            weight = torch.ones((), device=device)
             if cfg.loss.adaptive_gan_weight:
-                weight = adaptive_generator_weight(loss_g, g_loss, model.decoder.last_layer)
+                weight = adaptive_generator_weight(loss_g, g_loss, tokenizer.decoder.last_layer)
             loss_g = loss_g + cfg.loss.gan_weight * weight * g_loss
             logs |= {"g": g_loss.item(), "g_weight": weight.item()}
             disc.requires_grad_(True)
@@ -358,75 +411,75 @@ def train_tokenizer(
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt_g.step()
 
         # 4. discriminator update
         if gan_on:
-            real, fake = disc(video), disc(out_.recon.detach())
-            loss_d = discriminator_hinge_loss(real, fake)
-            loss_d = loss_d + cfg.loss.lecam_weight * lecam(real, fake)
+            # one forward pass over both halves: DDP and FSDP expect one per backward pass
+            with rt.autocast():
+                real, fake = disc(torch.cat([video, out_.recon.detach()])).chunk(2)  # (B,) each
+            loss_d = discriminator_hinge_loss(real.float(), fake.float())
+            loss_d = loss_d + cfg.loss.lecam_weight * lecam(real.float(), fake.float())
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
+                clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
             opt_d.step()
             logs["d"] = loss_d.item()
 
         # 5. EMA of the weights
         if ema is not None:
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                for e, p in zip(ema.parameters(), tokenizer.parameters(), strict=True):
                     e.lerp_(p, 1 - cfg.ema_decay)
-                for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+                for e, b in zip(ema.buffers(), tokenizer.buffers(), strict=True):
                     e.copy_(b)
         step += 1
 
-        # 6. logs, evaluation, previews, checkpoints
+        # 6. logs (means over ranks), evaluation, previews, checkpoints
         stats = {k: v.item() for k, v in out_.stats.items()}
+        logs = mean_over_ranks(logs | stats)
         bar.update(1)
         bar.set_postfix(
-            rec=f"{rec.item():.4f}", usage=f"{stats.get('usage', 0):.3f}", refresh=False
+            rec=f"{logs['rec']:.4f}", usage=f"{logs.get('usage', 0):.3f}", refresh=False
         )
         elapsed = time.monotonic() - started
-        record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 1), **logs, **stats}
-        done = step == cfg.steps or (cfg.max_minutes > 0 and elapsed > 60 * cfg.max_minutes)
+        record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 1), **logs}
+        done = step == cfg.steps or (
+            cfg.max_minutes > 0 and rt.agree(elapsed > 60 * cfg.max_minutes)
+        )
         if step % cfg.eval_every == 0 or done:
-            result = evaluate(ema or model, eval_clips)
+            # every rank evaluates all clips (FSDP needs every rank for a forward pass)
+            result = evaluate(evaluated, eval_clips)
             record |= {f"eval_{k}": v for k, v in result.items()}
-            bar.write(
-                f"step {step}: held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}"
-            )
+            if rt.main:
+                bar.write(
+                    f"step {step}: held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}"
+                )
         if step % cfg.log_every == 0 or "eval_psnr" in record:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            metrics.write(record)
         if step % cfg.preview_every == 0 or done:
-            (out / "previews").mkdir(exist_ok=True)
-            write_preview(
-                (ema or model).eval(),
-                eval_clips[:4],
-                out / "previews" / f"step_{step:07d}",
-                cfg.data.fps,
-            )
+            frames = preview_frames(evaluated, eval_clips[:4])
+            if rt.main:
+                (out / "previews").mkdir(exist_ok=True)
+                write_preview(frames, out / "previews" / f"step_{step:07d}", cfg.data.fps)
         if step % cfg.checkpoint_every == 0 or done:
-            state = {
-                "model": model.state_dict(),
-                "discriminator": disc.state_dict(),
-                "lecam": lecam.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
-                "step": step,
-                "data_position": dict(position),
-                "rng": torch.get_rng_state(),
-            }
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_checkpoint(out / "checkpoints", state, step=step, keep=cfg.keep_checkpoints)
+            extra = {"step": step, "data_position": dict(position)}
+            save_state(
+                out / "checkpoints",
+                rt,
+                **trained,
+                extra=extra,
+                step=step,
+                keep=cfg.keep_checkpoints,
+            )
         if done:
             break
 
     bar.close()
-    metrics_file.close()
+    metrics.close()
     export = out / "export"
-    (ema or model).save_pretrained(export)
+    save_export(ema or model, rt, lambda: VideoTokenizer(cfg.model), export)
+    barrier()
     return export

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from loong.train.dist import all_reduce_mean
+
 
 def reconstruction_loss(
     recon: torch.Tensor, target: torch.Tensor, kind: str = "l1"
@@ -137,9 +139,9 @@ class LeCam(nn.Module):
         self.register_buffer("ema_fake", torch.zeros(()))
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.ema_real.lerp_(real.mean().float(), 1 - self.decay)
-            self.ema_fake.lerp_(fake.mean().float(), 1 - self.decay)
+        with torch.no_grad():  # means over the global batch: the same on every rank
+            self.ema_real.lerp_(all_reduce_mean(real.mean().float()), 1 - self.decay)
+            self.ema_fake.lerp_(all_reduce_mean(fake.mean().float()), 1 - self.decay)
         return (
             F.relu(real - self.ema_fake).square().mean()
             + F.relu(self.ema_real - fake).square().mean()
@@ -149,8 +151,12 @@ class LeCam(nn.Module):
 def adaptive_generator_weight(
     rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
 ) -> torch.Tensor:
-    """VQGAN's λ = ‖∇L_rec‖ / (‖∇L_G‖ + 1e-4) at ``last_layer``, detached, clamped to [0, max]."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    """VQGAN's λ = ‖∇L_rec‖ / (‖∇L_G‖ + 1e-4) at ``last_layer``, detached, clamped to [0, max].
+
+    With data parallelism the gradients are averaged over ranks first: they are then those of
+    the global batch, and λ is the same on every rank.
+    """
+    rec_grad = all_reduce_mean(torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0])
+    g_grad = all_reduce_mean(torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0])
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
