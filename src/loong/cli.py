@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -18,6 +20,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override, e.g. optim.lr=3e-4",
+    )
+    p.add_argument(
+        "--parallel",
+        choices=("none", "ddp", "fsdp"),
+        help="data parallelism when launched with torchrun (sets parallel.mode)",
     )
 
 
@@ -203,9 +210,12 @@ def _tokenizer(args: argparse.Namespace) -> int:
             sets.append(f"steps={args.steps}")
         if args.minutes is not None:
             sets.append(f"max_minutes={args.minutes}")
+        if args.parallel:
+            sets.append(f"parallel.mode={_toml_string(args.parallel)}")
         cfg = resolve_config(tokenizer_train_preset(args.preset), args.config, sets)
-        export = train_tokenizer(cfg, args.out)
-        print(f"tokenizer exported to {export}; previews in {Path(args.out) / 'previews'}")
+        with _process_group():
+            export = train_tokenizer(cfg, args.out)
+            _say(f"tokenizer exported to {export}; previews in {Path(args.out) / 'previews'}")
         return 0
 
     if args.action == "info":
@@ -261,6 +271,25 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string
 
 
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """Leave the process group a training loop joined under torchrun when it is done."""
+    from loong.train.dist import destroy_distributed
+
+    try:
+        yield
+    finally:
+        destroy_distributed()
+
+
+def _say(message: str) -> None:
+    """Print on one process only (rank 0 under torchrun)."""
+    from loong.train.dist import is_main_process
+
+    if is_main_process():
+        print(message)
+
+
 def _lm(args: argparse.Namespace) -> int:
     from loong.config import resolve_config
 
@@ -284,11 +313,14 @@ def _lm(args: argparse.Namespace) -> int:
         sets.append(f"data.shards={json.dumps(args.shards)}")
     if args.minutes is not None:
         sets.append(f"max_minutes={args.minutes}")
+    if args.parallel:
+        sets.append(f"parallel.mode={_toml_string(args.parallel)}")
     cfg = resolve_config(lm_train_preset(args.preset), args.config, sets)
     if args.steps is not None:
         cfg = scale_stages(cfg, args.steps)
-    export = train_lm(cfg, args.out)
-    print(f"language model exported to {export}")
+    with _process_group():
+        export = train_lm(cfg, args.out)
+        _say(f"language model exported to {export}")
     return 0
 
 

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -332,6 +339,101 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, 
 def _expect_uneven_batch_error(cfg: LMTrainConfig, run: Path) -> None:
     with pytest.raises(ValueError, match="batch_size=3 must divide among 2 ranks"):
         train_lm(cfg, run, progress=False)
+
+
+_TRAIN_IN_A_PROCESS = """
+import json, sys
+import torch
+from loong.config import config_from_dict
+from loong.train.lm import LMTrainConfig, train_lm
+torch.set_num_threads(1)
+train_lm(config_from_dict(LMTrainConfig, json.loads(sys.argv[1])), sys.argv[2], progress=False)
+"""
+
+
+def test_a_run_killed_at_a_random_step_resumes_exactly(tmp_path, train_config):
+    """SIGKILL a training process at a random step after its first checkpoint (perhaps while it
+    writes one); the restarted run's metrics.jsonl is the uninterrupted run's, line for line."""
+    stages = [{"name": n, "steps": 10, "lengths": [1, 2]} for n in ("a", "b", "c")]
+    cfg = apply_overrides(train_config, {"stages": stages, "checkpoint_every": 3})
+    train_lm(cfg, tmp_path / "straight", progress=False)
+    kill_at = random.randrange(4, 21)  # steps are written to metrics.jsonl as they end
+
+    run = tmp_path / "killed"
+    command = [sys.executable, "-c", _TRAIN_IN_A_PROCESS, config_json(cfg), str(run)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= kill_at:
+            break
+        time.sleep(0.002)
+    process.kill()
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, (kill_at, stderr.decode()[-2000:])
+    written = metrics.read_text().count("\n")
+    assert kill_at <= written < 30, written
+    train_lm(cfg, run, progress=False)
+
+    want = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    got = run.joinpath("metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in got] == list(range(1, 31))
+    for a, b in zip(map(json.loads, want), map(json.loads, got), strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            expected = (
+                pytest.approx(value, rel=1e-6, abs=1e-7) if isinstance(value, float) else value
+            )
+            assert b[key] == expected, (kill_at, a["step"], key)
+
+
+def test_torchrun_launches_the_cli_on_two_processes(tmp_path, train_config):
+    """``torchrun --nproc-per-node 2 -m loong.cli lm train --parallel ddp``: the same losses as
+    one process, and one line of output, from rank 0."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    sets = {
+        "model.dim": 32,
+        "model.n_layers": 2,
+        "model.n_heads": 4,
+        "model.n_kv_heads": 2,
+        "model.max_seq_len": 256,
+        "model.vocab.text_vocab_size": 300,
+        "model.vocab.video_vocab_size": 64,
+        "data.max_text_tokens": 32,
+        "stages": '[{name="image", steps=2, lengths=[1]}, {name="clips", steps=2, lengths=[1, 3]}]',
+        "batch_size": 4,
+        "device": '"cpu"',
+        "tensorboard": "false",
+        "eval_items": 4,
+        "loss.short_frames": 2,
+        "log_every": 1,
+    }
+    args = ["lm", "train", "--shards", *train_config.data.shards]
+    args += [item for key, value in sets.items() for item in ("--set", f"{key}={value}")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "loong.cli", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    launcher = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "loong.cli"]
+    two = subprocess.run(
+        [*launcher, *args, "--parallel", "ddp", "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("language model exported to") == 1
+    want, got = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert set(want) == set(got) == {1, 2, 3, 4}
+    for step, record in want.items():
+        assert got[step]["loss"] == pytest.approx(record["loss"], rel=1e-4), step
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["parallel"]["mode"] == "ddp"
 
 
 def test_the_export_holds_model_text_tokenizer_and_shards_meta(tmp_path, train_config, shards_dir):

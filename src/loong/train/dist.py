@@ -9,6 +9,7 @@ identity when no process group is running. Training loops join the group torchru
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import timedelta
 
 import torch
@@ -37,7 +38,9 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(x) / world_size()
+    with warnings.catch_warnings():  # deprecated for a private module; still differentiable
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(x) / world_size()
 
 
 # --- process-group set-up and small collectives (for torchrun launches) ------------------------
