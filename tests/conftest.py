@@ -108,3 +108,33 @@ def crash_after_checkpoint(monkeypatch) -> Callable[..., object]:
             monkeypatch.setattr(module, "save_checkpoint", real_save)
 
     return crash
+
+
+@pytest.fixture
+def make_tar_shards() -> Callable[..., list]:
+    """Factory: ``make_tar_shards(root, n_videos, samples_per_shard=2, n_frames=9, n_bad=0)``
+    writes shapes-world clips of ``n_frames`` 64 × 64 frames as ``root/videos/clip_000.mp4``, ...
+    with their caption and a paraphrase in ``.txt``, plus ``n_bad`` captioned files that are no
+    video (``bad_0.mp4``, ...), and packs them with ``write_shards`` into ``root/shards``; returns
+    the tar paths."""
+    import numpy as np
+
+    from loong.data.shapes import ShapesWorld, ShapesWorldConfig, paraphrase
+    from loong.data.video import write_video
+    from loong.data.webdataset import write_shards
+
+    def make(root, n_videos: int, *, samples_per_shard: int = 2, n_frames: int = 9, n_bad=0):
+        world = ShapesWorld(ShapesWorldConfig(n_frames=n_frames, seed=5))
+        videos = root / "videos"
+        videos.mkdir(parents=True)
+        for i in range(n_videos):
+            scene, _, text, frames = world.sample(i)
+            write_video(videos / f"clip_{i:03d}.mp4", frames, fps=8)
+            wording = paraphrase(scene, np.random.default_rng(i))
+            (videos / f"clip_{i:03d}.txt").write_text(f"{text}\n{wording}\n")
+        for i in range(n_bad):
+            (videos / f"bad_{i}.mp4").write_bytes(b"\x00\x01 not a video" * 50)
+            (videos / f"bad_{i}.txt").write_text("a caption of nothing\n")
+        return write_shards(videos, root / "shards", samples_per_shard=samples_per_shard)
+
+    return make

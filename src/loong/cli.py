@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--out", default="runs/tokenizer", help="run directory (default: runs/tokenizer)"
     )
-    train.add_argument("--data", help='"shapes" or a folder of videos (sets data.source)')
+    train.add_argument(
+        "--data",
+        help='"shapes", a folder of videos, or WebDataset tar shards (a .tar file, a brace '
+        "pattern or a folder of .tar files); sets data.source",
+    )
     train.add_argument("--steps", type=int, help="training steps (sets steps)")
     train.add_argument(
         "--minutes", type=float, help="stop after this much wall time (sets max_minutes)"
@@ -79,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     lm_cmds = lm.add_subparsers(dest="action", required=True)
     tokenize = lm_cmds.add_parser("tokenize", help="videos + captions → token shards (resumable)")
     tokenize.add_argument("--video-tokenizer", required=True, help="video tokenizer export dir")
-    tokenize.add_argument("--data", help='"shapes" or a folder of captioned videos (sets source)')
+    tokenize.add_argument(
+        "--data",
+        help='"shapes", a folder of captioned videos, or WebDataset tar shards (a .tar file, a '
+        "brace pattern or a folder of .tar files); sets source",
+    )
     tokenize.add_argument("--captions", help="JSONL of {file, caption} (else sidecar .txt files)")
     tokenize.add_argument(
         "--out", default="runs/shards", help="shards directory (default: runs/shards)"
@@ -273,7 +281,7 @@ def _toml_string(value: str) -> str:
 
 @contextlib.contextmanager
 def _process_group() -> Iterator[None]:
-    """Leave the process group a training loop joined under torchrun when it is done."""
+    """Leave the process group a loop joined under torchrun (training, tokenizing) when done."""
     from loong.train.dist import destroy_distributed
 
     try:
@@ -302,8 +310,9 @@ def _lm(args: argparse.Namespace) -> int:
         if args.captions:
             sets.append(f"captions={_toml_string(args.captions)}")
         cfg = resolve_config(TokenizeConfig(), args.config, sets)
-        out = tokenize_dataset(cfg, args.out)
-        print(f"token shards in {out}")
+        with _process_group():
+            out = tokenize_dataset(cfg, args.out)
+            _say(f"token shards in {out}")
         return 0
 
     from loong.train.lm import lm_train_preset, scale_stages, train_lm

@@ -29,11 +29,18 @@ Choices:
   source range, so an interrupted run resumes where it stopped, and a larger ``n_clips`` only adds
   units. Settings that change the content (``params``, the video tokenizer's weights) must match
   the directory's ``meta.json``, or the run stops with a ValueError.
+- Under torchrun, rank r of R tokenizes units r, r + R, r + 2R, ...: every unit once, each rank
+  writing its own units' files. Files are named by unit, not by rank, so the directory is the
+  same whatever the number of ranks (and a rerun may use another number). After a barrier, rank
+  0 merges the unit manifests into ``meta.json`` (shards, counts, skipped files) and trains the
+  text tokenizer.
 - Folders: captions come from a JSONL file of ``{"file": <path relative to the folder>,
   "caption": str, "alternates": [str, ...] (optional)}``, or else from a sidecar ``<name>.txt``
   next to each file (first non-empty line = caption, further lines = alternates). Files with no
   caption, unreadable files and videos shorter than one clip are skipped, counted and listed in
   ``meta.json``; they never stop the run.
+- WebDataset tar shards (``loong.data.tokenize_webdataset``): one unit per tar file; captions
+  come from each sample's ``.txt`` or ``.json``; bad samples are skipped and counted the same way.
 
 Axes: T frames, H W pixels, t h w latent grid, N items.
 """
@@ -55,6 +62,7 @@ import torch
 from tqdm import tqdm
 
 from loong.data.shapes import ShapesWorld, ShapesWorldConfig, caption, paraphrase
+from loong.data.sources import source_kind
 from loong.data.video import (
     IMAGE_SUFFIXES,
     VideoReadError,
@@ -66,6 +74,9 @@ from loong.data.video import (
 )
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
+from loong.train.dist import barrier, broadcast_object, init_distributed, is_distributed
+from loong.train.dist import rank as current_rank
+from loong.train.dist import world_size as current_world_size
 from loong.video_tokenizer.model import VideoTokenizer
 
 log = logging.getLogger("loong")
@@ -81,7 +92,9 @@ class TokenizeConfig:
     """What ``loong lm tokenize`` turns into token shards."""
 
     source: str = "shapes"
-    """"shapes" for the shapes world, or a folder of videos and images."""
+    """"shapes" for the shapes world; WebDataset tar shards: a ``.tar`` file, a brace pattern
+    (``data/train-{000000..000009}.tar``) or a folder with ``.tar`` files directly in it; any
+    other folder: videos and images, searched recursively (``loong.data.sources``)."""
     video_tokenizer: str = ""
     """Directory of the trained video tokenizer (config.json + model.safetensors)."""
     n_clips: int = 2000
@@ -101,13 +114,15 @@ class TokenizeConfig:
     n_paraphrases: int = 2
     """Shapes world: extra paraphrases stored per item as alternates for training."""
     captions: str = ""
-    """Folder: JSONL of {"file", "caption"[, "alternates"]}; empty: sidecar .txt files."""
+    """Folder: JSONL of {"file", "caption"[, "alternates"]}; empty: sidecar .txt files. Tar
+    shards carry their captions in each sample's ``.txt`` or ``.json``."""
     clips_per_video: int = 1
-    """Folder: back-to-back clips kept from the start of each video; 0 keeps all."""
+    """Folder or tar shards: back-to-back clips kept from the start of each video; 0 keeps all."""
     batch_size: int = 16
     """Clips encoded at once."""
     shard_size: int = 256
-    """Source items (shapes-world clips or folder files) per unit of work and shard."""
+    """Source items (shapes-world clips or folder files) per unit of work and shard; tar shards
+    are one unit each."""
     text_vocab_size: int = 2048
     """Train a BPE text tokenizer of this size on the captions into tokenizer.json; 0: don't."""
     device: str = "cpu"
@@ -153,7 +168,7 @@ class _Skip:
 @dataclass
 class _Unit:
     key: dict[str, Any]  # the unit's source range, compared on resume
-    size: int  # source items, for the progress bar
+    size: int | None  # source items, for the progress bar (None: not known before reading)
     items: Any  # () -> Iterator[_Item | _Skip]
 
 
@@ -200,7 +215,12 @@ def _write_shards(
     batch_size: int,
     progress: bool,
 ) -> dict[str, Any]:
-    """Tokenize every unit not already done, then write the final ``meta.json``; returns it."""
+    """Tokenize every unit not already done, then write the final ``meta.json``; returns it.
+
+    Every rank calls it (see the module docstring): each tokenizes its units, and after a barrier
+    rank 0 writes ``meta.json``, which every rank returns.
+    """
+    rank, world_size = current_rank(), current_world_size()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / META_FILE
     if meta_path.is_file():
@@ -219,17 +239,19 @@ def _write_shards(
                 f"{out_dir} holds shards made with other settings (was, now): {changed}; "
                 f"use a new directory, or the settings it was made with"
             )
-    atomic_write_text(meta_path, json.dumps({**meta, "complete": False}, indent=2) + "\n")
+    if rank == 0:  # every rank has checked the old meta.json above; they read the same file
+        atomic_write_text(meta_path, json.dumps({**meta, "complete": False}, indent=2) + "\n")
     dtype = np.uint16 if video_tokenizer.config.vocab_size <= 2**16 else np.int32
-    summary = _Summary()
-    bar = tqdm(total=sum(u.size for u in units), disable=not progress, desc="tokenize", unit="item")
-    for k, unit in enumerate(units):
+    mine = list(enumerate(units))[rank::world_size]
+    sizes = [unit.size for _, unit in mine]
+    total = None if None in sizes else sum(sizes)
+    bar = tqdm(total=total, disable=not progress or rank != 0, desc="tokenize", unit="item")
+    for k, unit in mine:
         manifest_path = out_dir / f"shard_{k:05d}.json"
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
             if manifest["key"] == unit.key:  # done by an earlier run
-                _add_unit(summary, manifest)
-                bar.update(unit.size)
+                bar.update(unit.size or 0)
                 continue
             manifest_path.unlink()
         for stale in out_dir.glob(f"shard_{k:05d}_t*"):
@@ -247,9 +269,22 @@ def _write_shards(
             shards.append({"name": name, "t": t, "count": len(array)})
         manifest = {"key": unit.key, "shards": shards, "skipped": skips}
         atomic_write_text(manifest_path, json.dumps(manifest) + "\n")
-        _add_unit(summary, manifest)
     bar.close()
+    barrier()  # every rank's units are done
+    if rank == 0:
+        meta = _finish_meta(out_dir, units, meta, dtype)
+    return broadcast_object(meta)  # sent once meta.json is written
 
+
+def _finish_meta(
+    out_dir: Path, units: list[_Unit], meta: dict[str, Any], dtype: type
+) -> dict[str, Any]:
+    """Merge the manifests of ``units`` (all written) into the final ``meta.json``; return it."""
+    summary = _Summary()
+    for k, unit in enumerate(units):
+        manifest = json.loads((out_dir / f"shard_{k:05d}.json").read_text())
+        assert manifest["key"] == unit.key, f"unit {k} of {out_dir} was not tokenized"
+        _add_unit(summary, manifest)
     counts: dict[str, int] = {}
     for s in summary.shards:
         counts[str(s["t"])] = counts.get(str(s["t"]), 0) + s["count"]
@@ -262,7 +297,7 @@ def _write_shards(
         "shards": summary.shards,
         "skipped": {**summary.skipped, "files": summary.skipped_files},
     }
-    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     n_skipped = sum(summary.skipped.values())
     log.info(
         "token shards in %s: %d items %s; skipped %d (%s)",
@@ -472,6 +507,24 @@ def _sidecar_captions(path: Path) -> list[str]:
     return [line.strip() for line in txt.read_text().splitlines() if line.strip()]
 
 
+def _clip_items(
+    source: str, texts: list[str], frames: np.ndarray, *, image: bool, n_frames: int, size: int
+) -> Iterator[_Item | _Skip]:
+    """One decoded file's items: back-to-back clips of ``n_frames`` (an image: its one frame),
+    resized to ``size``, captioned by ``texts`` (main wording first); a skip when too short."""
+    clips = [frames[:1]] if image else cut_clips(frames, n_frames)
+    if not clips:
+        yield _Skip("too_short", source, f"{len(frames)} frames < one clip of {n_frames}")
+    for j, clip in enumerate(clips):
+        yield _Item(
+            caption=texts[0],
+            alternates=texts[1:],
+            frames=resize_video(clip, size),
+            source=f"{source}#{j}",
+            first=j == 0,
+        )
+
+
 def tokenize_folder(
     video_tokenizer: VideoTokenizer,
     folder: str | Path,
@@ -518,18 +571,7 @@ def tokenize_folder(
                 yield _Skip("unreadable", rel, str(e))
                 continue
             image = path.suffix.lower() in IMAGE_SUFFIXES
-            clips = [frames[:1]] if image else cut_clips(frames, n_frames)
-            if not clips:
-                yield _Skip("too_short", rel, f"{len(frames)} frames < one clip of {n_frames}")
-                continue
-            for j, clip in enumerate(clips):
-                yield _Item(
-                    caption=texts[0],
-                    alternates=texts[1:],
-                    frames=resize_video(clip, size),
-                    source=f"{rel}#{j}",
-                    first=j == 0,
-                )
+            yield from _clip_items(rel, texts, frames, image=image, n_frames=n_frames, size=size)
 
     units = []
     for a in range(0, len(files), shard_size):
@@ -568,12 +610,26 @@ def train_text_tokenizer(shards: Iterable[TokenShards], vocab_size: int) -> Text
 
 
 def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool = True) -> Path:
-    """``loong lm tokenize``: shards of ``cfg.source`` (+ ``tokenizer.json``) in ``out_dir``."""
+    """``loong lm tokenize``: shards of ``cfg.source`` (+ ``tokenizer.json``) in ``out_dir``.
+
+    Under torchrun every rank calls it (it joins the process group): each tokenizes its share of
+    the units, rank 0 writes ``meta.json`` and the text tokenizer (see the module docstring).
+    """
     if not cfg.video_tokenizer:
         raise ValueError("set video_tokenizer to a trained video tokenizer's directory")
+    kind = source_kind(cfg.source)
+    if kind == "shards" and cfg.captions:
+        raise ValueError(
+            "captions is for folders of videos: tar shards carry each sample's caption in its "
+            ".txt or .json; leave captions empty"
+        )
+    device = torch.device(cfg.device)
+    if "WORLD_SIZE" in os.environ or is_distributed():
+        # The last rank to finish may keep the others at a barrier for hours: a day's timeout.
+        device = init_distributed(cfg.device.split(":")[0], timeout_s=24 * 3600.0)
     out = Path(out_dir)
     old_meta = json.loads((out / META_FILE).read_text()) if (out / META_FILE).is_file() else {}
-    model = VideoTokenizer.from_pretrained(cfg.video_tokenizer, device=cfg.device)
+    model = VideoTokenizer.from_pretrained(cfg.video_tokenizer, device=device)
     common = {
         "n_frames": cfg.n_frames,
         "size": cfg.size,
@@ -583,7 +639,7 @@ def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool
         "video_tokenizer_dir": cfg.video_tokenizer,
         "progress": progress,
     }
-    if cfg.source == "shapes":
+    if kind == "shapes":
         meta = tokenize_shapes_world(
             model,
             out,
@@ -592,6 +648,17 @@ def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool
             still_share=cfg.still_share,
             paraphrase_prob=cfg.paraphrase_prob,
             n_paraphrases=cfg.n_paraphrases,
+            **common,
+        )
+    elif kind == "shards":
+        from loong.data.tokenize_webdataset import tokenize_webdataset
+
+        del common["shard_size"]  # one unit per tar file
+        meta = tokenize_webdataset(
+            model,
+            cfg.source,
+            out,
+            clips_per_video=cfg.clips_per_video or None,
             **common,
         )
     else:
@@ -603,7 +670,7 @@ def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool
             clips_per_video=cfg.clips_per_video or None,
             **common,
         )
-    if cfg.text_vocab_size:
+    if cfg.text_vocab_size and current_rank() == 0:
         # Retrained only when the captions or the size changed, so a resumed run keeps its file.
         path = out / TOKENIZER_FILE
         shards = TokenShards(out)
@@ -619,6 +686,7 @@ def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
         atomic_write_text(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    barrier()  # the text tokenizer is written before any rank returns
     return out
 
 

@@ -32,7 +32,7 @@ import os
 import random
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from loong.data.sources import shard_files
 from loong.data.video import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -62,7 +63,8 @@ except ImportError as e:  # an optional dependency
         "loong.data.webdataset needs the webdataset package: pip install 'loong-video[scale]'"
     ) from e
 
-MEDIA_EXTENSIONS = tuple(s.lstrip(".") for s in VIDEO_SUFFIXES + IMAGE_SUFFIXES)
+IMAGE_EXTENSIONS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+MEDIA_EXTENSIONS = tuple(s.lstrip(".") for s in VIDEO_SUFFIXES) + IMAGE_EXTENSIONS
 
 
 # --- who reads what --------------------------------------------------------------------------
@@ -128,16 +130,13 @@ def plan_reads(
 
 
 def shard_paths(shards: PathLike | Sequence[PathLike]) -> list[Path]:
-    """A folder's ``*.tar`` files (sorted), or the given list of tar files."""
+    """The tar files of a folder (its ``*.tar``, sorted), a ``.tar`` path or a brace pattern
+    (:func:`loong.data.sources.shard_files`), or the given list of tar files."""
     if isinstance(shards, (str, os.PathLike)):
-        folder = Path(shards)
-        if not folder.is_dir():
-            raise ValueError(f"{folder} is not a folder: pass a folder of .tar shards or a list")
-        paths = sorted(folder.glob("*.tar"))
-    else:
-        paths = [Path(p) for p in shards]
+        return shard_files(shards)
+    paths = [Path(p) for p in shards]
     if not paths:
-        raise ValueError(f"no .tar shards in {shards}: write them with write_shards")
+        raise ValueError("no .tar shards given: write them with write_shards")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise ValueError(f"shards not found: {', '.join(missing[:3])}; check the paths")
@@ -213,18 +212,13 @@ class WebVideoDataset(IterableDataset[dict[str, Any]]):
         if plan.note is not None:
             warnings.warn(f"WebVideoDataset: {plan.note}", stacklevel=2)
 
-        def sources() -> Iterator[dict[str, str]]:
-            for i in plan.shards:
-                self.current_shard = str(self.shards[i])
-                if not _ends_like_a_tar(self.shards[i]):
-                    # tarfile stops quietly at a cut between members: say so, read what is there
-                    self._damaged_shard(ValueError("truncated: no end-of-archive marker"))
-                yield {"url": self.current_shard}
-
-        stream = wds.tarfile_samples(sources(), handler=self._damaged_shard)
-        for i, sample in enumerate(stream):
-            if i % plan.keep_every == plan.keep_offset:
-                yield sample
+        met = 0  # samples met so far in this pass, over all of the plan's shards
+        for i in plan.shards:
+            self.current_shard = str(self.shards[i])
+            for sample in read_tar(self.shards[i], self._damaged_shard):
+                if met % plan.keep_every == plan.keep_offset:
+                    yield sample
+                met += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.n_read = self.n_clips = self.n_too_short = 0
@@ -233,8 +227,10 @@ class WebVideoDataset(IterableDataset[dict[str, Any]]):
             for sample in self.samples():
                 key = f"{sample.get('__url__', '?')}:{sample['__key__']}"
                 try:
-                    caption = _caption(sample)
-                    frames = _read_video(sample, Path(tmp), fps=self.fps, max_frames=max_frames)
+                    caption = next(iter(sample_captions(sample)), "")
+                    frames = read_sample_video(
+                        sample, Path(tmp), fps=self.fps, max_frames=max_frames
+                    )
                 except ValueError as e:  # VideoReadError, or a malformed caption
                     self._skip(key, str(e))
                     continue
@@ -285,29 +281,61 @@ def _ends_like_a_tar(path: Path) -> bool:
         return not any(f.read(1024))
 
 
-def _caption(sample: dict[str, Any]) -> str:
-    """The sample's caption: the first non-empty line of ``.txt``, or ``.json``'s caption."""
+def read_tar(
+    path: Path, on_damage: Callable[[Exception], bool] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The raw samples of one tar shard, in order (``{"__key__": ..., "mp4": bytes, ...}``).
+
+    Damage ends the shard early: ``on_damage(error)`` is told (a truncated file, found by its
+    missing end-of-archive marker, before the first sample) and the samples before it are kept;
+    without ``on_damage`` the error is raised.
+    """
+
+    def damaged(exn: Exception) -> bool:
+        if on_damage is None:
+            raise exn
+        return on_damage(exn)
+
+    if not _ends_like_a_tar(path):  # tarfile stops quietly at a cut between members
+        damaged(ValueError("truncated: no end-of-archive marker"))
+    yield from wds.tarfile_samples([{"url": str(path)}], handler=damaged)
+
+
+def sample_captions(sample: dict[str, Any]) -> list[str]:
+    """The sample's caption wordings, main one first; [] when it has none. From ``.txt``: its
+    non-empty lines; from ``.json``: a string, or ``{"caption": str, "alternates": [str, ...]}``
+    (alternates optional). A malformed ``.json`` is a ValueError naming the sample."""
     key = sample["__key__"]
     if "txt" in sample:
         lines = [line.strip() for line in sample["txt"].decode("utf-8", "replace").splitlines()]
-        return next((line for line in lines if line), "")
+        return [line for line in lines if line]
     if "json" in sample:
         try:
             value = json.loads(sample["json"])
-            caption = value["caption"] if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                texts = [value["caption"], *value.get("alternates", [])]
+            else:
+                texts = [value]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f'{key}.json: expected a string or {{"caption": ...}} ({e})') from e
-        if not isinstance(caption, str):
-            raise ValueError(f"{key}.json: the caption is {type(caption).__name__}, not text")
-        return caption
-    return ""
+        wrong = next((t for t in texts if not isinstance(t, str)), None)
+        if wrong is not None:
+            raise ValueError(f"{key}.json: a caption is {type(wrong).__name__}, not text")
+        return [t.strip() for t in texts if t.strip()]
+    return []
 
 
-def _read_video(
+def media_extension(sample: dict[str, Any]) -> str | None:
+    """The extension of the sample's video or image (``"mp4"``, ``"png"``, ...), or None."""
+    return next((ext for ext in MEDIA_EXTENSIONS if ext in sample), None)
+
+
+def read_sample_video(
     sample: dict[str, Any], tmp: Path, *, fps: float | None, max_frames: int | None
 ) -> np.ndarray:
-    """Decode the sample's video bytes with :func:`read_video` → uint8 ``(T, H, W, 3)``."""
-    extension = next((ext for ext in MEDIA_EXTENSIONS if ext in sample), None)
+    """Decode the sample's video (or image) bytes with :func:`read_video`, through a file in the
+    folder ``tmp`` → uint8 ``(T, H, W, 3)``; a VideoReadError naming the sample otherwise."""
+    extension = media_extension(sample)
     if extension is None:
         found = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
         raise VideoReadError(
