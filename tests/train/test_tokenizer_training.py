@@ -182,3 +182,72 @@ def test_folder_data_skips_bad_files_and_keeps_training(tmp_path, train_config):
         export = train_tokenizer(cfg, tmp_path / "run", progress=False)
     assert (export / "model.safetensors").is_file()
     assert len(_losses(tmp_path / "run")) == 4
+
+
+def test_tar_shards_train_resume_exactly_and_skip_a_corrupt_sample(
+    tmp_path, train_config, crash_after_checkpoint, make_tar_shards
+):
+    """Five clips and a corrupt sample in three tar shards, named by a brace pattern: two batches
+    an epoch, so the step-3 checkpoint falls inside epoch 1, and the resumed run's losses are
+    the uninterrupted run's."""
+    make_tar_shards(tmp_path, 5, samples_per_shard=2, n_frames=5, n_bad=1)
+    pattern = str(tmp_path / "shards" / "shard-{000000..000002}.tar")
+    cfg = apply_overrides(train_config, {"data.source": pattern})
+    with pytest.warns(UserWarning, match=r"skipping .*shard-000000.tar:bad_0.*1 bad samples"):
+        train_tokenizer(cfg, tmp_path / "straight", progress=False)
+    with crash_after_checkpoint(runtime, step=3):
+        train_tokenizer(cfg, tmp_path / "resumed", progress=False)
+    train_tokenizer(cfg, tmp_path / "resumed", progress=False)
+
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert want.keys() == got.keys() == set(range(1, 7))
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    checkpoints = sorted((tmp_path / "resumed" / "checkpoints").glob("*.pt"))  # steps 3 and 6
+    positions = [torch.load(p, weights_only=False)["data_position"] for p in checkpoints]
+    assert [(p["epoch"], p["batches"], p["ranks"]) for p in positions] == [(1, 1, 1), (2, 2, 1)]
+
+
+def _epoch_of_clips(cfg: TokenizerDataConfig, out: Path) -> None:
+    """This rank's first 5 batches from the start, and batches 3 and 4 again from a position
+    saved after batch 2, with the positions they leave, into ``out/rank<r>.pt``."""
+    from loong.train.dist import rank, world_size
+
+    share = cfg.batch_size // world_size()
+    rows = slice(rank() * share, (rank() + 1) * share)
+    position: dict[str, int] = {}
+    batches = tokenizer_training.training_batches(cfg, position, rows)
+    straight, positions = [], []
+    for _ in range(5):
+        straight.append(next(batches))
+        positions.append(dict(position))
+    resumed_at = dict(positions[1])
+    again = tokenizer_training.training_batches(cfg, resumed_at, rows)
+    resumed = [next(again), next(again)]
+    torch.save(
+        {"straight": straight, "positions": positions, "resumed": resumed},
+        out / f"rank{rank()}.pt",
+    )
+
+
+def test_two_ranks_read_disjoint_tar_shards_each_clip_once_an_epoch(tmp_path, make_tar_shards):
+    """Eight clips in four tar shards, a global batch of 2: each of two ranks reads two shards,
+    one clip a step, and an epoch of four steps holds every clip of the one-rank epoch once."""
+    make_tar_shards(tmp_path, 8, samples_per_shard=2, n_frames=5)
+    cfg = TokenizerDataConfig(source=str(tmp_path / "shards"), n_frames=5, size=16, batch_size=2)
+    run_ranks(_epoch_of_clips, cfg, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    def clips(batches: list[torch.Tensor]) -> list[bytes]:
+        return sorted(clip.numpy().tobytes() for batch in batches for clip in batch)
+
+    one_rank = tokenizer_training.training_batches(cfg, {})
+    one_epoch = clips([next(one_rank) for _ in range(4)])
+    assert len(one_epoch) == len(set(one_epoch)) == 8
+    assert clips([b for r in ranks for b in r["straight"][:4]]) == one_epoch
+    for r in ranks:
+        assert all(b.shape == (1, 3, 5, 16, 16) for b in r["straight"])
+        assert r["positions"][3] == {"epoch": 0, "batches": 4, "ranks": 2}
+        assert r["positions"][4] == {"epoch": 1, "batches": 1, "ranks": 2}
+        for a, b in zip(r["resumed"], r["straight"][2:4], strict=True):
+            assert torch.equal(a, b)

@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from loong.config import config_json
 from loong.data.shapes import ShapesWorld, ShapesWorldConfig
+from loong.data.sources import source_kind
 from loong.data.video import VideoFolder, tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
-from loong.train.dist import barrier
+from loong.train.dist import all_true, barrier
 from loong.train.optim import OptimConfig
 from loong.train.parallel import ParallelConfig, clip_grad_norm_, parallelize, unwrap
 from loong.train.runtime import (
@@ -58,7 +59,10 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 @dataclass(kw_only=True)
 class TokenizerDataConfig:
     source: str = "shapes"
-    """"shapes" for the shapes world, or a folder of videos (mp4/webm/mkv/gif/…)."""
+    """"shapes" for the shapes world; WebDataset tar shards of video + caption: a ``.tar`` file,
+    a brace pattern (``data/train-{000000..000009}.tar``) or a folder with ``.tar`` files directly
+    in it; any other folder: videos (mp4/webm/mkv/gif/…), searched recursively. Under torchrun
+    each rank reads its own tar shards (see ``training_batches``)."""
     n_frames: int = 17
     """Frames per training clip: 1 + 4k."""
     size: int = 64
@@ -190,9 +194,15 @@ def training_batches(
 
     The shapes world is indexed, so a position is the number of batches drawn and a rank renders
     only its rows; a folder is read in epochs, so a position is (epoch, batches into the epoch),
-    resuming skips to it, and every rank decodes the global batch and keeps its rows.
+    resuming skips to it, and every rank decodes the global batch and keeps its rows. Tar shards
+    are read in epochs too, but each rank reads only its own shards (``WebVideoDataset``) and
+    batches them into its share: see :func:`shard_batches`.
     """
-    if cfg.source == "shapes":
+    kind = source_kind(cfg.source)
+    if kind == "shards":
+        yield from shard_batches(cfg, position, len(range(cfg.batch_size)[rows]))
+        return
+    if kind == "shapes":
         world = shapes_world(cfg)
         first = position.setdefault("batches", 0)
         mine = range(cfg.batch_size)[rows]
@@ -227,6 +237,55 @@ def training_batches(
                 f"{cfg.source} yields no clips of {cfg.n_frames} frames: {folder.summary()}"
             )
         log.info("epoch %d: %s", epoch, folder.summary())
+        position.update(epoch=epoch + 1, batches=0)
+
+
+def shard_batches(
+    cfg: TokenizerDataConfig, position: dict[str, int], share: int
+) -> Iterator[torch.Tensor]:
+    """Endless batches ``(share, C, T, H, W)`` of this rank's clips from the tar shards
+    ``cfg.source``, starting at ``position`` (epoch, batches into it; updated in place).
+
+    Each rank reads a disjoint part of every epoch (``WebVideoDataset`` deals the shards, or their
+    samples, out to ranks and DataLoader workers), so the global batch differs from a one-rank
+    run's. Ranks step together: an epoch ends for all of them when the first runs out of whole
+    batches, so with shards of equal size, at least ranks × workers of them, every clip is seen
+    exactly once per epoch; with uneven shares the longer ones' last batches wait for a later
+    epoch. Resume needs the same number of ranks (a position saved by another restarts at the
+    next epoch). Bad samples are skipped with a warning and counted in each epoch's summary.
+    """
+    from loong.data.webdataset import WebVideoDataset
+
+    dataset = WebVideoDataset(
+        cfg.source, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, seed=cfg.seed
+    )
+    if position.setdefault("ranks", dataset.world_size) != dataset.world_size:
+        log.warning(
+            "the data position was saved by %d ranks, not %d: starting the next epoch",
+            position["ranks"],
+            dataset.world_size,
+        )
+        position.update(epoch=position.get("epoch", 0) + 1, batches=0, ranks=dataset.world_size)
+    while True:
+        epoch = position.setdefault("epoch", 0)
+        skip = position.setdefault("batches", 0)
+        dataset.set_epoch(epoch)
+        loader = iter(
+            DataLoader(dataset, batch_size=share, num_workers=cfg.num_workers, drop_last=True)
+        )
+        n = 0
+        while all_true((batch := next(loader, None)) is not None):
+            n += 1
+            if n <= skip:
+                continue
+            position["batches"] = n
+            yield batch["video"]
+        if n == 0:
+            raise ValueError(
+                f"{cfg.source} yields no batch of {share} clips of {cfg.n_frames} frames on some "
+                f"rank: {dataset.summary()}"
+            )
+        log.info("epoch %d: %s", epoch, dataset.summary())
         position.update(epoch=epoch + 1, batches=0)
 
 
