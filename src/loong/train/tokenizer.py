@@ -249,9 +249,9 @@ def shard_batches(
     Each rank reads a disjoint part of every epoch (``WebVideoDataset`` deals the shards, or their
     samples, out to ranks and DataLoader workers), so the global batch differs from a one-rank
     run's. Ranks step together: an epoch ends for all of them when the first runs out of whole
-    batches, so with shards of equal size, at least ranks × workers of them, every clip is seen
-    exactly once per epoch; with uneven shares the longer ones' last batches wait for a later
-    epoch. Resume needs the same number of ranks (a position saved by another restarts at the
+    batches, so with shards of equal size, a multiple of ranks × workers in number, every clip is
+    seen exactly once per epoch; with uneven shares, the longer shares' last batches are left out
+    of that epoch. Resume needs the same number of ranks (a position saved by another restarts at the
     next epoch). Bad samples are skipped with a warning and counted in each epoch's summary.
     """
     from loong.data.webdataset import WebVideoDataset
