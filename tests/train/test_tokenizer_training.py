@@ -13,6 +13,7 @@ import loong.train.runtime as runtime
 import loong.train.tokenizer as tokenizer_training
 from loong.config import apply_overrides
 from loong.train.optim import OptimConfig
+from loong.train.parallel import ParallelConfig
 from loong.train.tokenizer import (
     TokenizerDataConfig,
     TokenizerLossConfig,
@@ -136,6 +137,84 @@ def test_two_ranks_train_like_one_with_the_same_global_batch_and_resume(
     b = VideoTokenizer.from_pretrained(tmp_path / "two" / "export").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def _records(run: Path) -> dict[int, dict[str, float]]:
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_two_micro_batches_of_two_train_like_one_batch_of_four(tmp_path, train_config):
+    """GAN off: reconstruction and commitment are means over clips, the GroupNorm model treats
+    each clip alone, so accumulating two micro-batches of two gives the gradients of one batch of
+    four up to float rounding, and the same losses step after step. LFQ's batch entropy is taken
+    per micro-batch, which changes the gradients, so it is off for the steps; before any update
+    (step 1) it is on, at the 2-rank test's temperature, and only the batch entropy differs:
+    the mean over micro-batches of their entropies is at most the entropy of the whole batch
+    (entropy is concave)."""
+    base = {"data.batch_size": 4, "loss.disc_start_step": 1000}
+    base["model.quantizer.entropy_temperature"] = 0.5
+    runs = {}
+    for grad_accum in (1, 2):
+        for entropy_weight, steps in ((0.0, 4), (0.1, 1)):
+            overrides = {"grad_accum": grad_accum, "steps": steps}
+            overrides["model.quantizer.entropy_weight"] = entropy_weight
+            run = tmp_path / f"accum{grad_accum}_entropy{entropy_weight}"
+            train_tokenizer(apply_overrides(train_config, base | overrides), run, progress=False)
+            runs[grad_accum, entropy_weight] = _records(run)
+
+    want, got = runs[1, 0.0], runs[2, 0.0]
+    assert want.keys() == got.keys() == {1, 2, 3, 4}
+    for step in want:
+        for key in ("rec", "quant", "commitment"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
+
+    whole, halves = runs[1, 0.1][1], runs[2, 0.1][1]
+    for key in ("rec", "commitment", "sample_entropy"):
+        assert halves[key] == pytest.approx(whole[key], rel=1e-5), key
+    assert halves["batch_entropy"] < whole["batch_entropy"]
+
+
+def test_grad_accum_must_split_the_batch_into_equal_shares(train_config):
+    with pytest.raises(ValueError, match=r"pass a data\.batch_size that is a multiple of 3"):
+        apply_overrides(train_config, {"grad_accum": 3})  # data.batch_size=2
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        apply_overrides(train_config, {"grad_accum": 0})
+
+    rank1 = runtime.Runtime(
+        parallel=ParallelConfig(), device=torch.device("cpu"), rank=1, world_size=2
+    )
+    assert tokenizer_training.micro_batch_rows(8, 2, rank1) == [2, 3, 6, 7]
+    assert tokenizer_training.micro_batch_rows(8, 1, rank1) == slice(4, 8)
+    with pytest.raises(
+        ValueError,
+        match=r"does not divide among 2 ranks: pass a data\.batch_size that is a multiple of 8",
+    ):
+        tokenizer_training.micro_batch_rows(4, 4, rank1)
+
+
+def _train(cfg: TokenizerTrainConfig, run: Path) -> None:
+    train_tokenizer(cfg, run, progress=False)
+
+
+def test_two_ranks_accumulate_each_micro_batch_like_one_process(tmp_path, train_config):
+    """Two DDP ranks, a batch of four in two micro-batches, GAN on from step 2: each rank takes
+    one clip of each micro-batch, so the micro-batches (and their batch entropy, all-reduced over
+    ranks) are those of one process, and so are the losses."""
+    overrides = {
+        "data.batch_size": 4,
+        "grad_accum": 2,
+        "steps": 3,
+        "model.quantizer.entropy_temperature": 0.5,
+    }
+    cfg = apply_overrides(train_config, overrides)
+    _train(cfg, tmp_path / "one")
+    run_ranks(_train, apply_overrides(cfg, {"parallel.mode": "ddp"}), tmp_path / "two")
+
+    want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert want.keys() == got.keys() == {1, 2, 3}
+    assert want[3][2] != 0.0 and want[3][3] != 0.0  # GAN on
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
 
 
 def test_a_run_writes_previews_metrics_checkpoints_and_an_export(tmp_path, train_config):

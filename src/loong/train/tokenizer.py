@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,16 @@ from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
 from loong.train.dist import all_true, barrier
 from loong.train.optim import OptimConfig
-from loong.train.parallel import ParallelConfig, clip_grad_norm_, parallelize, unwrap
+from loong.train.parallel import (
+    ParallelConfig,
+    clip_grad_norm_,
+    no_gradient_sync,
+    parallelize,
+    unwrap,
+)
 from loong.train.runtime import (
     MetricsLog,
+    Runtime,
     load_state,
     mean_over_ranks,
     save_export,
@@ -120,6 +128,11 @@ class TokenizerTrainConfig:
     """Optimiser and schedule (MAGVIT-v2: Adam, lr 1e-4, betas (0, 0.99))."""
     steps: int = 10_000
     """Training steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: the global batch ``data.batch_size`` is split into
+    ``grad_accum`` micro-batches of ``data.batch_size / grad_accum`` clips, each rank taking its
+    rows of each. LFQ's batch entropy (and the codebook usage logged) is that of a micro-batch;
+    the values logged are means over micro-batches."""
     seed: int = 0
     """Seed of the weights' initialisation."""
     ema_decay: float = 0.999
@@ -147,6 +160,15 @@ class TokenizerTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.data.batch_size % self.grad_accum:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} does not split into grad_accum="
+                f"{self.grad_accum} equal micro-batches: pass a data.batch_size that is a "
+                f"multiple of {self.grad_accum}, or a grad_accum that divides "
+                f"{self.data.batch_size}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -193,10 +215,11 @@ def shapes_world(cfg: TokenizerDataConfig, *, held_out: bool = False) -> ShapesW
 
 
 def training_batches(
-    cfg: TokenizerDataConfig, position: dict[str, int], rows: slice = slice(None)
+    cfg: TokenizerDataConfig, position: dict[str, int], rows: slice | list[int] = slice(None)
 ) -> Iterator[torch.Tensor]:
     """Endless batches ``(B, C, T, H, W)`` starting at ``position``, which is updated in place;
-    ``rows`` of each (one rank's share of the global batch).
+    ``rows`` of each (one rank's share of the global batch: a slice or row indices, see
+    :func:`micro_batch_rows`).
 
     The shapes world is indexed, so a position is the number of batches drawn and a rank renders
     only its rows; a folder is read in epochs, so a position is (epoch, batches into the epoch),
@@ -204,14 +227,14 @@ def training_batches(
     are read in epochs too, but each rank reads only its own shards (``WebVideoDataset``) and
     batches them into its share: see :func:`shard_batches`.
     """
+    mine = range(cfg.batch_size)[rows] if isinstance(rows, slice) else rows
     kind = source_kind(cfg.source)
     if kind == "shards":
-        yield from shard_batches(cfg, position, len(range(cfg.batch_size)[rows]))
+        yield from shard_batches(cfg, position, len(mine))
         return
     if kind == "shapes":
         world = shapes_world(cfg)
         first = position.setdefault("batches", 0)
-        mine = range(cfg.batch_size)[rows]
         indices = (
             k * cfg.batch_size + i for k in range(first, len(world) // cfg.batch_size) for i in mine
         )
@@ -244,6 +267,28 @@ def training_batches(
             )
         log.info("epoch %d: %s", epoch, folder.summary())
         position.update(epoch=epoch + 1, batches=0)
+
+
+def micro_batch_rows(batch_size: int, grad_accum: int, rt: Runtime) -> slice | list[int]:
+    """This rank's rows of a global batch of ``batch_size`` split into ``grad_accum``
+    micro-batches: its equal share of each micro-batch, micro-batch after micro-batch.
+
+    Micro-batch m is rows [m·b, (m+1)·b) of the global batch (b = batch_size / grad_accum), so
+    that it holds the same clips whatever the number of ranks, and so do the terms taken over it
+    (LFQ's batch entropy, all-reduced over ranks). One micro-batch: the slice of
+    :meth:`Runtime.rows`.
+    """
+    micro = batch_size // grad_accum
+    if grad_accum == 1:
+        return rt.rows(batch_size, "data.batch_size")
+    if micro % rt.world_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} in grad_accum={grad_accum} micro-batches of {micro} "
+            f"clips does not divide among {rt.world_size} ranks: pass a data.batch_size that is "
+            f"a multiple of {grad_accum * rt.world_size}"
+        )
+    share = rt.rows(micro, "data.batch_size / grad_accum")
+    return [m * micro + i for m in range(grad_accum) for i in range(micro)[share]]
 
 
 def shard_batches(
@@ -357,6 +402,11 @@ def write_preview(frames: np.ndarray, path_stem: Path, fps: float) -> None:
 # --- the loop --------------------------------------------------------------------------------
 
 
+def _mean(records: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each value over ``records`` (which share their keys)."""
+    return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
+
+
 def train_tokenizer(
     cfg: TokenizerTrainConfig, out_dir: str | Path, *, progress: bool = True
 ) -> Path:
@@ -366,7 +416,7 @@ def train_tokenizer(
     the files (see :mod:`loong.train.runtime`).
     """
     rt = start(cfg.parallel, cfg.device)
-    rows = rt.rows(cfg.data.batch_size, "data.batch_size")
+    rows = micro_batch_rows(cfg.data.batch_size, cfg.grad_accum, rt)
     if rt.sharded and cfg.loss.adaptive_gan_weight and cfg.loss.gan_weight > 0:
         raise ValueError(
             "loss.adaptive_gan_weight needs the gradient at the decoder's last weight, which "
@@ -438,60 +488,76 @@ def train_tokenizer(
     tokenizer, evaluated = unwrap(model), ema or unwrap(model)
 
     while step < cfg.steps:
-        # 1. batch: this rank's rows of the global batch
+        # 1. batch: this rank's rows of the global batch, its share of each micro-batch
         video = next(batches).to(device)  # (B, C, T, H, W)
+        micro = video.chunk(cfg.grad_accum)  # accum × (B / accum, C, T, H, W)
         lr = cfg.optim.lr_at(step, cfg.steps)
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
                 group["lr"] = lr
         gan_on = step >= cfg.loss.disc_start_step and cfg.loss.gan_weight > 0
 
-        # 2. tokenizer forward and losses
+        # 2. tokenizer forward, losses and backward, one micro-batch at a time: gradients are
+        # averaged over ranks once, in the last micro-batch's backward. Each reconstruction is
+        # kept, detached, for the discriminator's update (no second forward pass).
         model.train()
-        with rt.autocast():
-            out_ = model(video)
-        rec = reconstruction_loss(out_.recon.float(), video, cfg.loss.reconstruction)
-        loss_g = rec + out_.quantizer_loss
-        logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
-        if perceptual is not None:
-            p_loss = perceptual(out_.recon.float(), video)
-            loss_g = loss_g + cfg.loss.perceptual_weight * p_loss
-            logs["perceptual"] = p_loss.item()
-        if gan_on:
-            # Through the discriminator itself, not its DDP wrapper, and frozen. Not frozen under
-            # FSDP2: there the weights it leaves unsharded after a forward pass (root, last
-            # block) then got no gradient in the discriminator's update; the gradients they get
-            # here are cleared before that update.
-            disc.requires_grad_(rt.sharded)
-            with rt.autocast():
-                g_loss = generator_loss(unwrap(disc)(out_.recon))
-            weight = torch.ones((), device=device)
-            if cfg.loss.adaptive_gan_weight:
-                weight = adaptive_generator_weight(loss_g, g_loss, tokenizer.decoder.last_layer)
-            loss_g = loss_g + cfg.loss.gan_weight * weight * g_loss
-            logs |= {"g": g_loss.item(), "g_weight": weight.item()}
-            disc.requires_grad_(True)
+        opt_g.zero_grad(set_to_none=True)
+        g_logs, stat_logs, recons = [], [], []
+        for m, clips in enumerate(micro):
+            with nullcontext() if m == len(micro) - 1 else no_gradient_sync(model):
+                with rt.autocast():
+                    out_ = model(clips)
+                rec = reconstruction_loss(out_.recon.float(), clips, cfg.loss.reconstruction)
+                loss_g = rec + out_.quantizer_loss
+                logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
+                if perceptual is not None:
+                    p_loss = perceptual(out_.recon.float(), clips)
+                    loss_g = loss_g + cfg.loss.perceptual_weight * p_loss
+                    logs["perceptual"] = p_loss.item()
+                if gan_on:
+                    # Through the discriminator itself, not its DDP wrapper, and frozen. Not
+                    # frozen under FSDP2: there the weights it leaves unsharded after a forward
+                    # pass (root, last block) then got no gradient in the discriminator's update;
+                    # the gradients they get here are cleared before that update.
+                    disc.requires_grad_(rt.sharded)
+                    with rt.autocast():
+                        g_loss = generator_loss(unwrap(disc)(out_.recon))
+                    weight = torch.ones((), device=device)
+                    if cfg.loss.adaptive_gan_weight:  # per micro-batch
+                        last_layer = tokenizer.decoder.last_layer
+                        weight = adaptive_generator_weight(loss_g, g_loss, last_layer)
+                    loss_g = loss_g + cfg.loss.gan_weight * weight * g_loss
+                    logs |= {"g": g_loss.item(), "g_weight": weight.item()}
+                    disc.requires_grad_(True)
+                (loss_g / cfg.grad_accum).backward()
+            g_logs.append(logs)
+            stat_logs.append({k: v.item() for k, v in out_.stats.items()})
+            recons.append(out_.recon.detach())
 
         # 3. tokenizer update
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
         if cfg.optim.grad_clip > 0:
             clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt_g.step()
+        logs = _mean(g_logs)
 
-        # 4. discriminator update
+        # 4. discriminator update, over the same micro-batches
         if gan_on:
-            # one forward pass over both halves: DDP and FSDP expect one per backward pass
-            with rt.autocast():
-                real, fake = disc(torch.cat([video, out_.recon.detach()])).chunk(2)  # (B,) each
-            loss_d = discriminator_hinge_loss(real.float(), fake.float())
-            loss_d = loss_d + cfg.loss.lecam_weight * lecam(real.float(), fake.float())
             opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
+            d_logs = []
+            for m, (clips, recon) in enumerate(zip(micro, recons, strict=True)):
+                with nullcontext() if m == len(micro) - 1 else no_gradient_sync(disc):
+                    # one forward pass over both halves: DDP and FSDP expect one per backward
+                    with rt.autocast():
+                        real, fake = disc(torch.cat([clips, recon])).chunk(2)  # (B / accum,) each
+                    # LeCam's running means move once per micro-batch
+                    loss_d = discriminator_hinge_loss(real.float(), fake.float())
+                    loss_d = loss_d + cfg.loss.lecam_weight * lecam(real.float(), fake.float())
+                    (loss_d / cfg.grad_accum).backward()
+                d_logs.append({"d": loss_d.item()})
             if cfg.optim.grad_clip > 0:
                 clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
             opt_d.step()
-            logs["d"] = loss_d.item()
+            logs |= _mean(d_logs)
 
         # 5. EMA of the weights
         if ema is not None:
@@ -502,9 +568,8 @@ def train_tokenizer(
                     e.copy_(b)
         step += 1
 
-        # 6. logs (means over ranks), evaluation, previews, checkpoints
-        stats = {k: v.item() for k, v in out_.stats.items()}
-        logs = mean_over_ranks(logs | stats)
+        # 6. logs (means over micro-batches and ranks), evaluation, previews, checkpoints
+        logs = mean_over_ranks(logs | _mean(stat_logs))
         bar.update(1)
         bar.set_postfix(
             rec=f"{logs['rec']:.4f}", usage=f"{logs.get('usage', 0):.3f}", refresh=False
