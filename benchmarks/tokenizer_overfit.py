@@ -3,6 +3,7 @@
     python benchmarks/tokenizer_overfit.py --loss l1 --steps 150            # as trained
     python benchmarks/tokenizer_overfit.py --loss l2 --steps 150
     python benchmarks/tokenizer_overfit.py --loss l1 --no-quantizer --frames 1 --steps 750
+    python benchmarks/tokenizer_overfit.py --loss l2 --no-quantizer --frames 1 --groups 8
 
 Trains a fresh ``shapes``-preset tokenizer (Adam, no EMA, no GAN) on the same four rendered
 shapes-world clips again and again, and prints, every ``--every`` steps, the mean L1 error and
@@ -42,11 +43,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=75)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (preset: 32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    model = VideoTokenizer(tokenizer_preset("shapes"))
+    overrides = {} if args.groups is None else {"num_groups": args.groups}
+    model = VideoTokenizer(tokenizer_preset("shapes", **overrides))
     if args.no_quantizer:
 
         def identity(self: VideoTokenizer, z: torch.Tensor):
