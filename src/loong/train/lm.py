@@ -228,9 +228,9 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         )
     if name == "shapes":
         # The bundled model (``loong recipe shapes``): clips of 33 frames (t = 9, 4 s at 8 fps)
-        # with 17-frame crops (t = 5) and stills. A t = 9 step of 8 sequences takes ~2 s on 2
-        # CPU cores, so this is ~25 minutes there. Canonical captions mostly: paraphrases are
-        # seen, but less often than the default's half of the time.
+        # with 17-frame crops (t = 5) and stills: 17.5 minutes on 2 CPU cores (2026-11-30).
+        # Canonical captions mostly: paraphrases are seen, but less often than the default's
+        # half of the time.
         return LMTrainConfig(
             model=model,
             data=LMDataConfig(alternate_caption_prob=0.2),

@@ -193,7 +193,7 @@ def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
             optim=OptimConfig(
                 lr=2e-3 if name == "shapes" else 1e-3, betas=(0.9, 0.99), warmup_steps=50
             ),
-            # shapes: ~24 min on 2 cores (about 2 steps a second)
+            # shapes: ~30 min on 2 cores (27.2 dB held-out PSNR; BENCHMARKS.md)
             steps=4000 if name == "tiny" else 2800,
             ema_decay=0.99,
             eval_every=250,
