@@ -43,13 +43,14 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=75)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (preset: 32)")
+    parser.add_argument("--preset", default="shapes", help="tokenizer preset (default: shapes)")
+    parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (shapes: 32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     overrides = {} if args.groups is None else {"num_groups": args.groups}
-    model = VideoTokenizer(tokenizer_preset("shapes", **overrides))
+    model = VideoTokenizer(tokenizer_preset(args.preset, **overrides))
     if args.no_quantizer:
 
         def identity(self: VideoTokenizer, z: torch.Tensor):
