@@ -231,3 +231,36 @@ def test_chunk_latents_must_be_positive(make_small_tokenizer):
     model = make_small_tokenizer()
     with pytest.raises(ValueError, match="chunk_latents must be positive"):
         model.decode(torch.zeros(1, 3, 2, 2, dtype=torch.long), chunk_latents=-1)
+
+
+# --- the local encoder -----------------------------------------------------------------------
+
+
+def test_local_encoder_tokens_see_only_their_own_cell(make_small_tokenizer, make_video):
+    model = make_small_tokenizer(local_encoder=True)
+    video = make_video(frames=9)  # (B, 3, 9, 32, 32) → latent (B, D, 3, 4, 4), 8×8-pixel cells
+    changed = video.clone()
+    changed[:, :, 5:, 8:16, 16:24] = -changed[:, :, 5:, 8:16, 16:24]  # cell (1, 2), from frame 5
+    z, z2 = latents(model, video), latents(model, changed)
+    moved = (z2 - z).abs().amax(dim=(0, 1))  # (t, h, w)
+    assert moved[2, 1, 2] > 1e-4
+    moved[2, 1, 2] = 0
+    assert moved.max() == 0, "a token changed whose cell did not"
+
+
+def test_local_encoder_gives_a_flat_frame_one_code(make_small_tokenizer):
+    model = make_small_tokenizer(local_encoder=True)
+    video = torch.full((1, 3, 9, 32, 32), 0.3)
+    ids = model.encode(video)  # (1, 3, 4, 4)
+    for frame in ids[0]:
+        assert frame.unique().numel() == 1
+
+
+def test_local_encoder_is_causal_and_chunks_exactly(make_small_tokenizer, make_video):
+    model = make_small_tokenizer(local_encoder=True)
+    video = make_video(frames=17)
+    changed = video.clone()
+    changed[:, :, 9:] = make_video(frames=17, seed=1)[:, :, 9:]
+    idx, idx2 = model.encode(video), model.encode(changed)
+    assert torch.equal(idx2[:, :3], idx[:, :3])
+    assert torch.equal(model.encode(video, chunk_frames=8), idx)

@@ -228,16 +228,16 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         )
     if name == "shapes":
         # The bundled model (``loong recipe shapes``): clips of 33 frames (t = 9, 4 s at 8 fps)
-        # with 17-frame crops (t = 5) and stills: 17.5 minutes on 2 CPU cores (2026-11-30).
+        # with 17-frame crops (t = 5) and stills; its time on 2 CPU cores is in BENCHMARKS.md.
         # Canonical captions mostly: paraphrases are seen, but less often than the default's
         # half of the time.
         return LMTrainConfig(
             model=model,
             data=LMDataConfig(alternate_caption_prob=0.2),
             stages=(
-                StageConfig(name="image", steps=300, lengths=(1,)),
-                StageConfig(name="short", steps=500, lengths=(1, 5), weights=(1, 3)),
-                StageConfig(name="long", steps=700, lengths=(1, 5, 9), weights=(1, 2, 4)),
+                StageConfig(name="image", steps=400, lengths=(1,)),
+                StageConfig(name="short", steps=800, lengths=(1, 5), weights=(1, 3)),
+                StageConfig(name="long", steps=1400, lengths=(1, 5, 9), weights=(1, 2, 4)),
             ),
             loss=LossWeightConfig(short_frames=5),
             optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),

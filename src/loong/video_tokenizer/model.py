@@ -50,6 +50,13 @@ class VideoTokenizerConfig:
     """Residual blocks per decoder stage."""
     num_groups: int = 32
     """GroupNorm groups; every stage width must be divisible by it."""
+    local_encoder: bool = False
+    """Encoder sees only each token's own cell: 2×2 patch merges instead of strided 3×3 convs,
+    spatially 1×1 convs (still causal 3-frame kernels in time) and a per-position channel norm
+    instead of GroupNorm. A token is then a function of its f×f pixel cell and that cell's past,
+    so identical cells get identical codes (a flat background one code everywhere), which is
+    far easier for a language model to predict than codes that shift with content a frame
+    away. The decoder keeps its full context either way."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     """The quantizer between encoder and decoder."""
 
@@ -125,13 +132,35 @@ class Norm(nn.Module):
         return torch.addcmul(shift, x, scale).view(b, c, t, height, width)
 
 
-class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, latent_dim: int | None = None) -> None:
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels at every position: no statistic crosses positions or frames."""
+
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm1 = Norm(in_ch, groups, latent_dim)
-        self.conv1 = CausalConv3d(in_ch, out_ch)
-        self.norm2 = Norm(out_ch, groups, latent_dim)
-        self.conv2 = CausalConv3d(out_ch, out_ch)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, T, H, W)
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        groups: int,
+        latent_dim: int | None = None,
+        *,
+        local: bool = False,
+    ) -> None:
+        super().__init__()
+        # local: 1×1 in space (causal 3 frames in time), per-position norm (see local_encoder)
+        kernel = (3, 1, 1) if local else (3, 3, 3)
+        self.norm1 = ChannelNorm(in_ch) if local else Norm(in_ch, groups, latent_dim)
+        self.conv1 = CausalConv3d(in_ch, out_ch, kernel)
+        self.norm2 = ChannelNorm(out_ch) if local else Norm(out_ch, groups, latent_dim)
+        self.conv2 = CausalConv3d(out_ch, out_ch, kernel)
         self.skip = CausalConv3d(in_ch, out_ch, (1, 1, 1)) if in_ch != out_ch else None
 
     def forward(
@@ -159,6 +188,22 @@ class Upsample(nn.Module):
         return x
 
 
+class PatchMerge(nn.Module):
+    """2× down in space (and optionally time) that sees only each 2×2 cell: space-to-depth,
+    then a causal conv that is 1×1 in space."""
+
+    def __init__(self, in_channels: int, out_channels: int, time: bool) -> None:
+        super().__init__()
+        self.conv = CausalConv3d(
+            in_channels * 4, out_channels, (3, 1, 1), stride=(2 if time else 1, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        # (B, C_in, T, H, W) → (B, C_out, T', H/2, W/2)
+        x = rearrange(x, "b c t (h sh) (w sw) -> b (c sh sw) t h w", sh=2, sw=2)
+        return self.conv(x, cache)
+
+
 def stretch_latent(z: torch.Tensor, frames: int, first: bool) -> torch.Tensor:
     """Repeat latent frames ``(B, D, t, h, w)`` to ``(B, D, frames, h, w)``, causally.
 
@@ -183,21 +228,28 @@ class Encoder(nn.Module):
         super().__init__()
         widths = cfg.widths
         self.patch_size = cfg.patch_size
-        self.conv_in = CausalConv3d(cfg.channels * cfg.patch_size**2, widths[0])
+        local = cfg.local_encoder
+        kernel_in = (3, 1, 1) if local else (3, 3, 3)
+        self.conv_in = CausalConv3d(cfg.channels * cfg.patch_size**2, widths[0], kernel_in)
         self.stages = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         in_ch = widths[0]
         for i, w in enumerate(widths):
             blocks = [
-                ResBlock(in_ch if j == 0 else w, w, cfg.num_groups)
+                ResBlock(in_ch if j == 0 else w, w, cfg.num_groups, local=local)
                 for j in range(cfg.encoder_blocks)
             ]
             self.stages.append(nn.ModuleList(blocks))
             in_ch = w
             if i < len(widths) - 1:
-                stride = (2 if cfg.temporal_downsample[i] else 1, 2, 2)
-                self.downsamples.append(CausalConv3d(w, w, (3, 3, 3), stride=stride))
-        self.norm_out = Norm(widths[-1], cfg.num_groups)
+                time = cfg.temporal_downsample[i]
+                stride = (2 if time else 1, 2, 2)
+                self.downsamples.append(
+                    PatchMerge(w, w, time)
+                    if local
+                    else CausalConv3d(w, w, (3, 3, 3), stride=stride)
+                )
+        self.norm_out = ChannelNorm(widths[-1]) if local else Norm(widths[-1], cfg.num_groups)
         self.conv_out = CausalConv3d(widths[-1], cfg.quantizer.latent_dim, (1, 1, 1))
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:

@@ -30,20 +30,26 @@ def tiny() -> VideoTokenizerConfig:
 def shapes() -> VideoTokenizerConfig:
     """The bundled shapes-world model: ``tiny``'s grid and codes at about half the CPU time a
     step. 2×2 pixels enter as one position (``patch_size=2``), so no conv runs at 64×64 and the
-    stages can be twice as wide. 64×64 → 8×8 tokens a latent frame, 2^12 codes. 4.5M params.
+    stages can be twice as wide. 64×64 → 8×8 tokens a latent frame, 2^12 codes. 3.7M params.
 
-    32 groups (one channel a group in the first stage): shapes-world frames are flat with small
-    objects, and with 4 channels a group the objects' colours came out grey long after their
-    outlines were right (4 fixed images: colours right at step 200 with 32 groups, still wrong
-    at step 300 with 8; ``benchmarks/tokenizer_overfit.py``)."""
+    A local encoder: each token sees only its own 8×8-pixel cell (and that cell's past), so a
+    flat background gets one id everywhere and keeps it from frame to frame. With the usual
+    whole-frame encoder 7% of a latent frame's ids were its most common one and 10% repeated
+    the id one latent frame earlier; the language model spent its capacity predicting those ids
+    and lost the object within a second (``benchmarks/token_stability.py``; BENCHMARKS.md).
+
+    32 groups in the decoder (one channel a group in its last stage): shapes-world frames are
+    flat with small objects, and with 4 channels a group the objects' colours came out grey
+    long after their outlines were right (``benchmarks/tokenizer_overfit.py``)."""
     return VideoTokenizerConfig(
         patch_size=2,
         base_width=32,
         width_mults=(1, 2, 4),
         temporal_downsample=(True, True),
-        encoder_blocks=1,
+        encoder_blocks=2,
         decoder_blocks=1,
         num_groups=32,
+        local_encoder=True,
         quantizer=QuantizerConfig(
             kind="lfq", latent_dim=12, entropy_weight=0.01, commitment_weight=0.05
         ),
