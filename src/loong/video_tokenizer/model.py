@@ -4,7 +4,9 @@ Encoder: causal conv in → stages of residual blocks (per-frame GroupNorm → S
 conv, twice) with strided causal convs between stages (temporal stride only in the last ones) →
 norm → 1×1×1 conv to the latent width → quantizer. Decoder: the mirror image, upsampling by
 depth-to-space (dropping the frame before frame 0 after each temporal ×2, so 5 → 9 → 17) and
-adaptive GroupNorm whose scale and shift come from the quantized latent.
+adaptive GroupNorm whose scale and shift come from the quantized latent. With ``local_encoder``
+the encoder's downsampling is 2×2 patch merging and its convolutions are 1×1 in space, with a
+per-position LayerNorm, so each token sees only its own cell of pixels (and that cell's past).
 
 Causality makes 1 + 4k frames → 1 + k latent frames, an image the same as a video's first frame,
 and chunked encoding and decoding equal to the one-shot result (see :class:`StreamCache`).
