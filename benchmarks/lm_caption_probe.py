@@ -18,6 +18,7 @@ mean the model ignores that part of the caption.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import torch
@@ -42,11 +43,11 @@ def altered(scene, kind: str):
     """The scene with its one object's direction reversed or colour changed."""
     obj = scene.objects[0]
     if kind == "direction":
-        obj = obj.__class__(**{**vars(obj), "direction": OPPOSITE[obj.direction]})
+        obj = dataclasses.replace(obj, direction=OPPOSITE[obj.direction])
     else:
         colours = list(PALETTE)
-        obj = obj.__class__(**{**vars(obj), "colour": colours[(colours.index(obj.colour) + 3) % 8]})
-    return scene.__class__(**{**vars(scene), "objects": (obj,)})
+        obj = dataclasses.replace(obj, colour=colours[(colours.index(obj.colour) + 3) % 8])
+    return dataclasses.replace(scene, objects=(obj,))
 
 
 @torch.no_grad()
