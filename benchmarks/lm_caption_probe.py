@@ -78,7 +78,6 @@ def main() -> None:
         pipe.vocab,
         pipe.video_tokenizer,
     )
-    tokenizer.float()
     n_frames = 1 + tokenizer.config.temporal_compression * (pipe.trained_latents - 1)
     world = ShapesWorld(ShapesWorldConfig(n_frames=n_frames, max_objects=1, seed=1))
 

@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("exports", nargs="+", help="video tokenizer export directories")
     parser.add_argument("--clips", type=int, default=32)
     args = parser.parse_args()
-    torch.manual_seed(0)
     video = clips(args.clips)
     print(f"{'tokenizer':50s} {'bg share':>9s} {'repeat':>7s} {'ids/clip':>9s} {'PSNR':>6s}")
     for path in args.exports:

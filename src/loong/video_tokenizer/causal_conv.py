@@ -102,6 +102,11 @@ def frame_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return rearrange(x, "(b t) c h w -> b c t h w", b=b)
 
 
+def space_to_depth(x: torch.Tensor, space: int) -> torch.Tensor:
+    """``(B, C, T, H, W)`` → ``(B, C·s·s, T, H / s, W / s)``: each s×s cell becomes one position."""
+    return rearrange(x, "b c t (h sh) (w sw) -> b (c sh sw) t h w", sh=space, sw=space)
+
+
 def depth_to_space(x: torch.Tensor, time: int, space: int) -> torch.Tensor:
     """``(B, C·s_t·s·s, T, H, W)`` → ``(B, C, T·s_t, H·s, W·s)``."""
     return rearrange(

@@ -29,6 +29,7 @@ from loong.video_tokenizer.causal_conv import (
     StreamCache,
     depth_to_space,
     frame_group_norm,
+    space_to_depth,
 )
 from loong.video_tokenizer.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
 
@@ -202,8 +203,7 @@ class PatchMerge(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         # (B, C_in, T, H, W) → (B, C_out, T', H/2, W/2)
-        x = rearrange(x, "b c t (h sh) (w sw) -> b (c sh sw) t h w", sh=2, sw=2)
-        return self.conv(x, cache)
+        return self.conv(space_to_depth(x, 2), cache)
 
 
 def stretch_latent(z: torch.Tensor, frames: int, first: bool) -> torch.Tensor:
@@ -258,7 +258,7 @@ class Encoder(nn.Module):
         # x: (B, C, T, H, W) → (B, D, t, h, w)
         p = self.patch_size
         if p > 1:
-            x = rearrange(x, "b c t (h ph) (w pw) -> b (c ph pw) t h w", ph=p, pw=p)
+            x = space_to_depth(x, p)
         x = self.conv_in(x, cache)
         for i, blocks in enumerate(self.stages):
             for block in blocks:
