@@ -8,11 +8,12 @@ the model's clip length, tokenizes them with the model's video tokenizer, and sc
 tokens with teacher forcing under four captions: the true one, the same with the direction
 reversed (right ↔ left, up ↔ down, up-left ↔ down-right, …), with another colour, and the empty
 caption. Prints the mean cross-entropy of *object* tokens (ids other than the latent frame's most
-common id, i.e. not plain background) for latent frame 0 and for the later frames.
+common id, i.e. not plain background) for latent frame 0, latent frame 1 and the later frames.
 
 A model that uses the caption loses more under a wrong one: colour should matter most in frame
-0 (later frames can copy it), direction in the later frames (frame 0 is a still). Equal losses
-mean the model ignores that part of the caption.
+0 (later frames can copy it), direction in frame 1 (frame 0 is a still, and from frame 2 on the
+motion can be read off the frames before). Equal losses mean the model ignores that part of the
+caption.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def altered(scene, kind: str):
 
 
 @torch.no_grad()
-def object_losses(lm, vocab, text_ids, indices) -> tuple[float, float]:
-    """Mean CE of object tokens in latent frame 0 and in frames 1.. for one clip."""
+def object_losses(lm, vocab, text_ids, indices) -> tuple[float, float, float]:
+    """Mean CE of object tokens in latent frame 0, in frame 1 and in frames 2.. for one clip."""
     layout = vocab.layout(text_ids, indices)
     ids = layout.token_ids[None]  # (1, L)
     logits = lm(ids)[0, :-1].float()  # (L−1, V)
@@ -61,9 +62,8 @@ def object_losses(lm, vocab, text_ids, indices) -> tuple[float, float]:
     ce, frame = ce[frame >= 0], frame[frame >= 0]  # video tokens only, (t·h·w,)
     flat = indices.flatten(1)  # (t, h·w)
     is_object = (flat != flat.mode(dim=1).values[:, None]).flatten()
-    first = ce[is_object & (frame == 0)]
-    later = ce[is_object & (frame > 0)]
-    return first.mean().item(), later.mean().item()
+    parts = (frame == 0, frame == 1, frame > 1)
+    return tuple(ce[is_object & part].mean().item() for part in parts)
 
 
 def main() -> None:
@@ -81,7 +81,7 @@ def main() -> None:
     n_frames = 1 + tokenizer.config.temporal_compression * (pipe.trained_latents - 1)
     world = ShapesWorld(ShapesWorldConfig(n_frames=n_frames, max_objects=1, seed=1))
 
-    results: dict[str, list[tuple[float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float]]] = {}
     for i in range(args.clips):
         scene, _, true_caption, frames = world.sample(i)
         video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
@@ -99,10 +99,10 @@ def main() -> None:
 
     name = args.model or "bundled model"
     print(f"{name}: {args.clips} clips of {n_frames} frames, object tokens only")
-    print(f"{'caption':22s} {'frame 0 (nats)':>15s} {'frames 1+ (nats)':>17s}")
+    print(f"{'caption (nats)':22s} {'frame 0':>9s} {'frame 1':>9s} {'frames 2+':>10s}")
     for name, rows in results.items():
-        first, later = np.nanmean(np.array(rows), axis=0)
-        print(f"{name:22s} {first:15.3f} {later:17.3f}")
+        first, second, later = np.nanmean(np.array(rows), axis=0)
+        print(f"{name:22s} {first:9.3f} {second:9.3f} {later:10.3f}")
 
 
 if __name__ == "__main__":

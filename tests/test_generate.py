@@ -32,7 +32,7 @@ HW = 16  # 4×4 ids per latent frame
 PROMPT = "a red ball bounces"
 
 
-def tiny_lm(seed: int = 0, cls: type[VideoLM] = VideoLM) -> VideoLM:
+def tiny_lm(seed: int = 0, cls: type[VideoLM] = VideoLM, **fields: object) -> VideoLM:
     """dim 64, 2 layers; 256 text + 64 video (2^6 LFQ codes) + 10 special ids.
 
     Weights have std 0.3 rather than 0.02 so the next-token distribution depends clearly on the
@@ -47,6 +47,7 @@ def tiny_lm(seed: int = 0, cls: type[VideoLM] = VideoLM) -> VideoLM:
         max_seq_len=128,
         vocab__text_vocab_size=256,
         vocab__video_vocab_size=64,
+        **fields,
     )
     torch.manual_seed(seed)
     model = cls(config)
@@ -214,6 +215,26 @@ def test_long_video_slides_the_window_with_and_without_reencoding(pipe, monkeypa
     # The first window (3 latent frames → 9 frames) is the same; after the slide they part.
     assert np.array_equal(plain[:9], reencoded[:9])
     assert not np.array_equal(plain[9:], reencoded[9:])
+
+
+def test_cell_embeddings_count_cells_from_each_windows_prefix(pipe, monkeypatch):
+    """A model with video_grid samples, in every window, what full forwards of that window's
+    prompt give greedily: the cached cell count restarts with each window's prefill."""
+    pipe.lm = tiny_lm(video_grid=(4, 4))
+    windows = spy_on_windows(monkeypatch)
+    pipe(
+        PROMPT,
+        config(seconds=25 / FPS, window_latents=2, new_latents_per_window=1, temperature=0.0),
+    )
+    lo, hi = pipe.vocab.video_id_range
+    assert len(windows) == 5
+    for prompt_ids, sampled in windows:
+        ids = prompt_ids
+        with torch.no_grad():
+            for _ in range(len(sampled) * HW):
+                logits = pipe.lm(ids[None])[0, -1, lo:hi]
+                ids = torch.cat([ids, lo + logits.argmax()[None]])
+        assert torch.equal(ids[len(prompt_ids) :], torch.cat(sampled))
 
 
 def test_guidance_through_a_window_slide_is_seeded_and_changes_the_video(pipe):

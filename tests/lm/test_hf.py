@@ -79,3 +79,8 @@ def test_from_hf_llama_needs_the_vocabulary_split():
         from_hf_llama(hf)
     with pytest.raises(ValueError, match="vocab_size=100"):
         from_hf_llama(hf, vocab=VocabConfig(text_vocab_size=40, video_vocab_size=64))
+
+
+def test_a_model_with_cell_embeddings_does_not_convert(make_lm):
+    with pytest.raises(ValueError, match="video_grid"):
+        to_hf_llama(make_lm(video_grid=(2, 2)))

@@ -242,3 +242,64 @@ def test_tiny_preset_and_overrides():
         lm_preset("tiny", n_layer=3)
     with pytest.raises(ValueError, match="choose one of"):
         lm_preset("loong-13b")
+
+
+def test_cell_embedding_is_each_video_tokens_raster_cell(make_lm):
+    """Video token k of the sequence gets cell k mod h·w; text and specials get none."""
+    model = make_lm(video_grid=(2, 3))
+    vocab = Vocabulary(model.config.vocab)
+    layout = vocab.layout([5, 6, 7], torch.randint(0, 64, (3, 2, 3)))  # 3 latent frames + EOV
+    ids = layout.token_ids[None]  # (1, L)
+    cells = model._cell_embedding(ids, torch.arange(ids.shape[1]), None)[0]  # (L, D)
+    video = vocab.is_video(layout.token_ids)
+    expected = model.cell_embeddings.weight[torch.arange(18) % 6]
+    torch.testing.assert_close(cells[video], expected, atol=0, rtol=0)
+    assert not cells[~video].any()
+
+
+def test_cell_embedding_changes_only_the_tokens_of_its_cell(make_lm):
+    model = make_lm(video_grid=(2, 2))
+    vocab = Vocabulary(model.config.vocab)
+    ids = vocab.layout([1, 2], torch.randint(0, 64, (2, 2, 2)), eov=False).token_ids[None]
+    with torch.no_grad():
+        before = model(ids)
+        model.cell_embeddings.weight[3].add_(1.0)  # the bottom-right cell
+        after = model(ids)
+    first = 4 + 3  # BOS, 2 text ids, BOV, then cells 0, 1, 2 of frame 0
+    torch.testing.assert_close(after[:, :first], before[:, :first], atol=ATOL, rtol=0)
+    assert not torch.allclose(after[:, first], before[:, first], atol=1e-3)
+
+
+def test_kv_cache_with_a_video_grid_equals_full_forward_and_feeds_in_order(make_lm):
+    model = make_lm(video_grid=(2, 2))
+    vocab = Vocabulary(model.config.vocab)
+    ids = torch.stack(
+        [vocab.layout([1, 2, 3], torch.randint(0, 64, (3, 2, 2)), eov=False).token_ids] * 2
+    )  # (2, 17)
+    with torch.no_grad():
+        full = model(ids)
+        cache = new_cache(model, 2, 32)
+        steps = [model(ids[:, :6], cache=cache, input_pos=torch.arange(6))]  # prompt + 1 cell
+        steps.append(model(ids[:, 6:9], cache=cache, input_pos=torch.arange(6, 9)))
+        for i in range(9, 17):
+            steps.append(model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i])))
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
+        assert cache.video_seen.tolist() == [12, 12]
+        with pytest.raises(ValueError, match="continue at slot 17"):
+            model(ids[:, :1], cache=cache, input_pos=torch.tensor([20]))
+        cache.reset()
+        again = model(ids[:, :9], cache=cache, input_pos=torch.arange(9))
+    torch.testing.assert_close(again, full[:, :9], atol=ATOL, rtol=0)
+
+
+def test_video_grid_is_validated_and_saved(make_lm, tmp_path):
+    with pytest.raises(ValueError, match="video_grid"):
+        VideoLMConfig(video_grid=(0, 4))
+    model = make_lm(video_grid=[2, 3])
+    assert model.config.video_grid == (2, 3)
+    model.save_pretrained(tmp_path)
+    loaded = VideoLM.from_pretrained(tmp_path)
+    assert loaded.config.video_grid == (2, 3)
+    ids = random_ids(model, 1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)

@@ -134,9 +134,10 @@ def greedy_reference(model, cond, uncond, n_tokens, scale, vocab):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("grid", [None, (2, 2)], ids=["rope-only", "cell-embeddings"])
 @pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_generation_with_padding_and_guidance_matches_a_plain_reference(make_lm, scale):
-    model = make_lm()
+def test_generation_with_padding_and_guidance_matches_a_plain_reference(make_lm, scale, grid):
+    model = make_lm(video_grid=grid)
     vocab = Vocabulary(model.config.vocab)
     rows = [vocab.layout([1, 2, 3, 4, 5], None).token_ids, vocab.layout([6], None).token_ids]
     uncond = [vocab.layout([], None).token_ids, vocab.layout([7, 8], None).token_ids]

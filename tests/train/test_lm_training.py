@@ -480,6 +480,9 @@ def test_config_errors_name_the_fix(tmp_path, train_config):
     wrong_vocab = apply_overrides(train_config, {"model.vocab.video_vocab_size": 128})
     with pytest.raises(ValueError, match="64 codes"):
         train_lm(wrong_vocab, tmp_path / "c", progress=False)
+    wrong_grid = apply_overrides(train_config, {"model.video_grid": [4, 4]})
+    with pytest.raises(ValueError, match=r"model.video_grid = \[8, 8\]"):
+        train_lm(wrong_grid, tmp_path / "d", progress=False)
     with pytest.raises(ValueError, match="weights"):
         StageConfig(name="x", lengths=(1, 2), weights=(1.0,))
 

@@ -55,6 +55,11 @@ def to_hf_llama(model: VideoLM) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = model.config
+    if cfg.video_grid is not None:
+        raise ValueError(
+            f"this model has video_grid={cfg.video_grid}: its cell embeddings have no place in "
+            f"LlamaForCausalLM; only models trained with video_grid=None convert"
+        )
     vocab = Vocabulary(cfg.vocab)
     hf_config = LlamaConfig(
         vocab_size=cfg.vocab_size,

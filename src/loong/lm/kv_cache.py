@@ -42,7 +42,12 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros((batch_size, max_len), dtype=torch.bool, device=device)
+        self.video_seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        """Video tokens written so far in each row: the rank the next one continues from (a
+        model with ``video_grid`` uses it for the cell embedding of a token fed in order)."""
         self.max_len = max_len
+        self.next_pos = 0
+        """One past the highest slot of the last write."""
         self.end = 0
         """One past the last written slot while the cache is dense."""
         self.dense = True
@@ -57,7 +62,8 @@ class KVCache:
         self.k.zero_()
         self.v.zero_()
         self.valid.zero_()
-        self.end, self.dense = 0, True
+        self.video_seen.zero_()
+        self.end, self.dense, self.next_pos = 0, True, 0
 
     def mark(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Record slots ``input_pos`` (L,) as written; ``attention_mask`` (B, L) marks real ones."""
@@ -71,6 +77,7 @@ class KVCache:
         padded = attention_mask is not None and not bool(attention_mask.all())
         self.dense = self.dense and in_order and not padded
         self.end = hi + 1 if self.dense else self.end
+        self.next_pos = hi + 1
         if attention_mask is None:
             self.valid[:, input_pos] = True
         else:

@@ -6,6 +6,12 @@ linear head; no biases. Parameter names follow Meta's LLaMA (``wq``, ``w1``, ``a
 and RoPE rotates the two halves of each head (``rotate_half``, as transformers' LLaMA does), so
 weights convert to and from ``LlamaForCausalLM`` by renaming alone (see :mod:`loong.lm.hf`).
 
+One optional addition, off by default: with ``video_grid = (h, w)`` every video token's input also
+gets a learned embedding of its cell in the latent frame (as ViT's learned position embeddings,
+for the video part only). With RoPE alone a token finds its own cell one frame back only by
+learning the relative offset h·w, which a small model trained briefly did not (see BENCHMARKS.md,
+"Cell embeddings"). A model with cell embeddings does not convert to transformers.
+
 Axes: B batch, L sequence (new tokens), S key positions (the KV cache's slots), D model width,
 N heads, M key/value heads, E head width, F feed-forward width, V vocabulary.
 """
@@ -50,10 +56,22 @@ class VideoLMConfig:
     """Std of the normal init; residual output projections get init_std / sqrt(2·n_layers)."""
     vocab: VocabConfig = field(default_factory=VocabConfig)
     """The joint text + video + special id space; vocab_size derives from it."""
+    video_grid: tuple[int, int] | None = None
+    """(h, w) of a latent frame. When set, each video token's input also gets a learned
+    embedding of its cell in the frame (row · w + column, counted from the sequence's first video
+    token), so that "this cell one frame back" is a content match rather than a RoPE offset of
+    h·w to learn. None: positions are RoPE's alone, as in LLaMA, which transformers' conversion
+    needs."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vocab, dict):
             self.vocab = VocabConfig(**self.vocab)
+        if self.video_grid is not None:
+            self.video_grid = tuple(int(v) for v in self.video_grid)
+            if len(self.video_grid) != 2 or min(self.video_grid) <= 0:
+                raise ValueError(
+                    f"video_grid must be (h, w) with positive sides or None, got {self.video_grid}"
+                )
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
             raise ValueError(
                 f"dim, n_layers and n_heads must be positive, got {self.dim}, "
@@ -292,6 +310,8 @@ class VideoLM(nn.Module):
         self.output = (
             None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         )
+        grid = config.video_grid
+        self.cell_embeddings = None if grid is None else nn.Embedding(grid[0] * grid[1], config.dim)
         if not self.tok_embeddings.weight.is_meta:  # meta tensors hold no values to draw
             self.init_weights()
 
@@ -354,10 +374,19 @@ class VideoLM(nn.Module):
         if cache is not None:
             if cache.batch_size != b:
                 raise ValueError(f"the KV cache holds {cache.batch_size} rows, got {b}")
+            start = int(input_pos[0])
+            if self.cell_embeddings is not None and start not in (0, cache.next_pos):
+                raise ValueError(
+                    f"with video_grid a cached forward must start at slot 0 or continue at slot "
+                    f"{cache.next_pos}, got {start}: the cell of a video token is counted from "
+                    f"the tokens fed before it"
+                )
             cache.mark(input_pos, attention_mask)
         mask = self._mask(input_pos, attention_mask, cache)  # (B, 1, L, S) or None
 
         x = self.tok_embeddings(token_ids)  # (B, L, D)
+        if self.cell_embeddings is not None:
+            x = x + self._cell_embedding(token_ids, input_pos, cache)
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, input_pos)
@@ -371,6 +400,29 @@ class VideoLM(nn.Module):
                 raise ValueError(f"id_range {id_range} is empty or outside [0, {head.shape[0]})")
             head = head[lo:hi]
         return F.linear(x, head)  # (B, L, V) or (B, L, hi − lo)
+
+    def _cell_embedding(
+        self, token_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        """Each video token's cell embedding, zero elsewhere: ``(B, L, D)``.
+
+        A video token's cell is its rank among the row's video tokens modulo h·w, so every
+        sequence's video part must start at a latent frame's first cell (the layout's and the
+        sliding window's do). A cached forward carries the rank on in ``cache.video_seen``.
+        """
+        lo, hi = (
+            self.config.vocab.text_vocab_size,
+            self.config.vocab.text_vocab_size + (self.config.vocab.video_vocab_size),
+        )
+        is_video = (token_ids >= lo) & (token_ids < hi)  # (B, L)
+        rank = is_video.long().cumsum(dim=1) - 1  # (B, L) rank among this call's video tokens
+        if cache is not None:
+            if int(input_pos[0]) == 0:
+                cache.video_seen.zero_()
+            rank = rank + cache.video_seen[:, None]
+            cache.video_seen += is_video.sum(dim=1)
+        cells = self.cell_embeddings(rank.clamp(min=0) % self.cell_embeddings.num_embeddings)
+        return cells * is_video[..., None].to(cells.dtype)  # (B, L, D)
 
     @staticmethod
     def _mask(

@@ -476,6 +476,12 @@ def open_data(cfg: LMTrainConfig) -> tuple[list[TokenShards], TextTokenizer, Voc
             f"the shards' video tokenizer has {shards[0].video_vocab_size} codes but "
             f"model.vocab.video_vocab_size is {vocab_cfg.video_vocab_size}: make them equal"
         )
+    grid = cfg.model.video_grid
+    if grid is not None and tuple(grid) != (h, w):
+        raise ValueError(
+            f"model.video_grid is {tuple(grid)} but the shards' latent frames are {h}×{w}: set "
+            f"model.video_grid = [{h}, {w}] (or None for RoPE positions alone)"
+        )
     longest = max(max(s.lengths) for s in shards)
     for stage in cfg.stages:
         if max(stage.lengths) > longest:
