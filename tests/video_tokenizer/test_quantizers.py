@@ -10,10 +10,11 @@ import math
 
 import pytest
 import torch
-from vector_quantize_pytorch import LFQ
+from vector_quantize_pytorch import FSQ, LFQ
 
 from loong.video_tokenizer.quantize import (
     ClusteredVectorQuantizer,
+    FiniteScalarQuantizer,
     LookupFreeQuantizer,
     QuantizerConfig,
     code_stats,
@@ -345,11 +346,61 @@ def test_cvq_l2_training_step_backpropagates():
 
 
 def test_quantizer_config_validation():
-    with pytest.raises(ValueError, match='"lfq" or "cvq"'):
-        QuantizerConfig(kind="fsq")
+    with pytest.raises(ValueError, match='"lfq", "cvq" or "fsq"'):
+        QuantizerConfig(kind="rvq")
+    with pytest.raises(ValueError, match="set latent_dim=5"):
+        QuantizerConfig(kind="fsq", latent_dim=4)
+    with pytest.raises(ValueError, match=">= 3"):
+        QuantizerConfig(kind="fsq", latent_dim=2, fsq_levels=(2, 4))
+    assert QuantizerConfig(kind="fsq", latent_dim=5).vocab_size == 7 * 5**4
     with pytest.raises(ValueError, match="at most 31 bits"):
         QuantizerConfig(kind="lfq", latent_dim=32)
     with pytest.raises(ValueError, match='"cosine" or "l2"'):
         QuantizerConfig(kind="cvq", cvq_distance="dot")
     assert QuantizerConfig(kind="lfq", latent_dim=18).vocab_size == 2**18
     assert QuantizerConfig(kind="cvq", codebook_size=8192).vocab_size == 8192
+
+
+# --- FSQ -------------------------------------------------------------------------------------
+
+
+def fsq(levels: tuple[int, ...]) -> FiniteScalarQuantizer:
+    return FiniteScalarQuantizer(
+        QuantizerConfig(kind="fsq", latent_dim=len(levels), fsq_levels=levels)
+    )
+
+
+@pytest.mark.parametrize("levels", [(7, 5, 5, 5, 5), (8, 6, 5), (3, 4)])
+def test_fsq_matches_vector_quantize_pytorch(levels):
+    torch.manual_seed(0)
+    z = torch.randn(2000, len(levels)) * 2
+    ours = fsq(levels)(z)
+    codes, indices = FSQ(levels=list(levels))(z[None])
+    torch.testing.assert_close(ours.quantized, codes[0], atol=0, rtol=0)
+    assert torch.equal(ours.indices, indices[0].long())
+
+
+@pytest.mark.parametrize("levels", [(7, 5, 5, 5, 5), (8, 6, 5)])
+def test_fsq_every_index_round_trips_and_is_reachable(levels):
+    q = fsq(levels)
+    n = q.config.vocab_size
+    codes = q.indices_to_codes(torch.arange(n))  # (n, D)
+    assert codes.abs().max() <= 1 and len(torch.unique(codes, dim=0)) == n
+    assert torch.equal(q.codes_to_indices(codes), torch.arange(n))
+    # Each code is reached from a latent: the inverse of the bound, at the level's centre.
+    half = (q.levels - 1) * (1 + q.EPS) / 2
+    offset = (q.levels % 2 == 0).float() * 0.5
+    target = codes * (q.levels // 2) + offset  # the rounded value + offset, inside ±half
+    z = torch.atanh(target / half) - torch.atanh(offset / half)
+    out = q(z)
+    assert torch.equal(out.indices, torch.arange(n))
+    assert out.stats["usage"].item() == 1.0
+
+
+def test_fsq_gradient_is_straight_through_and_adds_no_loss():
+    q = fsq((7, 5, 5))
+    z = torch.randn(64, 3, requires_grad=True)
+    out = q(z)
+    out.quantized.sum().backward()
+    assert z.grad is not None and (z.grad > 0).all()  # tanh' > 0 through the rounding
+    assert out.loss.item() == 0.0

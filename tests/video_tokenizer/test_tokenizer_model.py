@@ -97,8 +97,9 @@ def test_encode_is_pure_even_in_training_mode(make_small_tokenizer, make_video):
         {},
         {"quantizer.kind": "cvq", "quantizer.codebook_size": 32, "quantizer.cvq_distance": "l2"},
         {"quantizer.kind": "cvq", "quantizer.codebook_size": 32},
+        {"quantizer.kind": "fsq", "quantizer.latent_dim": 3, "quantizer.fsq_levels": [5, 5, 3]},
     ],
-    ids=["lfq", "cvq-l2", "cvq-cosine"],
+    ids=["lfq", "cvq-l2", "cvq-cosine", "fsq"],
 )
 def test_training_forward_backpropagates_to_encoder_and_decoder(
     make_small_tokenizer, make_video, overrides
@@ -110,7 +111,9 @@ def test_training_forward_backpropagates_to_encoder_and_decoder(
     loss.backward()
     assert model.encoder.conv_in.conv.weight.grad.abs().sum() > 0
     assert model.decoder.last_layer.grad.abs().sum() > 0
-    assert {"perplexity", "usage", "commitment"} <= set(out.stats)
+    assert {"perplexity", "usage"} <= set(out.stats)
+    if model.config.quantizer.kind != "fsq":  # FSQ has no commitment loss
+        assert "commitment" in out.stats
 
 
 # --- presets ---------------------------------------------------------------------------------

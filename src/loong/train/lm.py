@@ -236,8 +236,8 @@ def lm_train_preset(name: str) -> LMTrainConfig:
             data=LMDataConfig(alternate_caption_prob=0.2),
             stages=(
                 StageConfig(name="image", steps=400, lengths=(1,)),
-                StageConfig(name="short", steps=800, lengths=(1, 5), weights=(1, 3)),
-                StageConfig(name="long", steps=1400, lengths=(1, 5, 9), weights=(1, 2, 4)),
+                StageConfig(name="short", steps=900, lengths=(1, 5), weights=(1, 3)),
+                StageConfig(name="long", steps=2000, lengths=(1, 5, 9), weights=(1, 2, 4)),
             ),
             loss=LossWeightConfig(short_frames=5),
             optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),

@@ -1,4 +1,4 @@
-"""Quantizers of the video tokenizer: lookup-free (LFQ) and clustered VQ (CVQ).
+"""Quantizers of the video tokenizer: lookup-free (LFQ), clustered VQ (CVQ) and finite scalar (FSQ).
 
 - LFQ (MAGVIT-v2, Yu et al. 2023, sec. 3.1): a latent ``z ∈ R^K`` becomes the code ``sign(z)``;
   its index is ``Σ_i 2^i·[z_i > 0]``, so the vocabulary is ``2^K`` with no codebook to look up.
@@ -12,12 +12,18 @@
   cosine or L2 distance with a straight-through gradient; every code keeps a running usage
   ``N_k ← γ N_k + (1 − γ) n_k / B`` and moves toward its closest feature in the batch
   ``a_k`` with ``α_k = exp(−N_k·K·10 / (1 − γ) − 1e-3)``, so dead codes revive and used ones stay.
+- FSQ (Mentzer et al. 2023, "Finite Scalar Quantization"): component i of ``z ∈ R^D`` is bounded
+  by ``tanh`` to ``L_i`` levels and rounded (straight-through); the code is the rounded vector
+  scaled into [−1, 1] and its index the mixed-radix number of its digits, so the vocabulary is
+  ``Π L_i``. No auxiliary loss and no codebook: every code is reachable by a small move of ``z``,
+  and nearby latents get nearby codes, where LFQ's sign keeps one bit a component.
 
 Axes: N flattened tokens, D latent width, K code bits (LFQ) or codebook size (CVQ), G bit groups.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +36,8 @@ from loong.train.dist import all_reduce_mean
 @dataclass(kw_only=True)
 class QuantizerConfig:
     kind: str = "lfq"
-    """"lfq" (lookup-free, vocabulary 2^latent_dim) or "cvq" (clustered VQ codebook)."""
+    """"lfq" (lookup-free, vocabulary 2^latent_dim), "cvq" (clustered VQ codebook) or "fsq"
+    (finite scalar, vocabulary Π fsq_levels)."""
     latent_dim: int = 18
     """Width of the quantized latent: the code bits K for LFQ, the code vector width for CVQ."""
     codebook_size: int = 8192
@@ -51,10 +58,23 @@ class QuantizerConfig:
     """CVQ only: γ of the running code usage."""
     cvq_anchor_update: bool = True
     """CVQ only: move codes toward batch anchors (off gives plain VQ, for comparison)."""
+    fsq_levels: tuple[int, ...] = (7, 5, 5, 5, 5)
+    """FSQ only: levels per latent component (latent_dim must equal their number). The FSQ
+    paper's choice for ~2^12 codes: 7·5·5·5·5 = 4,375."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lfq", "cvq"):
-            raise ValueError(f'quantizer.kind must be "lfq" or "cvq", got {self.kind!r}')
+        if self.kind not in ("lfq", "cvq", "fsq"):
+            raise ValueError(f'quantizer.kind must be "lfq", "cvq" or "fsq", got {self.kind!r}')
+        self.fsq_levels = tuple(int(v) for v in self.fsq_levels)
+        if self.kind == "fsq":
+            if len(self.fsq_levels) != self.latent_dim:
+                raise ValueError(
+                    f"FSQ needs one level count per latent component: latent_dim is "
+                    f"{self.latent_dim} but fsq_levels {self.fsq_levels} has "
+                    f"{len(self.fsq_levels)}: set latent_dim={len(self.fsq_levels)}"
+                )
+            if min(self.fsq_levels) < 3:
+                raise ValueError(f"quantizer.fsq_levels must all be >= 3, got {self.fsq_levels}")
         if self.latent_dim < 1:
             raise ValueError(f"quantizer.latent_dim must be >= 1, got {self.latent_dim}")
         if self.kind == "lfq" and self.latent_dim > 31:
@@ -74,6 +94,8 @@ class QuantizerConfig:
 
     @property
     def vocab_size(self) -> int:
+        if self.kind == "fsq":
+            return math.prod(self.fsq_levels)
         return 2**self.latent_dim if self.kind == "lfq" else self.codebook_size
 
 
@@ -217,7 +239,56 @@ class ClusteredVectorQuantizer(nn.Module):
         self.codebook.copy_(all_reduce_mean(new).to(self.codebook.dtype))
 
 
-def build_quantizer(config: QuantizerConfig) -> LookupFreeQuantizer | ClusteredVectorQuantizer:
+class FiniteScalarQuantizer(nn.Module):
+    """FSQ: ``z (N, D)`` → codes with component i on ``L_i`` levels in [−1, 1], and indices in
+    ``[0, Π L_i)``."""
+
+    EPS = 1e-3
+    """Widens the tanh bound a little so the outermost levels are reached (as the paper does)."""
+
+    def __init__(self, config: QuantizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        levels = torch.tensor(config.fsq_levels)  # (D,)
+        basis = torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0)  # (D,)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """``z (N, D)`` → values whose rounding lands on L_i integers: −L/2 .. L/2 − 1 for even
+        L (shifted so that z = 0 is not a rounding boundary), −(L−1)/2 .. (L−1)/2 for odd."""
+        half = (self.levels - 1) * (1 + self.EPS) / 2
+        offset = (self.levels % 2 == 0).float() * 0.5
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``(...)`` → codes ``(..., D)`` in [−1, 1]."""
+        digits = (indices.unsqueeze(-1) // self.basis) % self.levels  # (..., D) in 0 .. L−1
+        half_width = self.levels // 2
+        return (digits - half_width).float() / half_width
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(..., D)`` → indices ``(...)``."""
+        half_width = self.levels // 2
+        digits = (codes * half_width).round().long() + half_width  # (..., D) in 0 .. L−1
+        return (digits * self.basis).sum(-1)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        # z: (N, D)
+        bounded = self.bound(z.float())
+        rounded = bounded + (bounded.round() - bounded).detach()  # straight-through
+        codes = (rounded / (self.levels // 2)).to(z.dtype)  # (N, D) in [−1, 1]
+        indices = self.codes_to_indices(codes.detach().float())  # (N,)
+        stats = code_stats(indices, self.config.vocab_size)
+        return QuantizerOutput(codes, indices, z.new_zeros((), dtype=torch.float32), stats)
+
+
+def build_quantizer(
+    config: QuantizerConfig,
+) -> LookupFreeQuantizer | ClusteredVectorQuantizer | FiniteScalarQuantizer:
     if config.kind == "lfq":
         return LookupFreeQuantizer(config)
+    if config.kind == "fsq":
+        return FiniteScalarQuantizer(config)
     return ClusteredVectorQuantizer(config)
