@@ -1,0 +1,67 @@
+"""The fidelity a video tokenizer allows: the world's own videos, encoded and decoded, scored.
+
+    python benchmarks/tokenizer_ceiling.py runs/recipe/tokenizer/export [more exports ...]
+    python benchmarks/tokenizer_ceiling.py src/loong/models/shapes/tokenizer --seconds 60
+
+No language model can score higher than its tokenizer lets it: this renders each canonical
+prompt of ``loong bench fidelity`` (world seed 0), passes it through the tokenizer and scores
+the reconstruction with the same pixel checks, one-second windows. It needs only a tokenizer
+export, so tokenizer experiments can be compared before any LM is trained on them
+(``loong bench fidelity --source tokenizer`` gives the same scores through an LM bundle).
+
+Per prompt it also prints what the checks see in the reconstruction: the median fill ratio of the
+largest blob (> 0.9 reads as a square, 0.65–0.9 a circle, < 0.65 a triangle), its median area
+over the shape's true area (blur that spreads an object past the scorer's colour-distance
+threshold makes it larger), and the colour name most often measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import numpy as np
+import torch
+
+from loong.data.shapes import half_extent, parse_caption, shape_mask
+from loong.evaluate.bench import CANONICAL_PROMPTS, reference_video
+from loong.evaluate.fidelity import CHECKS, measure_frame, score_video
+from loong.video_tokenizer.model import VideoTokenizer
+
+
+def report(directory: str, seconds: float, fps: float = 8.0, size: int = 64) -> None:
+    tokenizer = VideoTokenizer.from_pretrained(directory).eval()
+    n_frames = round(seconds * fps)
+    print(f"{directory}: {len(CANONICAL_PROMPTS)} prompts × {n_frames} frames")
+    header = f"{'prompt':52s} {'all':>5s} " + " ".join(f"{c:>8s}" for c in CHECKS)
+    print(header + f" {'fill':>5s} {'area×':>6s}  colour seen")
+    windows = []
+    for prompt in CANONICAL_PROMPTS:
+        frames = reference_video(prompt, 0, n_frames, size, tokenizer)
+        scored = score_video(frames, prompt, fps=fps)
+        windows += scored
+        obj = parse_caption(prompt).objects[0]
+        true_area = int(shape_mask(obj.shape, half_extent(obj.size, size)).sum())
+        seen = [m for m in (measure_frame(f) for f in frames) if m is not None]
+        fill = np.median([m.fill_ratio for m in seen]) if seen else float("nan")
+        area = np.median([m.area for m in seen]) / true_area if seen else float("nan")
+        colour = Counter(m.colour for m in seen).most_common(1)[0][0] if seen else "-"
+        shares = " ".join(f"{np.mean([w[c] for w in scored]):8.2f}" for c in CHECKS)
+        all_share = np.mean([w["all"] for w in scored])
+        print(f"{prompt:52s} {all_share:5.2f} {shares} {fill:5.2f} {area:6.2f}  {colour}")
+    shares = " ".join(f"{np.mean([w[c] for w in windows]):8.2f}" for c in CHECKS)
+    print(f"{'all prompts':52s} {np.mean([w['all'] for w in windows]):5.2f} {shares}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("exports", nargs="+", help="video tokenizer export directories")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each video")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    for directory in args.exports:
+        report(directory, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
