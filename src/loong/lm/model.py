@@ -410,11 +410,8 @@ class VideoLM(nn.Module):
         sequence's video part must start at a latent frame's first cell (the layout's and the
         sliding window's do). A cached forward carries the rank on in ``cache.video_seen``.
         """
-        lo, hi = (
-            self.config.vocab.text_vocab_size,
-            self.config.vocab.text_vocab_size + (self.config.vocab.video_vocab_size),
-        )
-        is_video = (token_ids >= lo) & (token_ids < hi)  # (B, L)
+        lo = self.config.vocab.text_vocab_size  # video ids are lo .. lo + video_vocab_size − 1
+        is_video = (token_ids >= lo) & (token_ids < lo + self.config.vocab.video_vocab_size)
         rank = is_video.long().cumsum(dim=1) - 1  # (B, L) rank among this call's video tokens
         if cache is not None:
             if int(input_pos[0]) == 0:
