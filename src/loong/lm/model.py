@@ -371,22 +371,14 @@ class VideoLM(nn.Module):
                 f"attention_mask must be ({b}, {length}) like token_ids, got "
                 f"{tuple(attention_mask.shape)}"
             )
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"the KV cache holds {cache.batch_size} rows, got {b}")
+        x = self.tok_embeddings(token_ids)  # (B, L, D)
+        if self.cell_embeddings is not None:  # before cache.mark: it reads the previous write
+            x = x + self._cell_embedding(token_ids, input_pos, cache)
         if cache is not None:
-            if cache.batch_size != b:
-                raise ValueError(f"the KV cache holds {cache.batch_size} rows, got {b}")
-            start = int(input_pos[0])
-            if self.cell_embeddings is not None and start not in (0, cache.next_pos):
-                raise ValueError(
-                    f"with video_grid a cached forward must start at slot 0 or continue at slot "
-                    f"{cache.next_pos}, got {start}: the cell of a video token is counted from "
-                    f"the tokens fed before it"
-                )
             cache.mark(input_pos, attention_mask)
         mask = self._mask(input_pos, attention_mask, cache)  # (B, 1, L, S) or None
-
-        x = self.tok_embeddings(token_ids)  # (B, L, D)
-        if self.cell_embeddings is not None:
-            x = x + self._cell_embedding(token_ids, input_pos, cache)
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, input_pos)
@@ -408,13 +400,21 @@ class VideoLM(nn.Module):
 
         A video token's cell is its rank among the row's video tokens modulo h·w, so every
         sequence's video part must start at a latent frame's first cell (the layout's and the
-        sliding window's do). A cached forward carries the rank on in ``cache.video_seen``.
+        sliding window's do). A cached forward carries the rank on in ``cache.video_seen``, so
+        it must start at slot 0 or continue where the cache's last write ended.
         """
         lo = self.config.vocab.text_vocab_size  # video ids are lo .. lo + video_vocab_size − 1
         is_video = (token_ids >= lo) & (token_ids < lo + self.config.vocab.video_vocab_size)
         rank = is_video.long().cumsum(dim=1) - 1  # (B, L) rank among this call's video tokens
         if cache is not None:
-            if int(input_pos[0]) == 0:
+            start = int(input_pos[0])
+            if start not in (0, cache.next_pos):
+                raise ValueError(
+                    f"with video_grid a cached forward must start at slot 0 or continue at slot "
+                    f"{cache.next_pos}, got {start}: the cell of a video token is counted from "
+                    f"the tokens fed before it"
+                )
+            if start == 0:
                 cache.video_seen.zero_()
             rank = rank + cache.video_seen[:, None]
             cache.video_seen += is_video.sum(dim=1)

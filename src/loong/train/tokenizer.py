@@ -187,7 +187,7 @@ def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
             data=TokenizerDataConfig(n_frames=9, size=64, batch_size=4),
             # shapes: L2, whose gradient fades on the flat background as it is learned and
             # leaves the small objects the bulk of it (L1 keeps ±1 on every background pixel).
-            # shapes: no GAN phase within its steps; 300 GAN steps after step 2,400 cost 4× a
+            # shapes: no GAN phase within its steps; 300 GAN steps after step 2,400 cost 3.7× a
             # plain step's CPU time and left the fidelity ceiling where it was (BENCHMARKS.md).
             loss=TokenizerLossConfig(
                 reconstruction="l2" if name == "shapes" else "l1",

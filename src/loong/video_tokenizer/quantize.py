@@ -277,9 +277,11 @@ class FiniteScalarQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         # z: (N, D)
         bounded = self.bound(z.float())
-        rounded = bounded + (bounded.round() - bounded).detach()  # straight-through
-        codes = (rounded / (self.levels // 2)).to(z.dtype)  # (N, D) in [−1, 1]
-        indices = self.codes_to_indices(codes.detach().float())  # (N,)
+        level = bounded.round()  # (N, D) integers −L/2 .. L/2 − 1 (even L), ±(L−1)/2 (odd)
+        rounded = bounded + (level - bounded).detach()  # straight-through
+        half_width = self.levels // 2
+        codes = (rounded / half_width).to(z.dtype)  # (N, D) in [−1, 1]
+        indices = ((level.long() + half_width) * self.basis).sum(-1)  # (N,) mixed radix
         stats = code_stats(indices, self.config.vocab_size)
         return QuantizerOutput(codes, indices, z.new_zeros((), dtype=torch.float32), stats)
 
