@@ -264,3 +264,63 @@ def test_local_encoder_is_causal_and_chunks_exactly(make_small_tokenizer, make_v
     idx, idx2 = model.encode(video), model.encode(changed)
     assert torch.equal(idx2[:, :3], idx[:, :3])
     assert torch.equal(model.encode(video, chunk_frames=8), idx)
+
+
+# --- bounded encoder history -----------------------------------------------------------------
+
+
+def windowed_latents(model, video: torch.Tensor) -> torch.Tensor:
+    """``encoder_history`` by definition: latent t ≥ 1 is the last latent of a fresh clip of
+    frames r(t − 1 − k) .. rt (clipped at frame 0), encoded alone; latent 0 is frame 0 alone."""
+    k, r = model.config.encoder_history, 4
+    parts = [latents(model, video[:, :, :1])]
+    for t in range(1, (video.shape[2] - 1) // r + 1):
+        parts.append(latents(model, video[:, :, max(0, r * (t - 1 - k)) : r * t + 1])[:, :, -1:])
+    return torch.cat(parts, dim=2)
+
+
+@pytest.mark.parametrize("history", [0, 1, 2])
+@pytest.mark.parametrize("local", [False, True])
+def test_bounded_history_encoder_sees_only_its_window(
+    make_small_tokenizer, make_video, history, local
+):
+    model = make_small_tokenizer(encoder_history=history, local_encoder=local)
+    video = make_video(frames=21)
+    with torch.no_grad():
+        z = model.encode_latents(video)
+    assert z.shape[2] == 6
+    torch.testing.assert_close(z, windowed_latents(model, video), rtol=1e-5, atol=1e-5)
+
+    # Frames before latent 5's window (it starts at frame 4(4 − k)) no longer reach it...
+    changed = video.clone()
+    start = 4 * (4 - history)
+    changed[:, :, :start] = make_video(frames=21, seed=1)[:, :, :start]
+    with torch.no_grad():
+        z2 = model.encode_latents(changed)
+    torch.testing.assert_close(z2[:, :, 5], z[:, :, 5], rtol=1e-5, atol=1e-6)
+    assert_frames_differ(z, z2, range(5))
+    # ...while with the full history they do.
+    full = make_small_tokenizer(local_encoder=local)
+    assert_frames_differ(latents(full, video), latents(full, changed), [5])
+
+
+@pytest.mark.parametrize("history", [0, 1, 3])
+@pytest.mark.parametrize(("frames", "chunk"), [(21, 4), (21, 8), (17, 12), (9, 16)])
+def test_bounded_history_chunked_encode_equals_one_shot(
+    make_small_tokenizer, make_video, history, frames, chunk
+):
+    model = make_small_tokenizer(encoder_history=history)
+    video = make_video(frames=frames)
+    one_shot = model.encode(video)
+    assert one_shot.shape[1] == 1 + (frames - 1) // 4
+    assert torch.equal(model.encode(video, chunk_frames=chunk), one_shot)
+    encoder = StreamingEncoder(model)
+    parts = [encoder(video[:, :, a:b]) for a, b in [(0, 1), (1, 5), (5, frames)]]
+    assert torch.equal(torch.cat(parts, 1), one_shot)
+    with torch.no_grad():
+        assert torch.equal(model(video).indices, one_shot)
+
+
+def test_encoder_history_must_not_be_negative(make_small_tokenizer):
+    with pytest.raises(ValueError, match="encoder_history must be >= 0 or None"):
+        make_small_tokenizer(encoder_history=-1)

@@ -60,6 +60,13 @@ class VideoTokenizerConfig:
     so identical cells get identical codes (a flat background one code everywhere), which is
     far easier for a language model to predict than codes that shift with content a frame
     away. The decoder keeps its full context either way."""
+    encoder_history: int | None = None
+    """Latent frames of past the encoder may look back on; None: all (fully causal). With
+    k ≥ 0, latent frame t ≥ 1 is encoded from frames r(t − 1 − k) .. rt alone, as a fresh clip
+    of 1 + r(k + 1) frames (r the temporal compression): its own r frames, the r·k frames
+    before them and one more. Equal content over that span then gets equal codes whatever
+    came earlier, so a language model need not learn codes that drift with a token's
+    history. Costs (1 + r(k + 1)) / r times the encoder's work on long videos."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     """The quantizer between encoder and decoder."""
 
@@ -76,6 +83,10 @@ class VideoTokenizerConfig:
             )
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.encoder_history is not None and self.encoder_history < 0:
+            raise ValueError(
+                f"encoder_history must be >= 0 or None (full history), got {self.encoder_history}"
+            )
         for w in self.widths:
             if w % self.num_groups:
                 raise ValueError(
@@ -404,9 +415,36 @@ class VideoTokenizer(nn.Module):
         out.indices = out.indices.view(b, t, h, w)
         return quantized, out
 
+    def encode_latents(self, video: torch.Tensor, *, first: bool = True) -> torch.Tensor:
+        """Video ``(B, C, T, H, W)`` → continuous latent ``(B, D, t, h, w)`` in one pass.
+
+        With ``encoder_history`` k set, every latent frame is encoded from its own window (see
+        the config): frame 0 alone, latent frames 1 .. k from the prefixes they end, and the
+        rest from windows of ``1 + r(k + 1)`` frames, batched. ``first=False`` means ``video``
+        is a later stretch of a longer video whose first ``1 + rk`` frames are context only:
+        the result is then its last ``(T − 1 − rk) / r`` latent frames, every one a full window.
+        """
+        k = self.config.encoder_history
+        if k is None:
+            return self.encoder(video, StreamCache())
+        r = self.config.temporal_compression
+        b, n = video.shape[0], (video.shape[2] - 1) // r  # latent frames after frame 0
+        parts = []
+        if first:
+            parts.append(self.encoder(video[:, :, :1], StreamCache()))  # (B, D, 1, h, w)
+            for t in range(1, min(k, n) + 1):  # too early for a full window: the prefix
+                parts.append(self.encoder(video[:, :, : 1 + r * t], StreamCache())[:, :, -1:])
+        if n > k:
+            span = 1 + r * (k + 1)
+            windows = video.unfold(2, span, r)  # (B, C, n − k, H, W, span)
+            windows = rearrange(windows, "b c n h w s -> (b n) c s h w")
+            z = self.encoder(windows, StreamCache())[:, :, -1]  # (B·(n − k), D, h, w)
+            parts.append(rearrange(z, "(b n) d h w -> b d n h w", b=b))
+        return torch.cat(parts, dim=2)
+
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
         self.check_video(video)
-        z = self.encoder(video, StreamCache())  # (B, D, t, h, w)
+        z = self.encode_latents(video)  # (B, D, t, h, w)
         quantized, q = self.quantize(z)
         recon = self.decoder(quantized, StreamCache())  # (B, C, T, H, W)
         return TokenizerOutput(recon, q.indices, q.loss, q.stats)
@@ -467,14 +505,29 @@ class StreamingEncoder:
     def __init__(self, tokenizer: VideoTokenizer) -> None:
         self.tokenizer = tokenizer
         self.cache = StreamCache()
+        self.tail: torch.Tensor | None = None
+        """With ``encoder_history``: the last frames seen, as many as the next window needs."""
 
     @torch.no_grad()
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         # video: (B, C, T, H, W) → indices (B, t, h, w)
-        self.tokenizer.check_video(video, first_chunk=self.cache.first)
-        z = self.tokenizer.encoder(video, self.cache)
+        tok = self.tokenizer
+        tok.check_video(video, first_chunk=self.cache.first)
+        k = tok.config.encoder_history
+        if k is None:
+            z = tok.encoder(video, self.cache)
+        else:
+            # The windows of this chunk's latent frames reach back 1 + rk frames before it.
+            # While fewer than that came before, the frames so far are a prefix from frame 0.
+            r = tok.config.temporal_compression
+            keep = 1 + r * k
+            whole = video if self.tail is None else torch.cat([self.tail, video], dim=2)
+            prefix = self.tail is None or self.tail.shape[2] < keep
+            new = 1 + (video.shape[2] - 1) // r if self.tail is None else video.shape[2] // r
+            z = tok.encode_latents(whole, first=prefix)[:, :, -new:]  # (B, D, new, h, w)
+            self.tail = whole[:, :, -keep:]
         self.cache.first = False
-        return self.tokenizer.quantize(z)[1].indices
+        return tok.quantize(z)[1].indices
 
 
 class StreamingDecoder:
