@@ -7,6 +7,9 @@ depth-to-space (dropping the frame before frame 0 after each temporal ×2, so 5 
 adaptive GroupNorm whose scale and shift come from the quantized latent. With ``local_encoder``
 the encoder's downsampling is 2×2 patch merging and its convolutions are 1×1 in space, with a
 per-position LayerNorm, so each token sees only its own cell of pixels (and that cell's past).
+With ``encoder_history`` the past is bounded too: each latent frame is encoded from a short
+window of frames as a fresh clip (:meth:`VideoTokenizer.encode_latents`), so equal content gets
+equal codes whatever came before it.
 
 Causality makes 1 + 4k frames → 1 + k latent frames, an image the same as a video's first frame,
 and chunked encoding and decoding equal to the one-shot result (see :class:`StreamCache`).
