@@ -33,7 +33,14 @@ import argparse
 import numpy as np
 import torch
 
-from loong.data.shapes import PALETTE, ShapesWorld, ShapesWorldConfig, parse_caption, render
+from loong.data.shapes import (
+    DIRECTIONS,
+    PALETTE,
+    ShapesWorld,
+    ShapesWorldConfig,
+    parse_caption,
+    render,
+)
 from loong.video_tokenizer.model import VideoTokenizer
 
 
@@ -59,10 +66,7 @@ def measure(path: str, video: torch.Tensor) -> dict[str, float]:
     return {"bg share": bg_share, "repeat": repeat, "ids/clip": per_clip, "PSNR": psnr}
 
 
-DIRECTIONS = ("left", "right", "up", "down", "up-left", "up-right", "down-left", "down-right")
-
-
-def cells_touched(mask: np.ndarray, t: int, r: int = 4, cell: int = 8) -> np.ndarray:
+def cells_touched(mask: np.ndarray, t: int, r: int, cell: int) -> np.ndarray:
     """Object mask ``(T, H, W)`` → cells ``(h, w)`` the object covers in latent frame ``t``'s
     frames and the frame before them (the span a windowed encoder sees)."""
     span = mask[max(r * t - r, 0) : r * t + 1].any(0)  # (H, W)
@@ -75,10 +79,11 @@ def moved_and_still(path: str, n: int) -> tuple[float, float]:
     """Share of object cells whose id moved along with the object, and of untouched background
     cells whose id stayed, over ``n`` single-object clips (see the module docstring)."""
     model = VideoTokenizer.from_pretrained(path).float().eval()
+    r, cell = model.config.temporal_compression, model.config.spatial_compression
     rng = np.random.default_rng(0)
     moved, still = [], []
     for i in range(n):
-        direction = str(rng.choice(DIRECTIONS))
+        direction = str(rng.choice(list(DIRECTIONS)))
         speed = str(rng.choice(["slowly", "quickly"]))
         caption = (
             f"a {rng.choice(['small', 'large'])} {rng.choice(list(PALETTE))} "
@@ -86,19 +91,20 @@ def moved_and_still(path: str, n: int) -> tuple[float, float]:
         )
         frames = render(parse_caption(caption), seed=i, n_frames=33, height=64, width=64)
         video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-        ids = model.encode(video)[0].numpy()  # (9, 8, 8)
+        ids = model.encode(video)[0].numpy()  # (t, h, w)
+        h, w = ids.shape[1:]
         mask = np.abs(frames.astype(int) - frames[0, 0, 0].astype(int)).sum(-1) > 0
         centre = np.array([np.argwhere(m).mean(0) for m in mask])  # (T, 2) y, x
         step = np.diff(centre, axis=0)  # (T − 1, 2) pixels a frame
-        lag = 2 if speed == "slowly" else 1  # latent frames to move one cell
+        lag = cell // (r * (1 if speed == "slowly" else 2))  # latent frames to move one cell
         for t in range(1 + lag, ids.shape[0]):
-            seg = step[max(4 * (t - lag) - 5, 0) : 4 * t]
+            seg = step[max(r * (t - lag) - r - 1, 0) : r * t]
             if np.abs(seg - seg[0]).max() > 1e-6:
                 continue  # a bounce in view
             dy, dx = np.sign(seg[0]).astype(int)  # the way it moves now (after earlier bounces)
-            now, before = cells_touched(mask, t), cells_touched(mask, t - lag)
+            now, before = cells_touched(mask, t, r, cell), cells_touched(mask, t - lag, r, cell)
             for y, x in zip(*np.nonzero(now), strict=True):
-                if 0 <= y - dy < 8 and 0 <= x - dx < 8 and before[y - dy, x - dx]:
+                if 0 <= y - dy < h and 0 <= x - dx < w and before[y - dy, x - dx]:
                     moved.append(ids[t, y, x] == ids[t - lag, y - dy, x - dx])
             untouched = ~now & ~before
             still.extend((ids[t][untouched] == ids[t - lag][untouched]).tolist())
