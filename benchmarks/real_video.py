@@ -61,7 +61,8 @@ from loong.data.video import (
     tensor_to_frames,
 )
 from loong.evaluate.metrics import psnr, ssim
-from loong.train.tokenizer import tokenizer_train_preset, train_tokenizer
+from loong.train.tokenizer import train_tokenizer
+from loong.train.tokenizer_config import tokenizer_train_preset
 from loong.video_tokenizer.model import VideoTokenizer
 
 SOURCES = ("bigbuckbunny.mp4", "carphone_pristine.mp4", "bikes.mp4")

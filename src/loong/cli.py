@@ -209,7 +209,8 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
     if args.action == "train":
         from loong.config import resolve_config
-        from loong.train.tokenizer import tokenizer_train_preset, train_tokenizer
+        from loong.train.tokenizer import train_tokenizer
+        from loong.train.tokenizer_config import tokenizer_train_preset
 
         sets = list(args.set)
         if args.data:
@@ -263,7 +264,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
         n = decode_file(model, args.tokens, args.out)
         print(f"wrote {args.out}: {n} frames")
     elif args.action == "eval":
-        from loong.train.tokenizer import TokenizerDataConfig, evaluate, held_out_clips
+        from loong.train.tokenizer import evaluate
+        from loong.train.tokenizer_config import TokenizerDataConfig
+        from loong.train.tokenizer_data import held_out_clips
 
         source = "" if args.data == "shapes" else args.data
         data = TokenizerDataConfig(
@@ -315,7 +318,8 @@ def _lm(args: argparse.Namespace) -> int:
             _say(f"token shards in {out}")
         return 0
 
-    from loong.train.lm import lm_train_preset, scale_stages, train_lm
+    from loong.train.lm import train_lm
+    from loong.train.lm_config import lm_train_preset, scale_stages
 
     sets = list(args.set)
     if args.shards:

@@ -42,8 +42,10 @@ from loong.generate import GenerationMetadata
 from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE
-from loong.train.lm import LMTrainConfig, lm_train_preset, train_lm
-from loong.train.tokenizer import TokenizerTrainConfig, tokenizer_train_preset, train_tokenizer
+from loong.train.lm import train_lm
+from loong.train.lm_config import LMTrainConfig, lm_train_preset
+from loong.train.tokenizer import train_tokenizer
+from loong.train.tokenizer_config import TokenizerTrainConfig, tokenizer_train_preset
 from loong.video_tokenizer.model import VideoTokenizer
 
 log = logging.getLogger("loong")

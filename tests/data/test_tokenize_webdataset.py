@@ -133,7 +133,8 @@ def test_torchrun_tokenizes_on_two_processes_like_one(tmp_path, video_tokenizer,
 
     from loong.lm.model import VideoLMConfig
     from loong.lm.vocab import VocabConfig
-    from loong.train.lm import LMDataConfig, LMTrainConfig, StageConfig, train_lm
+    from loong.train.lm import train_lm
+    from loong.train.lm_config import LMDataConfig, LMTrainConfig, StageConfig
 
     lm = LMTrainConfig(
         model=VideoLMConfig(

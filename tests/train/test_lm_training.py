@@ -24,23 +24,22 @@ from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import VocabConfig, Vocabulary
 from loong.text_tokenizer import TextTokenizer
-from loong.train.lm import (
+from loong.train.lm import evaluate_lm, open_data, train_lm, write_generation_file
+from loong.train.lm_batches import (
+    add_frame_losses,
+    draw_plan,
+    frame_means,
+    loss_targets,
+    make_eval_batches,
+    weighted_loss,
+)
+from loong.train.lm_config import (
     LMDataConfig,
     LMTrainConfig,
     LossWeightConfig,
     StageConfig,
-    add_frame_losses,
-    draw_plan,
-    evaluate_lm,
-    frame_means,
     lm_train_preset,
-    loss_targets,
-    make_eval_batches,
-    open_data,
     stage_at,
-    train_lm,
-    weighted_loss,
-    write_generation_file,
 )
 from loong.train.optim import OptimConfig
 from loong.video_tokenizer.model import VideoTokenizer
@@ -345,7 +344,8 @@ _TRAIN_IN_A_PROCESS = """
 import json, sys
 import torch
 from loong.config import config_from_dict
-from loong.train.lm import LMTrainConfig, train_lm
+from loong.train.lm import train_lm
+from loong.train.lm_config import LMTrainConfig
 torch.set_num_threads(1)
 train_lm(config_from_dict(LMTrainConfig, json.loads(sys.argv[1])), sys.argv[2], progress=False)
 """

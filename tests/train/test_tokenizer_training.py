@@ -11,17 +11,17 @@ from helpers import run_ranks
 
 import loong.train.runtime as runtime
 import loong.train.tokenizer as tokenizer_training
+import loong.train.tokenizer_data as tokenizer_data
 from loong.config import apply_overrides
 from loong.train.optim import OptimConfig
 from loong.train.parallel import ParallelConfig
-from loong.train.tokenizer import (
+from loong.train.tokenizer import evaluate, train_tokenizer
+from loong.train.tokenizer_config import (
     TokenizerDataConfig,
     TokenizerLossConfig,
     TokenizerTrainConfig,
-    evaluate,
-    held_out_clips,
-    train_tokenizer,
 )
+from loong.train.tokenizer_data import held_out_clips
 from loong.video_tokenizer.discriminator import DiscriminatorConfig
 from loong.video_tokenizer.model import VideoTokenizer
 
@@ -143,6 +143,22 @@ def _records(run: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+def test_gradient_difference_term_is_trained_and_logged(tmp_path, train_config):
+    cfg = apply_overrides(
+        train_config, {"steps": 2, "loss.disc_start_step": 1000, "loss.gradient_weight": 1.0}
+    )
+    train_tokenizer(cfg, tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["gdl"] > 0 for r in records if "rec" in r)
+
+
+def test_loss_config_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"loss\.reconstruction"):
+        TokenizerLossConfig(reconstruction="huber")
+    with pytest.raises(ValueError, match=r"loss\.gradient_weight must be >= 0"):
+        TokenizerLossConfig(gradient_weight=-1.0)
+
+
 def test_two_micro_batches_of_two_train_like_one_batch_of_four(tmp_path, train_config):
     """GAN off: reconstruction and commitment are means over clips, the GroupNorm model treats
     each clip alone, so accumulating two micro-batches of two gives the gradients of one batch of
@@ -183,13 +199,13 @@ def test_grad_accum_must_split_the_batch_into_equal_shares(train_config):
     rank1 = runtime.Runtime(
         parallel=ParallelConfig(), device=torch.device("cpu"), rank=1, world_size=2
     )
-    assert tokenizer_training.micro_batch_rows(8, 2, rank1) == [2, 3, 6, 7]
-    assert tokenizer_training.micro_batch_rows(8, 1, rank1) == slice(4, 8)
+    assert tokenizer_data.micro_batch_rows(8, 2, rank1) == [2, 3, 6, 7]
+    assert tokenizer_data.micro_batch_rows(8, 1, rank1) == slice(4, 8)
     with pytest.raises(
         ValueError,
         match=r"does not divide among 2 ranks: pass a data\.batch_size that is a multiple of 8",
     ):
-        tokenizer_training.micro_batch_rows(4, 4, rank1)
+        tokenizer_data.micro_batch_rows(4, 4, rank1)
 
 
 def _train(cfg: TokenizerTrainConfig, run: Path) -> None:
@@ -295,13 +311,13 @@ def _epoch_of_clips(cfg: TokenizerDataConfig, out: Path) -> None:
     share = cfg.batch_size // world_size()
     rows = slice(rank() * share, (rank() + 1) * share)
     position: dict[str, int] = {}
-    batches = tokenizer_training.training_batches(cfg, position, rows)
+    batches = tokenizer_data.training_batches(cfg, position, rows)
     straight, positions = [], []
     for _ in range(5):
         straight.append(next(batches))
         positions.append(dict(position))
     resumed_at = dict(positions[1])
-    again = tokenizer_training.training_batches(cfg, resumed_at, rows)
+    again = tokenizer_data.training_batches(cfg, resumed_at, rows)
     resumed = [next(again), next(again)]
     torch.save(
         {"straight": straight, "positions": positions, "resumed": resumed},
@@ -320,7 +336,7 @@ def test_two_ranks_read_disjoint_tar_shards_each_clip_once_an_epoch(tmp_path, ma
     def clips(batches: list[torch.Tensor]) -> list[bytes]:
         return sorted(clip.numpy().tobytes() for batch in batches for clip in batch)
 
-    one_rank = tokenizer_training.training_batches(cfg, {})
+    one_rank = tokenizer_data.training_batches(cfg, {})
     one_epoch = clips([next(one_rank) for _ in range(4)])
     assert len(one_epoch) == len(set(one_epoch)) == 8
     assert clips([b for r in ranks for b in r["straight"][:4]]) == one_epoch

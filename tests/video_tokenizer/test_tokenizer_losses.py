@@ -18,6 +18,7 @@ from loong.video_tokenizer.losses import (
     adaptive_generator_weight,
     discriminator_hinge_loss,
     generator_loss,
+    gradient_difference_loss,
     load_vgg16_weights,
     reconstruction_loss,
 )
@@ -29,6 +30,36 @@ def test_reconstruction_loss_kinds():
     assert reconstruction_loss(a, b, "l2").item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match='"l1" or "l2"'):
         reconstruction_loss(a, b, "huber")
+
+
+def _square(blur: int) -> torch.Tensor:
+    """A 16×16 frame (1, 1, 16, 16) holding a bright square, its edges box-blurred over ``blur``."""
+    frame = torch.zeros(1, 1, 16, 16)
+    frame[..., 4:12, 4:12] = 1.0
+    if blur > 1:
+        frame = torch.nn.functional.avg_pool2d(frame, blur, stride=1, padding=blur // 2)
+    return frame
+
+
+def test_gradient_difference_loss_is_zero_on_the_target_and_grows_with_blur():
+    sharp = _square(1)
+    losses = [gradient_difference_loss(_square(b), sharp, "l1").item() for b in (1, 3, 5)]
+    assert losses[0] == 0.0
+    assert 0.0 < losses[1] < losses[2]
+    # a constant offset keeps every edge: the pixel loss pays for it, this loss does not
+    assert gradient_difference_loss(sharp + 0.3, sharp, "l2").item() == pytest.approx(0.0)
+    assert reconstruction_loss(sharp + 0.3, sharp, "l2").item() > 0.0
+    with pytest.raises(ValueError, match='"l1" or "l2"'):
+        gradient_difference_loss(sharp, sharp, "huber")
+
+
+def test_gradient_difference_loss_by_hand():
+    # two identical rows: along H every difference is 0; along W the recon's are 0.5, 0.5 and
+    # the target's 0, 1, so each gap is 0.5
+    recon = torch.tensor([[0.0, 0.5, 1.0]]).repeat(2, 1)
+    target = torch.tensor([[0.0, 0.0, 1.0]]).repeat(2, 1)
+    assert gradient_difference_loss(recon, target, "l1").item() == pytest.approx(0.5)
+    assert gradient_difference_loss(recon, target, "l2").item() == pytest.approx(0.25)
 
 
 def test_adaptive_generator_weight_is_the_ratio_of_gradient_norms():

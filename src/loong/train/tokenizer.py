@@ -1,6 +1,7 @@
 """Training loop of the video tokenizer: reconstruction + quantizer + perceptual + GAN losses.
 
-One linear loop in numbered phases. The run directory holds the resolved config, checkpoints
+One linear loop in numbered phases; its configs are :mod:`loong.train.tokenizer_config`, its
+clips :mod:`loong.train.tokenizer_data`. The run directory holds the resolved config, checkpoints
 (atomic, resumed exactly: models, optimizers, EMA, step, data position, RNG), ``metrics.jsonl``,
 reconstruction previews (original | reconstruction, mp4 and GIF) and the export
 (``export/config.json`` + ``export/model.safetensors``, EMA weights when EMA is on).
@@ -11,25 +12,19 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from einops import rearrange
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from loong.config import config_json
-from loong.data.shapes import ShapesWorld, ShapesWorldConfig
-from loong.data.sources import source_kind
-from loong.data.video import VideoFolder, tensor_to_frames, write_video
+from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
-from loong.train.dist import all_true, barrier
-from loong.train.optim import OptimConfig
+from loong.train.dist import barrier
 from loong.train.parallel import (
     ParallelConfig,
     clip_grad_norm_,
@@ -39,322 +34,30 @@ from loong.train.parallel import (
 )
 from loong.train.runtime import (
     MetricsLog,
-    Runtime,
     load_state,
     mean_over_ranks,
     save_export,
     save_state,
     start,
 )
-from loong.video_tokenizer.discriminator import Discriminator3D, DiscriminatorConfig
+from loong.train.tokenizer_config import TokenizerTrainConfig
+from loong.train.tokenizer_data import held_out_clips, micro_batch_rows, training_batches
+from loong.video_tokenizer.discriminator import Discriminator3D
 from loong.video_tokenizer.losses import (
     LeCam,
     PerceptualLoss,
     adaptive_generator_weight,
     discriminator_hinge_loss,
     generator_loss,
+    gradient_difference_loss,
     reconstruction_loss,
 )
-from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
+from loong.video_tokenizer.model import VideoTokenizer
 from loong.video_tokenizer.quantize import code_stats
 
 log = logging.getLogger("loong")
 
-HELD_OUT_SEED_OFFSET = 1_000_003
-"""Evaluation clips of the shapes world come from seed + this offset, never seen in training."""
-
-
-@dataclass(kw_only=True)
-class TokenizerDataConfig:
-    source: str = "shapes"
-    """"shapes" for the shapes world; WebDataset tar shards of video + caption: a ``.tar`` file,
-    a brace pattern (``data/train-{000000..000009}.tar``) or a folder with ``.tar`` files directly
-    in it; any other folder: videos (mp4/webm/mkv/gif/…), searched recursively. Under torchrun
-    each rank reads its own tar shards (see ``training_batches``)."""
-    n_frames: int = 17
-    """Frames per training clip: 1 + 4k."""
-    size: int = 64
-    """Clips are centre-cropped and resized to size × size."""
-    fps: float = 8.0
-    """Frame rate clips are resampled to (folders) or labelled with (shapes world)."""
-    batch_size: int = 8
-    """Clips per step (the global batch: under torchrun each rank takes an equal share)."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
-    seed: int = 0
-    """Seed of the data order (and of the shapes world)."""
-    eval_folder: str = ""
-    """Folder of held-out videos for evaluation; empty: held-out shapes-world clips."""
-
-    def __post_init__(self) -> None:
-        if (self.n_frames - 1) % 4:
-            lo = self.n_frames - (self.n_frames - 1) % 4
-            raise ValueError(
-                f"data.n_frames must be 1+4k, got {self.n_frames}: pass {lo} or {lo + 4}"
-            )
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-
-
-@dataclass(kw_only=True)
-class TokenizerLossConfig:
-    reconstruction: str = "l1"
-    """"l1" or "l2" pixel loss."""
-    perceptual_weights: str = ""
-    """VGG16 weights file (torchvision key names) for the perceptual loss; empty: off."""
-    perceptual_weight: float = 0.1
-    """Weight of the perceptual loss when on."""
-    gan_weight: float = 0.1
-    """Weight of the generator's GAN loss (times the adaptive weight)."""
-    adaptive_gan_weight: bool = True
-    """Scale the GAN loss by VQGAN's gradient-norm ratio at the decoder's last layer."""
-    disc_start_step: int = 2000
-    """Step at which the discriminator and the GAN loss switch on."""
-    lecam_weight: float = 0.001
-    """Weight of the LeCam regulariser on the discriminator."""
-
-
-@dataclass(kw_only=True)
-class TokenizerTrainConfig:
-    model: VideoTokenizerConfig = field(default_factory=VideoTokenizerConfig)
-    """The tokenizer to train."""
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    """The 3D discriminator of the GAN loss."""
-    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
-    """Training clips."""
-    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
-    """Loss terms and weights."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99)))
-    """Optimiser and schedule (MAGVIT-v2: Adam, lr 1e-4, betas (0, 0.99))."""
-    steps: int = 10_000
-    """Training steps."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step: the global batch ``data.batch_size`` is split into
-    ``grad_accum`` micro-batches of ``data.batch_size / grad_accum`` clips, each rank taking its
-    rows of each. LFQ's batch entropy (and the codebook usage logged) is that of a micro-batch;
-    the values logged are means over micro-batches."""
-    seed: int = 0
-    """Seed of the weights' initialisation."""
-    ema_decay: float = 0.999
-    """EMA of the weights, exported and evaluated (0: off)."""
-    log_every: int = 10
-    """Steps between metrics.jsonl lines."""
-    eval_every: int = 500
-    """Steps between held-out PSNR/SSIM evaluations."""
-    eval_clips: int = 16
-    """Held-out clips per evaluation."""
-    preview_every: int = 500
-    """Steps between reconstruction previews (mp4 + GIF)."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on disk."""
-    max_minutes: float = 0.0
-    """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
-    device: str = "auto"
-    """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Data parallelism under torchrun (tokenizer and discriminator alike), bf16 autocast on
-    CUDA, activation checkpointing, compile."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.data.batch_size % self.grad_accum:
-            raise ValueError(
-                f"data.batch_size={self.data.batch_size} does not split into grad_accum="
-                f"{self.grad_accum} equal micro-batches: pass a data.batch_size that is a "
-                f"multiple of {self.grad_accum}, or a grad_accum that divides "
-                f"{self.data.batch_size}"
-            )
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-
-
-def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
-    """A complete training config for a tokenizer preset (see ``loong.video_tokenizer.presets``)."""
-    from loong.video_tokenizer.presets import tokenizer_preset
-
-    model = tokenizer_preset(name)
-    if name in ("tiny", "shapes"):
-        # Sized for 2 CPU cores on the shapes world: short clips, a small discriminator and a
-        # higher learning rate than MAGVIT-v2's, whose settings assume days on accelerators.
-        return TokenizerTrainConfig(
-            model=model,
-            discriminator=DiscriminatorConfig(base_width=16, max_width=64, n_blocks=3),
-            data=TokenizerDataConfig(n_frames=9, size=64, batch_size=4),
-            # shapes: L2, whose gradient fades on the flat background as it is learned and
-            # leaves the small objects the bulk of it (L1 keeps ±1 on every background pixel).
-            # shapes: no GAN phase within its steps; 300 GAN steps after step 2,400 cost 3.7× a
-            # plain step's CPU time and left the fidelity ceiling where it was (BENCHMARKS.md).
-            loss=TokenizerLossConfig(
-                reconstruction="l2" if name == "shapes" else "l1",
-                disc_start_step=3000 if name == "tiny" else 3600,
-            ),
-            optim=OptimConfig(
-                lr=2e-3 if name == "shapes" else 1e-3, betas=(0.9, 0.99), warmup_steps=50
-            ),
-            # shapes: see BENCHMARKS.md for its time and held-out PSNR on 2 cores
-            steps=4000 if name == "tiny" else 3600,
-            ema_decay=0.99,
-            eval_every=250,
-            preview_every=1000,
-        )
-    return TokenizerTrainConfig(model=model, data=TokenizerDataConfig(n_frames=17, size=128))
-
-
-# --- data ------------------------------------------------------------------------------------
-
-
-def shapes_world(cfg: TokenizerDataConfig, *, held_out: bool = False) -> ShapesWorld:
-    seed = cfg.seed + (HELD_OUT_SEED_OFFSET if held_out else 0)
-    return ShapesWorld(
-        ShapesWorldConfig(
-            height=cfg.size, width=cfg.size, fps=cfg.fps, n_frames=cfg.n_frames, seed=seed
-        )
-    )
-
-
-def training_batches(
-    cfg: TokenizerDataConfig, position: dict[str, int], rows: slice | list[int] = slice(None)
-) -> Iterator[torch.Tensor]:
-    """Endless batches ``(B, C, T, H, W)`` starting at ``position``, which is updated in place;
-    ``rows`` of each (one rank's share of the global batch: a slice or row indices, see
-    :func:`micro_batch_rows`).
-
-    The shapes world is indexed, so a position is the number of batches drawn and a rank renders
-    only its rows; a folder is read in epochs, so a position is (epoch, batches into the epoch),
-    resuming skips to it, and every rank decodes the global batch and keeps its rows. Tar shards
-    are read in epochs too, but each rank reads only its own shards (``WebVideoDataset``) and
-    batches them into its share: see :func:`shard_batches`.
-    """
-    mine = range(cfg.batch_size)[rows] if isinstance(rows, slice) else rows
-    kind = source_kind(cfg.source)
-    if kind == "shards":
-        yield from shard_batches(cfg, position, len(mine))
-        return
-    if kind == "shapes":
-        world = shapes_world(cfg)
-        first = position.setdefault("batches", 0)
-        indices = (
-            k * cfg.batch_size + i for k in range(first, len(world) // cfg.batch_size) for i in mine
-        )
-        loader = DataLoader(
-            world, batch_size=len(mine), sampler=indices, num_workers=cfg.num_workers
-        )
-        for _, video in loader:
-            position["batches"] += 1
-            yield video
-        return
-    folder = VideoFolder(
-        cfg.source, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, seed=cfg.seed
-    )
-    while True:
-        epoch = position.setdefault("epoch", 0)
-        skip = position.setdefault("batches", 0)
-        folder.set_epoch(epoch)
-        loader = DataLoader(
-            folder, batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=True
-        )
-        n = 0
-        for n, video in enumerate(loader, start=1):
-            if n <= skip:
-                continue
-            position["batches"] = n
-            yield video[rows]
-        if n == 0:
-            raise ValueError(
-                f"{cfg.source} yields no clips of {cfg.n_frames} frames: {folder.summary()}"
-            )
-        log.info("epoch %d: %s", epoch, folder.summary())
-        position.update(epoch=epoch + 1, batches=0)
-
-
-def micro_batch_rows(batch_size: int, grad_accum: int, rt: Runtime) -> slice | list[int]:
-    """This rank's rows of a global batch of ``batch_size`` split into ``grad_accum``
-    micro-batches: its equal share of each micro-batch, micro-batch after micro-batch.
-
-    Micro-batch m is rows [m·b, (m+1)·b) of the global batch (b = batch_size / grad_accum), so
-    that it holds the same clips whatever the number of ranks, and so do the terms taken over it
-    (LFQ's batch entropy, all-reduced over ranks). One micro-batch: the slice of
-    :meth:`Runtime.rows`.
-    """
-    micro = batch_size // grad_accum
-    if grad_accum == 1:
-        return rt.rows(batch_size, "data.batch_size")
-    if micro % rt.world_size:
-        raise ValueError(
-            f"data.batch_size={batch_size} in grad_accum={grad_accum} micro-batches of {micro} "
-            f"clips does not divide among {rt.world_size} ranks: pass a data.batch_size that is "
-            f"a multiple of {grad_accum * rt.world_size}"
-        )
-    share = rt.rows(micro, "data.batch_size / grad_accum")
-    return [m * micro + i for m in range(grad_accum) for i in range(micro)[share]]
-
-
-def shard_batches(
-    cfg: TokenizerDataConfig, position: dict[str, int], share: int
-) -> Iterator[torch.Tensor]:
-    """Endless batches ``(share, C, T, H, W)`` of this rank's clips from the tar shards
-    ``cfg.source``, starting at ``position`` (epoch, batches into it; updated in place).
-
-    Each rank reads a disjoint part of every epoch (``WebVideoDataset`` deals the shards, or their
-    samples, out to ranks and DataLoader workers), so the global batch differs from a one-rank
-    run's. Ranks step together: an epoch ends for all of them when the first runs out of whole
-    batches, so with shards of equal size, a multiple of ranks × workers in number, every clip is
-    seen exactly once per epoch; with uneven shares, the longer shares' last batches are left out
-    of that epoch. Resume needs the same number of ranks (a position saved by another restarts at
-    the next epoch). Bad samples are skipped with a warning and counted in each epoch's summary.
-    """
-    from loong.data.webdataset import WebVideoDataset
-
-    dataset = WebVideoDataset(
-        cfg.source, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, seed=cfg.seed
-    )
-    if position.setdefault("ranks", dataset.world_size) != dataset.world_size:
-        log.warning(
-            "the data position was saved by %d ranks, not %d: starting the next epoch",
-            position["ranks"],
-            dataset.world_size,
-        )
-        position.update(epoch=position.get("epoch", 0) + 1, batches=0, ranks=dataset.world_size)
-    while True:
-        epoch = position.setdefault("epoch", 0)
-        skip = position.setdefault("batches", 0)
-        dataset.set_epoch(epoch)
-        loader = iter(
-            DataLoader(dataset, batch_size=share, num_workers=cfg.num_workers, drop_last=True)
-        )
-        n = 0
-        while all_true((batch := next(loader, None)) is not None):
-            n += 1
-            if n <= skip:
-                continue
-            position["batches"] = n
-            yield batch["video"]
-        if n == 0:
-            raise ValueError(
-                f"{cfg.source} yields no batch of {share} clips of {cfg.n_frames} frames on some "
-                f"rank: {dataset.summary()}"
-            )
-        log.info("epoch %d: %s", epoch, dataset.summary())
-        position.update(epoch=epoch + 1, batches=0)
-
-
-def held_out_clips(cfg: TokenizerDataConfig, n: int) -> torch.Tensor:
-    """``n`` evaluation clips ``(n, C, T, H, W)``: ``cfg.eval_folder`` or unseen shapes seeds."""
-    if cfg.eval_folder:
-        folder = VideoFolder(
-            cfg.eval_folder, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, shuffle=False
-        )
-        clips = [clip for _, clip in zip(range(n), folder, strict=False)]
-        if not clips:
-            raise ValueError(f"{cfg.eval_folder} yields no evaluation clips: {folder.summary()}")
-        return torch.stack(clips)
-    world = shapes_world(cfg, held_out=True)
-    return torch.stack([world[i][1] for i in range(n)])
+log = logging.getLogger("loong")
 
 
 # --- evaluation and previews -----------------------------------------------------------------
@@ -513,6 +216,12 @@ def train_tokenizer(
                 rec = reconstruction_loss(out_.recon.float(), clips, cfg.loss.reconstruction)
                 loss_g = rec + out_.quantizer_loss
                 logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
+                if cfg.loss.gradient_weight > 0:
+                    gdl = gradient_difference_loss(
+                        out_.recon.float(), clips, cfg.loss.reconstruction
+                    )
+                    loss_g = loss_g + cfg.loss.gradient_weight * gdl
+                    logs["gdl"] = gdl.item()
                 if perceptual is not None:
                     p_loss = perceptual(out_.recon.float(), clips)
                     loss_g = loss_g + cfg.loss.perceptual_weight * p_loss

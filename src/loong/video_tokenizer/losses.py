@@ -1,6 +1,8 @@
 """Tokenizer losses (VQGAN, Esser et al. 2021; MAGVIT-v2, Yu et al. 2023).
 
-- reconstruction: L1 or L2 in pixel space;
+- reconstruction: L1 or L2 in pixel space, optionally with the gradient difference loss
+  (Mathieu et al. 2016), which compares the magnitudes of neighbouring-pixel differences and so
+  penalises edges that the pixel loss lets blur;
 - perceptual: distances between VGG16 features of frames (LPIPS-style, without learned layer
   weights), on only when the user gives a weights file: nothing is downloaded;
 - GAN: hinge loss on a 3D discriminator; the generator term is scaled by VQGAN's adaptive weight
@@ -30,6 +32,23 @@ def reconstruction_loss(
     if kind == "l2":
         return (recon - target).square().mean()
     raise ValueError(f'reconstruction loss must be "l1" or "l2", got {kind!r}')
+
+
+def gradient_difference_loss(
+    recon: torch.Tensor, target: torch.Tensor, kind: str = "l1"
+) -> torch.Tensor:
+    """Mean over both spatial axes of | |∂ recon| − |∂ target| | (``"l1"``) or its square.
+
+    ``recon``, ``target``: (..., H, W). A blurred edge has smaller differences than the sharp
+    one it stands for; a pixel loss pays little for it when the edge's place is uncertain.
+    """
+    if kind not in ("l1", "l2"):
+        raise ValueError(f'gradient difference loss must be "l1" or "l2", got {kind!r}')
+    loss = recon.new_zeros(())
+    for dim in (-1, -2):
+        gap = recon.diff(dim=dim).abs() - target.diff(dim=dim).abs()
+        loss = loss + (gap.abs() if kind == "l1" else gap.square()).mean()
+    return loss
 
 
 # --- perceptual loss -------------------------------------------------------------------------

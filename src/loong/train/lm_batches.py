@@ -1,0 +1,198 @@
+"""What one language-model step trains on: micro-batch plans, clip pools, weighted loss.
+
+Each micro-batch draws one length from its stage's mixture and ``batch_size`` items of it from
+the token shards (:mod:`loong.data.shards`), uniformly with replacement, with a generator seeded
+by (seed, step, micro-batch): the data position is the step, and resuming is exact.
+
+Cropping: the video tokenizer is causal, so the first t′ latent frames of a clip of t > t′ latent
+frames are exactly the tokens of its first 1 + 4(t′ − 1) frames. A length with no shards of its
+own is therefore made by cropping the longer clips (all groups with t > t′).
+
+Loss (Loong's re-weighting): next-token cross-entropy on the video tokens and EOV only. Each
+target token has the weight of its group, ``first_frame`` (latent frame 0), ``short_clip``
+(frames 1 .. short_frames − 1) or ``rest``; EOV counts as a token of the last frame. The step's
+loss is the weighted mean Σ w·ce / Σ w over all targets of all micro-batches, so weights are
+relative (scaling all of them changes nothing) and equal weights give the plain mean. The mean
+*unweighted* loss of each latent frame is logged (``loss_frame_k``) to show the imbalance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loong.data.shards import TokenShards
+from loong.lm.vocab import Batch, Vocabulary
+from loong.text_tokenizer import TextTokenizer
+from loong.train.lm_config import LMDataConfig, LMTrainConfig, LossWeightConfig, StageConfig
+
+EVAL_SEED_OFFSET = 1_000_003
+"""The fixed evaluation items are drawn with seed + this offset."""
+
+
+@dataclass
+class Plan:
+    """What one micro-batch holds: a pure function of (seed, step, micro-batch)."""
+
+    length: int
+    """Latent frames t of every item."""
+    items: list[int]
+    """Item numbers in the pool of that length."""
+    drop_caption: list[bool]
+    """Items trained with the empty caption."""
+    wording: list[float]
+    """Per item, u in [0, 1): < alternate_caption_prob picks an alternate caption."""
+
+    def part(self, rows: slice) -> Plan:
+        """The plan of items ``rows`` only: one rank's part of the global micro-batch."""
+        return Plan(self.length, self.items[rows], self.drop_caption[rows], self.wording[rows])
+
+
+def draw_plan(
+    stage: StageConfig, pool_sizes: dict[int, int], cfg: LMTrainConfig, step: int, micro: int
+) -> Plan:
+    """Draw micro-batch ``micro`` of step ``step``: its length from the stage's mixture, items
+    uniformly (with replacement) from the pool of that length, and the caption choices."""
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    weights = np.asarray(stage.weights or [1.0] * len(stage.lengths), dtype=np.float64)
+    length = stage.lengths[int(rng.choice(len(stage.lengths), p=weights / weights.sum()))]
+    n = cfg.batch_size
+    return Plan(
+        length=length,
+        items=rng.integers(pool_sizes[length], size=n).tolist(),
+        drop_caption=(rng.random(n) < cfg.data.caption_dropout).tolist(),
+        wording=rng.random(n).tolist(),
+    )
+
+
+class ClipPool:
+    """Items of latent length t: the shards' group t, or else every longer group, cropped."""
+
+    def __init__(self, shards: list[TokenShards], length: int) -> None:
+        exact = [(s, t) for s in shards for t in s.lengths if t == length]
+        self.sources = exact or [(s, t) for s in shards for t in s.lengths if t > length]
+        self.length = length
+        self.offsets = np.cumsum([0] + [s.count(t) for s, t in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, j: int) -> tuple[dict, torch.Tensor]:
+        """Item j's record and indices ``(length, h, w)``."""
+        k = int(np.searchsorted(self.offsets, j, side="right")) - 1
+        shards, t = self.sources[k]
+        i = j - int(self.offsets[k])
+        return shards.record(t, i), shards.indices(t, i)[: self.length]
+
+
+def make_batch(
+    plan: Plan, pool: ClipPool, text: TextTokenizer, vocab: Vocabulary, data: LMDataConfig
+) -> Batch:
+    """The planned items as right-padded ``[BOS] text [BOV] video [EOV] [EOS]`` sequences."""
+    layouts = []
+    for j, drop, u in zip(plan.items, plan.drop_caption, plan.wording, strict=True):
+        record, indices = pool.get(j)  # (t, h, w)
+        caption = record["caption"]
+        if record["alternates"] and u < data.alternate_caption_prob:
+            pick = int(u / data.alternate_caption_prob * len(record["alternates"]))
+            caption = record["alternates"][pick]
+        ids = [] if drop else text.encode(caption)[: data.max_text_tokens]
+        layouts.append(vocab.layout(ids, indices))
+    return vocab.collate(layouts)
+
+
+def loss_targets(batch: Batch, vocab: Vocabulary) -> tuple[torch.Tensor, ...]:
+    """Masks over next-token targets ``(B, L − 1)``: logits at i predict token i + 1.
+
+    Returns ``mask`` (the target is a video id or EOV, not padding), ``frames`` (the target's
+    latent frame; EOV takes the last frame's) and ``is_eov``.
+    """
+    targets = batch.token_ids[:, 1:]
+    is_eov = targets == vocab.eov
+    mask = batch.attention_mask[:, 1:] & (vocab.is_video(targets) | is_eov)
+    frames = torch.where(is_eov, batch.frame_index[:, :-1], batch.frame_index[:, 1:])
+    return mask, frames, is_eov
+
+
+def token_weights(frames: torch.Tensor, cfg: LossWeightConfig) -> torch.Tensor:
+    """Loss weight of each target from its latent frame (same shape as ``frames``)."""
+    w = torch.full(frames.shape, cfg.rest, device=frames.device)
+    w = torch.where(frames < cfg.short_frames, cfg.short_clip, w)
+    return torch.where(frames == 0, cfg.first_frame, w)
+
+
+def batch_weight(batch: Batch, vocab: Vocabulary, cfg: LossWeightConfig) -> torch.Tensor:
+    """Σ w over the batch's targets: the normaliser of the weighted mean."""
+    mask, frames, _ = loss_targets(batch, vocab)
+    return token_weights(frames[mask], cfg).sum()
+
+
+def weighted_loss(
+    logits: torch.Tensor,
+    batch: Batch,
+    vocab: Vocabulary,
+    cfg: LossWeightConfig,
+    normaliser: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ w·ce / normaliser (default Σ w of this batch) for logits ``(B, L, V)``.
+
+    Also returns, per target (N,): the unweighted ce (detached), latent frame and EOV flag.
+    """
+    mask, frames, is_eov = loss_targets(batch, vocab)
+    targets = batch.token_ids[:, 1:][mask]  # (N,)
+    ce = F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none")  # (N,)
+    w = token_weights(frames[mask], cfg)
+    norm = (w.sum() if normaliser is None else normaliser).clamp_min(1e-12)  # all weights 0
+    return (w * ce).sum() / norm, ce.detach(), frames[mask], is_eov[mask]
+
+
+def add_frame_losses(
+    window: dict[str, list[float]], ce: torch.Tensor, frames: torch.Tensor, is_eov: torch.Tensor
+) -> None:
+    """Add per-target ce (N,) to ``window``'s ``loss_frame_k`` [sum, count] (video tokens only)."""
+    video = ~is_eov
+    sums = torch.bincount(frames[video], weights=ce[video].double()).tolist()
+    counts = torch.bincount(frames[video]).tolist()
+    for k, (total, n) in enumerate(zip(sums, counts, strict=True)):
+        if n:
+            acc = window.setdefault(f"loss_frame_{k}", [0.0, 0])
+            acc[0], acc[1] = acc[0] + total, acc[1] + n
+
+
+def frame_means(window: dict[str, list[float]]) -> dict[str, float]:
+    """``{"loss_frame_k": mean}`` in frame order."""
+    keys = sorted(window, key=lambda k: int(k.rsplit("_", 1)[1]))
+    return {k: window[k][0] / window[k][1] for k in keys}
+
+
+def make_eval_batches(
+    cfg: LMTrainConfig, shards: list[TokenShards], text: TextTokenizer, vocab: Vocabulary
+) -> list[Batch]:
+    """Fixed evaluation batches: ``eval_items`` items of every stage length, main captions.
+
+    From ``data.eval_shards`` when set, else from the training shards (then it is a fixed
+    training sample, not a held-out score).
+    """
+    source = [TokenShards(cfg.data.eval_shards)] if cfg.data.eval_shards else shards
+    batches = []
+    for t in sorted({t for stage in cfg.stages for t in stage.lengths}):
+        pool = ClipPool(source, t)
+        rng = np.random.default_rng([cfg.seed + EVAL_SEED_OFFSET, t])
+        items = rng.choice(len(pool), size=min(cfg.eval_items, len(pool)), replace=False)
+        for chunk in np.array_split(items, max(1, math.ceil(len(items) / cfg.batch_size))):
+            n = len(chunk)
+            plan = Plan(length=t, items=chunk.tolist(), drop_caption=[False] * n, wording=[1.0] * n)
+            batches.append(make_batch(plan, pool, text, vocab, cfg.data))
+    return batches
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return Batch(
+        token_ids=batch.token_ids.to(device),
+        frame_index=batch.frame_index.to(device),
+        attention_mask=batch.attention_mask.to(device),
+    )

@@ -1,0 +1,166 @@
+"""Configs of video-tokenizer training: data, loss terms, the run, and the presets.
+
+The loop that runs them is :func:`loong.train.tokenizer.train_tokenizer`; where its clips come
+from is :mod:`loong.train.tokenizer_data`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loong.train.optim import OptimConfig
+from loong.train.parallel import ParallelConfig
+from loong.video_tokenizer.discriminator import DiscriminatorConfig
+from loong.video_tokenizer.model import VideoTokenizerConfig
+
+
+@dataclass(kw_only=True)
+class TokenizerDataConfig:
+    source: str = "shapes"
+    """"shapes" for the shapes world; WebDataset tar shards of video + caption: a ``.tar`` file,
+    a brace pattern (``data/train-{000000..000009}.tar``) or a folder with ``.tar`` files directly
+    in it; any other folder: videos (mp4/webm/mkv/gif/…), searched recursively. Under torchrun
+    each rank reads its own tar shards (see ``training_batches``)."""
+    n_frames: int = 17
+    """Frames per training clip: 1 + 4k."""
+    size: int = 64
+    """Clips are centre-cropped and resized to size × size."""
+    fps: float = 8.0
+    """Frame rate clips are resampled to (folders) or labelled with (shapes world)."""
+    batch_size: int = 8
+    """Clips per step (the global batch: under torchrun each rank takes an equal share)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 0
+    """Seed of the data order (and of the shapes world)."""
+    eval_folder: str = ""
+    """Folder of held-out videos for evaluation; empty: held-out shapes-world clips."""
+
+    def __post_init__(self) -> None:
+        if (self.n_frames - 1) % 4:
+            lo = self.n_frames - (self.n_frames - 1) % 4
+            raise ValueError(
+                f"data.n_frames must be 1+4k, got {self.n_frames}: pass {lo} or {lo + 4}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class TokenizerLossConfig:
+    reconstruction: str = "l1"
+    """"l1" or "l2" pixel loss."""
+    gradient_weight: float = 0.0
+    """Weight of the gradient difference loss (same kind as ``reconstruction``); 0: off."""
+    perceptual_weights: str = ""
+    """VGG16 weights file (torchvision key names) for the perceptual loss; empty: off."""
+    perceptual_weight: float = 0.1
+    """Weight of the perceptual loss when on."""
+    gan_weight: float = 0.1
+    """Weight of the generator's GAN loss (times the adaptive weight)."""
+    adaptive_gan_weight: bool = True
+    """Scale the GAN loss by VQGAN's gradient-norm ratio at the decoder's last layer."""
+    disc_start_step: int = 2000
+    """Step at which the discriminator and the GAN loss switch on."""
+    lecam_weight: float = 0.001
+    """Weight of the LeCam regulariser on the discriminator."""
+
+    def __post_init__(self) -> None:
+        if self.reconstruction not in ("l1", "l2"):
+            raise ValueError(
+                f'loss.reconstruction must be "l1" or "l2", got {self.reconstruction!r}'
+            )
+        for name in ("gradient_weight", "perceptual_weight", "gan_weight", "lecam_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TokenizerTrainConfig:
+    model: VideoTokenizerConfig = field(default_factory=VideoTokenizerConfig)
+    """The tokenizer to train."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """The 3D discriminator of the GAN loss."""
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    """Training clips."""
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    """Loss terms and weights."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.0, 0.99)))
+    """Optimiser and schedule (MAGVIT-v2: Adam, lr 1e-4, betas (0, 0.99))."""
+    steps: int = 10_000
+    """Training steps."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: the global batch ``data.batch_size`` is split into
+    ``grad_accum`` micro-batches of ``data.batch_size / grad_accum`` clips, each rank taking its
+    rows of each. LFQ's batch entropy (and the codebook usage logged) is that of a micro-batch;
+    the values logged are means over micro-batches."""
+    seed: int = 0
+    """Seed of the weights' initialisation."""
+    ema_decay: float = 0.999
+    """EMA of the weights, exported and evaluated (0: off)."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    eval_every: int = 500
+    """Steps between held-out PSNR/SSIM evaluations."""
+    eval_clips: int = 16
+    """Held-out clips per evaluation."""
+    preview_every: int = 500
+    """Steps between reconstruction previews (mp4 + GIF)."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
+    device: str = "auto"
+    """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism under torchrun (tokenizer and discriminator alike), bf16 autocast on
+    CUDA, activation checkpointing, compile."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.data.batch_size % self.grad_accum:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} does not split into grad_accum="
+                f"{self.grad_accum} equal micro-batches: pass a data.batch_size that is a "
+                f"multiple of {self.grad_accum}, or a grad_accum that divides "
+                f"{self.data.batch_size}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
+    """A complete training config for a tokenizer preset (see ``loong.video_tokenizer.presets``)."""
+    from loong.video_tokenizer.presets import tokenizer_preset
+
+    model = tokenizer_preset(name)
+    if name in ("tiny", "shapes"):
+        # Sized for 2 CPU cores on the shapes world: short clips, a small discriminator and a
+        # higher learning rate than MAGVIT-v2's, whose settings assume days on accelerators.
+        return TokenizerTrainConfig(
+            model=model,
+            discriminator=DiscriminatorConfig(base_width=16, max_width=64, n_blocks=3),
+            data=TokenizerDataConfig(n_frames=9, size=64, batch_size=4),
+            # shapes: L2, whose gradient fades on the flat background as it is learned and
+            # leaves the small objects the bulk of it (L1 keeps ±1 on every background pixel).
+            # shapes: no GAN phase within its steps; 300 GAN steps after step 2,400 cost 3.7× a
+            # plain step's CPU time and left the fidelity ceiling where it was (BENCHMARKS.md).
+            loss=TokenizerLossConfig(
+                reconstruction="l2" if name == "shapes" else "l1",
+                disc_start_step=3000 if name == "tiny" else 3600,
+            ),
+            optim=OptimConfig(
+                lr=2e-3 if name == "shapes" else 1e-3, betas=(0.9, 0.99), warmup_steps=50
+            ),
+            # shapes: see BENCHMARKS.md for its time and held-out PSNR on 2 cores
+            steps=4000 if name == "tiny" else 3600,
+            ema_decay=0.99,
+            eval_every=250,
+            preview_every=1000,
+        )
+    return TokenizerTrainConfig(model=model, data=TokenizerDataConfig(n_frames=17, size=128))
