@@ -144,12 +144,21 @@ def _records(run: Path) -> dict[int, dict[str, float]]:
 
 
 def test_gradient_difference_term_is_trained_and_logged(tmp_path, train_config):
-    cfg = apply_overrides(
-        train_config, {"steps": 2, "loss.disc_start_step": 1000, "loss.gradient_weight": 1.0}
+    base = apply_overrides(train_config, {"steps": 2, "loss.disc_start_step": 1000})
+    with_gdl = apply_overrides(base, {"loss.gradient_weight": 1.0})
+    plain, sharp = (
+        VideoTokenizer.from_pretrained(train_tokenizer(cfg, tmp_path / run, progress=False))
+        for cfg, run in ((base, "a"), (with_gdl, "b"))
     )
-    train_tokenizer(cfg, tmp_path / "run", progress=False)
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["gdl"] > 0 for r in records if "rec" in r)
+    records = _records(tmp_path / "b")
+    assert sorted(records) == [1, 2] and all(r["gdl"] > 0 for r in records.values())
+    assert "gdl" not in _records(tmp_path / "a")[1]
+    # the same seed and data: only the extra term makes the weights differ
+    differs = [
+        not torch.equal(x, y)
+        for x, y in zip(plain.state_dict().values(), sharp.state_dict().values(), strict=True)
+    ]
+    assert any(differs)
 
 
 def test_loss_config_rejects_bad_values():

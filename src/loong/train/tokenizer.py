@@ -57,8 +57,6 @@ from loong.video_tokenizer.quantize import code_stats
 
 log = logging.getLogger("loong")
 
-log = logging.getLogger("loong")
-
 
 # --- evaluation and previews -----------------------------------------------------------------
 

@@ -37,7 +37,7 @@ def reconstruction_loss(
 def gradient_difference_loss(
     recon: torch.Tensor, target: torch.Tensor, kind: str = "l1"
 ) -> torch.Tensor:
-    """Mean over both spatial axes of | |∂ recon| − |∂ target| | (``"l1"``) or its square.
+    """Σ over the two spatial axes of the mean | |∂ recon| − |∂ target| | (``"l1"``) or its square.
 
     ``recon``, ``target``: (..., H, W). A blurred edge has smaller differences than the sharp
     one it stands for; a pixel loss pays little for it when the edge's place is uncertain.
