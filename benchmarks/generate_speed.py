@@ -1,12 +1,18 @@
-"""Wall time of a one-minute video, the way `loong generate` makes it, per LM dtype.
+"""Wall time of one-minute videos, the way `loong generate` makes them: speculative decoding
+on and off, per LM dtype.
 
-    python benchmarks/generate_speed.py [--model DIR] [--seconds 60] [--dtypes float32 float16]
+    python benchmarks/generate_speed.py [--model DIR] [--seconds 60] [--speculate 0 16]
+        [--prompts 8] [--seeds 0] [--dtypes float32]
 
 Times ``generate_video`` end to end (prompt → sampled ids → decoded frames → mp4 on disk, with
-re-encoding) for the same prompt and seed in each dtype, in one process, one after the other.
-Without ``--model`` it uses the bundled model; ``--random`` instead builds the ``shapes``
-presets with random weights, which sample just as fast (speed does not depend on the weights).
-Writes a JSON line per dtype to ``--json``.
+re-encoding) for each prompt and seed, every ``--speculate`` setting back to back in one
+process (interleaved, so drift in the machine's speed hits them alike). Speculative decoding
+samples from the same distribution but draws other random numbers, so each setting makes its
+own (equally likely) video and its speed depends on how often the latent frame before predicts
+the next: hence several prompts and seeds, and the LM forwards counted beside the time.
+Without ``--model`` it uses the bundled model; ``--random`` builds the ``shapes`` presets with
+random weights (their videos do not repeat, so drafts are rarely kept). Writes a JSON line per
+run and a summary to ``--json``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from pathlib import Path
 import torch
 
 from common import block_network, cpu_model
-from loong.generate import GenerationMetadata, generate_video
+from loong.data.video import VideoWriter
+from loong.evaluate.bench import CANONICAL_PROMPTS
+from loong.generate import GenerateConfig, GenerationMetadata, TextToVideo
 from loong.lm.model import VideoLM
 from loong.lm.presets import lm_preset
 from loong.text_tokenizer import TextTokenizer
@@ -46,41 +54,76 @@ def main() -> None:
     parser.add_argument("--model", help="LM export (default: the bundled model)")
     parser.add_argument("--random", action="store_true", help="shapes presets, random weights")
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--prompt", default="a red circle moves right")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"])
+    parser.add_argument("--prompts", type=int, default=len(CANONICAL_PROMPTS), help="the first N")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--speculate", type=int, nargs="+", default=[0, 16])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default="runs/generate_speed.json")
     args = parser.parse_args()
     block_network("generate_speed")
     torch.set_num_threads(args.threads)
+    frames = round(args.seconds * 8)
+    forwards = [0]
+
+    def count(module, inputs, output) -> None:
+        forwards[0] += 1
+
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         model = random_bundle(Path(tmp) / "bundle") if args.random else args.model
-        results = []
         for dtype in args.dtypes:
-            started = time.perf_counter()
-            generate_video(
-                args.prompt,
-                model_dir=model,
-                out=Path(tmp) / f"{dtype}.mp4",
-                seconds=args.seconds,
-                seed=0,
-                lm_dtype=dtype,
+            pipe = TextToVideo.from_pretrained(model, lm_dtype=dtype)
+            pipe.lm.register_forward_hook(count)
+            for prompt in CANONICAL_PROMPTS[: args.prompts]:
+                for seed in args.seeds:
+                    for speculate in args.speculate:
+                        config = GenerateConfig(
+                            seconds=args.seconds, seed=seed, speculate=speculate, progress=False
+                        )
+                        forwards[0] = 0
+                        started = time.perf_counter()
+                        with VideoWriter(Path(tmp) / "video.mp4", pipe.plan(config).fps) as writer:
+                            for chunk in pipe.stream(prompt, config):
+                                writer.write(chunk)
+                        wall = time.perf_counter() - started
+                        row = {
+                            "dtype": dtype,
+                            "prompt": prompt,
+                            "seed": seed,
+                            "speculate": speculate,
+                            "wall_s": round(wall, 2),
+                            "frames_per_s": round(frames / wall, 2),
+                            "lm_forwards": forwards[0],
+                        }
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+    summary = []
+    for dtype in args.dtypes:
+        for speculate in args.speculate:
+            rows = [r for r in results if r["dtype"] == dtype and r["speculate"] == speculate]
+            walls = sorted(r["wall_s"] for r in rows)
+            summary.append(
+                {
+                    "dtype": dtype,
+                    "speculate": speculate,
+                    "runs": len(rows),
+                    "mean_wall_s": round(sum(walls) / len(walls), 2),
+                    "median_wall_s": walls[len(walls) // 2],
+                    "max_wall_s": walls[-1],
+                    "mean_lm_forwards": round(sum(r["lm_forwards"] for r in rows) / len(rows)),
+                }
             )
-            wall = time.perf_counter() - started
-            frames = round(args.seconds * 8)
-            row = {
-                "dtype": dtype,
-                "seconds_of_video": args.seconds,
-                "wall_s": round(wall, 2),
-                "frames_per_s": round(frames / wall, 2),
-                "model": "random shapes presets" if args.random else str(model or "bundled"),
-                "threads": args.threads,
-                "cpu": cpu_model(),
-            }
-            results.append(row)
-            print(json.dumps(row))
+            print(json.dumps(summary[-1]))
+    meta = {
+        "seconds_of_video": args.seconds,
+        "model": "random shapes presets" if args.random else str(model or "bundled"),
+        "threads": args.threads,
+        "cpu": cpu_model(),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in results))
+    lines = [meta, *results, *summary]
+    Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
 if __name__ == "__main__":

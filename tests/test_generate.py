@@ -83,10 +83,14 @@ def config(**fields) -> GenerateConfig:
     return GenerateConfig(progress=False, **fields)
 
 
-def count_forwards(model: VideoLM) -> list[int]:
-    """Sequence length of every forward call, recorded as they happen."""
-    calls: list[int] = []
-    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+def count_forwards(model: VideoLM) -> list[tuple[int, int]]:
+    """(tokens fed, first position) of every forward call, recorded as they happen."""
+    calls: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs, out) -> None:
+        calls.append((args[0].shape[1], int(kwargs["input_pos"][0])))
+
+    model.register_forward_hook(record, with_kwargs=True)
     return calls
 
 
@@ -250,7 +254,7 @@ def test_default_windows_fill_the_trained_length(pipe):
     plan = pipe.plan(config(seconds=25 / FPS))
     assert (plan.window_latents, plan.new_latents) == (2, 1)  # 3 // 2 new, the rest context
     assert len(video) == 25
-    prefills = [n for n in calls if n > 1]
+    prefills = [n for n, start in calls if start == 0]
     assert len(prefills) == plan.n_windows == 5
     n_text = len(pipe.text_tokenizer.encode(PROMPT))
     assert prefills == [n_text + 2] + [n_text + 2 + 2 * HW] * 4
@@ -335,3 +339,17 @@ def test_missing_or_incomplete_model_directories_are_reported(model_dir, tmp_pat
     meta_path.unlink()
     with pytest.raises(FileNotFoundError, match=GENERATION_FILE):
         TextToVideo.from_pretrained(model_dir)
+
+
+def test_speculative_decoding_gives_the_greedy_video_and_needs_fewer_forwards(pipe):
+    cfg = config(seconds=25 / FPS, window_latents=2, new_latents_per_window=1, temperature=0.0)
+    calls = count_forwards(pipe.lm)
+    plain = pipe(PROMPT, dataclasses.replace(cfg, speculate=0))
+    n_plain = len(calls)
+    calls.clear()
+    fast = pipe(PROMPT, dataclasses.replace(cfg, speculate=8))
+    assert np.array_equal(plain, fast)
+    assert len(calls) < n_plain
+    assert any(n > 1 for n, start in calls if start > 0)  # drafts were fed
+    with pytest.raises(ValueError, match="speculate"):
+        config(speculate=-1)

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.resources
 import json
 import math
@@ -66,7 +65,7 @@ from loong.config import config_from_dict, config_to_dict
 from loong.data.video import VideoWriter, tensor_to_frames
 from loong.lm.kv_cache import KVCache
 from loong.lm.model import VideoLM
-from loong.lm.sampling import cfg_logits, left_pad, sample
+from loong.lm.sampling import decode_video_ids, left_pad
 from loong.lm.vocab import Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TextTokenizer
@@ -175,6 +174,9 @@ class GenerateConfig:
     """Latent frames of context a sliding window keeps; None: trained length − new latents."""
     reencode: bool = True
     """Re-encode the window's context frames as a fresh clip (Loong); False reuses the ids."""
+    speculate: int = 8
+    """Draft ids per decode step, copied from the latent frame before (speculative decoding:
+    the same distribution as plain sampling, faster where frames repeat); 0 is off."""
     max_prompt_tokens: int | None = None
     """Most text tokens a prompt may have; None: what fits beside a trained clip."""
     progress: bool = True
@@ -199,6 +201,10 @@ class GenerateConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.speculate < 0:
+            raise ValueError(
+                f"speculate must be >= 0 (0 is off), got {self.speculate}: pass e.g. 8"
+            )
 
 
 @dataclass(frozen=True)
@@ -245,30 +251,6 @@ def latents_for_frames(n_frames: int, temporal_compression: int) -> int:
     return 1 + math.ceil((n_frames - 1) / temporal_compression)
 
 
-def sample_video_token(
-    logits: torch.Tensor,
-    *,
-    vocab: Vocabulary,
-    guidance_scale: float,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Last-position logits of the video ids ``(R, V_video)`` (row 1 unconditional when guided)
-    → one video id ``(1,)`` in the joint id space."""
-    logits = logits.float()  # guidance and sampling in float32 whatever the model's dtype
-    if guidance_scale != 1.0:
-        logits = cfg_logits(logits[:1], logits[1:], guidance_scale)  # (1, V_video)
-    return vocab.video_id_range[0] + sample(
-        logits,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-    )
-
-
 @torch.no_grad()
 def sample_latent_frames(
     model: VideoLM,
@@ -283,6 +265,7 @@ def sample_latent_frames(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    speculate: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Prefill ``prompt_ids`` ``(L,)`` and yield ``n_latents`` latent frames of video ids, each
     ``(tokens_per_latent,)`` as soon as its last token is sampled.
@@ -291,6 +274,8 @@ def sample_latent_frames(
     one seed, the same ids), as a generator: frames can be decoded while sampling goes on, and one
     ``generator`` carries across the windows of a long video. With ``guidance_scale != 1`` the
     unconditional row (``uncond_ids``, default ``[BOS] [BOV]``) is left-padded beside the prompt.
+    ``speculate`` drafts per step come from the latent frame before (frame-copy speculative
+    decoding, :func:`~loong.lm.sampling.decode_video_ids`): the same distribution, faster.
     """
     guided = guidance_scale != 1.0
     device = prompt_ids.device
@@ -320,37 +305,36 @@ def sample_latent_frames(
         dtype=next(model.parameters()).dtype,
         device=device,
     )
-    head = {"last_only": True, "id_range": vocab.video_id_range}  # only video ids are sampled
     logits = model(
         ids,
         cache=cache,
         input_pos=torch.arange(length, device=device),
         attention_mask=None if bool(mask.all()) else mask,
-        **head,
+        last_only=True,
+        id_range=vocab.video_id_range,  # only video ids are sampled
     )[:, -1]  # (R, V_video)
-    # 3. decode: a token is fed back only when another follows, so no forward is wasted
-    step = functools.partial(
-        sample_video_token,
-        vocab=vocab,
+    # 3. decode, regrouped into latent frames
+    chunks = decode_video_ids(
+        model,
+        cache,
+        logits,
+        ids[:1],
+        n_tokens,
+        id_range=vocab.video_id_range,
         guidance_scale=guidance_scale,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         generator=generator,
+        speculate=speculate,
+        draft_lag=tokens_per_latent,
     )
-    pos, last = length, None
-    for _ in range(n_latents):
-        frame = torch.empty(tokens_per_latent, dtype=torch.long, device=device)
-        for i in range(tokens_per_latent):
-            if last is not None:
-                input_pos = torch.tensor([pos], device=device)
-                logits = model(
-                    last.expand(n_rows)[:, None], cache=cache, input_pos=input_pos, **head
-                )[:, -1]  # (R, V_video)
-                pos += 1
-            last = step(logits)  # (1,)
-            frame[i] = last[0]
-        yield frame
+    pending = prompt_ids.new_empty(0)
+    for chunk in chunks:  # (1, n)
+        pending = torch.cat([pending, chunk[0]])
+        while len(pending) >= tokens_per_latent:
+            yield pending[:tokens_per_latent]
+            pending = pending[tokens_per_latent:]
 
 
 # --- the pipeline ----------------------------------------------------------------------------
@@ -584,6 +568,7 @@ class TextToVideo:
                     temperature=config.temperature,
                     top_k=config.top_k,
                     top_p=config.top_p,
+                    speculate=config.speculate,
                 )
                 for ids in latents:
                     n_sampled += 1

@@ -13,6 +13,7 @@ from loong.lm.sampling import (
     logits_to_probs,
     restrict_to_range,
     sample,
+    verify_drafts,
 )
 from loong.lm.vocab import Vocabulary
 
@@ -134,28 +135,97 @@ def greedy_reference(model, cond, uncond, n_tokens, scale, vocab):
     return torch.stack(out)
 
 
+STICKY = 4.0
+
+
+class StickyLM(VideoLM):
+    """Logits that favour the id just fed by ``STICKY``, so a draft one id back is often right
+    (and often wrong): both branches of speculative decoding run."""
+
+    def forward(self, token_ids, *, last_only=False, id_range=None, **kwargs):
+        logits = super().forward(token_ids, last_only=last_only, id_range=id_range, **kwargs)
+        fed = token_ids[:, -1:] if last_only else token_ids  # (B, L')
+        column = fed - (0 if id_range is None else id_range[0])
+        inside = (column >= 0) & (column < logits.shape[-1])
+        bonus = torch.zeros_like(logits).scatter_(
+            -1, column.clamp(0, logits.shape[-1] - 1)[..., None], STICKY
+        )
+        return logits + bonus * inside[..., None]
+
+
+def sticky_lm(make_lm, **fields) -> StickyLM:
+    source = make_lm(**fields)
+    model = StickyLM(source.config)
+    model.load_state_dict(source.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("speculate", [0, 3], ids=["plain", "speculative"])
 @pytest.mark.parametrize("grid", [None, (2, 2)], ids=["rope-only", "cell-embeddings"])
 @pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_generation_with_padding_and_guidance_matches_a_plain_reference(make_lm, scale, grid):
-    model = make_lm(video_grid=grid)
+def test_generation_with_padding_and_guidance_matches_a_plain_reference(
+    make_lm, scale, grid, speculate
+):
+    model = sticky_lm(make_lm, video_grid=grid)
     vocab = Vocabulary(model.config.vocab)
     rows = [vocab.layout([1, 2, 3, 4, 5], None).token_ids, vocab.layout([6], None).token_ids]
     uncond = [vocab.layout([], None).token_ids, vocab.layout([7, 8], None).token_ids]
-    calls = []
+    calls, forwards = [], []
+    model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape[1]))
     ids = generate_video_tokens(
         model,
         left_pad(rows, vocab.pad),
-        8,
+        12,
         vocab=vocab,
         uncond_ids=left_pad(uncond, vocab.pad),
         guidance_scale=scale,
         temperature=0.0,
+        speculate=speculate,
+        draft_lag=1,
         on_token=lambda step, tokens: calls.append(step),
     )
-    assert calls == list(range(8))
+    assert calls == list(range(12))
+    decode_steps = len(forwards) - 1  # after the prefill
     for i in range(2):
-        expected = greedy_reference(model, rows[i], uncond[i], 8, scale, vocab)
+        expected = greedy_reference(model, rows[i], uncond[i], 12, scale, vocab)
         assert torch.equal(ids[i], expected)
+    if speculate:  # drafts were kept (fewer steps than ids) and rejected (more than the fewest)
+        assert 12 // (speculate + 1) < decode_steps < 11, forwards
+    else:
+        assert decode_steps == 11
+
+
+def test_verify_drafts_keeps_the_model_distribution():
+    """A kept-or-redrawn id is a draw from p, at the first position and after a kept draft."""
+    p = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]])  # positions 0, 1, 2
+    n = 40_000
+    logits = p.log().expand(n, 3, 3)
+    drafts = torch.tensor([1, 2]).expand(n, 2)  # draft 0 is likely, draft 1 is not
+    ids, _ = verify_drafts(logits, drafts, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (n, 3)
+    tolerance = 4 * (0.25 / n) ** 0.5
+    first = torch.bincount(ids[:, 0], minlength=3).float() / n
+    torch.testing.assert_close(first, p[0], atol=tolerance, rtol=0)
+    after_kept = ids[ids[:, 0] == 1, 1]  # position 1 counts only where draft 0 was kept
+    assert len(after_kept) > n // 2
+    second = torch.bincount(after_kept, minlength=3).float() / len(after_kept)
+    torch.testing.assert_close(second, p[1], atol=4 * (0.25 / len(after_kept)) ** 0.5, rtol=0)
+    # The top-k / top-p distribution is the one kept: an id outside it never appears.
+    ids, _ = verify_drafts(logits, drafts, top_k=1 + 1, generator=torch.Generator().manual_seed(1))
+    assert not (ids[:, 0] == 0).any() and not (ids[ids[:, 0] == 1, 1] == 1).any()
+
+
+def test_verify_drafts_stops_at_the_first_row_that_rejects():
+    logits = torch.full((2, 4, 5), -5.0)
+    logits[0, torch.arange(4), torch.tensor([2, 3, 4, 0])] = 5.0  # row 0 agrees with its drafts
+    logits[1, torch.arange(4), torch.tensor([1, 1, 0, 0])] = 5.0  # row 1 turns away at 1
+    drafts = torch.tensor([[2, 3, 4], [1, 2, 3]])
+    ids, n = verify_drafts(logits, drafts, temperature=0.0)
+    assert n == 2 and ids[:, :2].tolist() == [[2, 3], [1, 1]]
+    ids, n = verify_drafts(logits[:1], drafts[:1], temperature=0.0)
+    assert n == 4 and ids.tolist() == [[2, 3, 4, 0]]  # every draft kept, then one id more
+    with pytest.raises(ValueError, match="disagree"):
+        verify_drafts(logits, drafts[:, :2])
 
 
 def test_generation_longer_than_max_seq_len_is_rejected(make_lm):

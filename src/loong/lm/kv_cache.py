@@ -11,6 +11,10 @@ The cache also knows on the host whether it is **dense**: slots ``0 .. end − 1
 order, once each, with no padding. A one-token step at slot ``end`` of a dense cache then needs
 no mask at all (it attends to every slot below ``end``), which is the decode fast path.
 
+Speculative decoding writes draft tokens after the last one and keeps only those the model
+accepts: :meth:`KVCache.truncate` forgets the rest, so the next write continues right after
+the last kept slot (and a dense cache stays dense).
+
 Sliding windows over long videos need no cache surgery: the next window's prefix (the text plus
 the re-encoded last frames) differs from the tokens already cached, so the window is prefilled
 again after :meth:`KVCache.reset`. Keys are stored rotated by their absolute position, which is
@@ -64,6 +68,19 @@ class KVCache:
         self.valid.zero_()
         self.video_seen.zero_()
         self.end, self.dense, self.next_pos = 0, True, 0
+
+    def truncate(self, length: int) -> None:
+        """Forget slots ``length .. next_pos − 1`` (rejected draft tokens); a dense cache stays
+        dense. The forgotten slots must hold video tokens, as drafts do: ``video_seen`` counts
+        them off.
+        """
+        if not 0 <= length <= self.next_pos:
+            raise ValueError(f"truncate to {length} slots: the cache holds {self.next_pos}")
+        self.valid[:, length : self.next_pos] = False
+        self.video_seen -= self.next_pos - length
+        self.next_pos = length
+        if self.dense:
+            self.end = min(self.end, length)
 
     def mark(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Record slots ``input_pos`` (L,) as written; ``attention_mask`` (B, L) marks real ones."""

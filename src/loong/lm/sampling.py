@@ -5,12 +5,23 @@ Loong samples with temperature and top-k; top-p and classifier-free guidance fol
 knows the empty caption). Inside the video part only video ids may be sampled, so every other id
 is masked to −inf before sampling.
 
-Axes: B batch, L prompt length, V vocabulary.
+**Frame-copy speculative decoding.** Most cells of a latent frame repeat the cell above them in
+time (a still background), so the id one latent frame back (``draft_lag = h·w`` positions) is a
+free draft of the next id. Each decode step feeds the last sampled id together with up to
+``speculate`` such drafts, and speculative sampling (Leviathan et al. 2023; Chen et al. 2023)
+keeps draft i with probability p_i(draft i), else draws from p_i with the draft removed and
+stops. With a draft that is one id (its own distribution a point mass) this is exactly the
+model's distribution, token by token, whatever the drafts: only the speed depends on them. At
+temperature 0 a draft is kept when it is the argmax, so greedy output is the same ids as
+without drafts. One forward of k + 1 tokens costs far less than k + 1 one-token forwards on a
+CPU or a GPU at batch 1, so every accepted draft is nearly free.
+
+Axes: B batch, L prompt length, K drafts, V vocabulary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -78,6 +89,46 @@ def sample(
     return multinomial_sample_one(logits_to_probs(logits, temperature, top_k, top_p), generator)
 
 
+def verify_drafts(
+    logits: torch.Tensor,
+    drafts: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Speculative sampling against one-id drafts → ids ``(B, K + 1)`` and ``n`` in 1 .. K + 1.
+
+    ``logits`` ``(B, K + 1, V)``: position i's logits given the drafts before it; ``drafts``
+    ``(B, K)`` ids in 0 .. V − 1. Row b's id at position i is draft i when kept (with
+    probability p_i(draft), or when it is the argmax at temperature 0), else a draw from p_i
+    without the draft; the last position is a plain draw. The first ``n`` ids are the output:
+    every row kept drafts 0 .. n − 2, and position n − 1 is where some row stopped (or the
+    plain draw). Each is a draw from the model's own distribution given the ids before it.
+    """
+    if logits.ndim != 3 or drafts.shape != (logits.shape[0], logits.shape[1] - 1):
+        raise ValueError(
+            f"logits (B, K + 1, V) and drafts (B, K) disagree: {tuple(logits.shape)} and "
+            f"{tuple(drafts.shape)}"
+        )
+    k = drafts.shape[1]
+    if temperature == 0 or top_k == 1:
+        ids = torch.argmax(logits, dim=-1)  # (B, K + 1)
+        kept = ids[:, :k] == drafts  # (B, K)
+    else:
+        probs = logits_to_probs(logits, temperature, top_k, top_p)  # (B, K + 1, V)
+        p_draft = probs[:, :k].gather(-1, drafts[..., None])[..., 0]  # (B, K)
+        u = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
+        kept = u < p_draft
+        residual = probs[:, :k].scatter(-1, drafts[..., None], 0.0)  # p without the draft
+        fresh = multinomial_sample_one(torch.cat([residual, probs[:, k:]], dim=1), generator)
+        ids = torch.cat([torch.where(kept, drafts, fresh[:, :k]), fresh[:, k:]], dim=1)
+    all_kept = kept.all(dim=0)  # (K,)
+    n = k + 1 if bool(all_kept.all()) else int(torch.argmin(all_kept.int())) + 1  # host sync
+    return ids, n
+
+
 def restrict_to_range(logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Logits ``(..., V)`` with every id outside ``[lo, hi)`` set to −inf (a new tensor)."""
     if not 0 <= lo < hi <= logits.shape[-1]:
@@ -100,6 +151,81 @@ def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> torch.Tensor:
     return out
 
 
+def decode_video_ids(
+    model: VideoLM,
+    cache: KVCache,
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    n_tokens: int,
+    *,
+    id_range: tuple[int, int],
+    guidance_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    speculate: int = 0,
+    draft_lag: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Decode ``n_tokens`` video ids after a prefill; yield them in chunks ``(B, n)`` as sampled.
+
+    ``cache`` holds the prefilled prompt rows (the B prompts, then B unconditional rows when
+    ``guidance_scale != 1``); ``logits`` ``(R, V_video)`` are the prefill's last-position logits
+    over the ids ``id_range``; ``history`` ``(B, L)`` is what the B prompt rows were fed. With
+    ``speculate > 0`` and ``draft_lag`` set, each step also feeds up to ``speculate`` drafts, the
+    ids ``draft_lag`` positions back (see the module docstring); a draft must come from a video
+    id, so the first latent frame after a text-only prompt is sampled one id at a time.
+    Ids are in the joint space. Chunks add up to exactly ``n_tokens`` ids.
+    """
+    if speculate < 0:
+        raise ValueError(f"speculate must be >= 0 (0 is off), got {speculate}")
+    if speculate and (draft_lag is None or draft_lag < 1):
+        raise ValueError(
+            f"speculate needs draft_lag >= 1 (tokens per latent frame), got {draft_lag}"
+        )
+    b, length = history.shape
+    lo, hi = id_range
+    guided = guidance_scale != 1.0
+    pick = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+
+    def guide(x: torch.Tensor) -> torch.Tensor:  # (R, ..., V) → (B, ..., V), float32
+        x = x.float()  # guidance and sampling in float32 whatever the model's dtype
+        return cfg_logits(x[:b], x[b:], guidance_scale) if guided else x
+
+    # Drafts come from the sequence so far; columns from first_video on hold video ids in all
+    # rows (the prompt's video prefix, then everything sampled).
+    seq = torch.cat([history.long(), history.new_zeros((b, n_tokens))], dim=1)  # (B, L + n)
+    is_video = ((history >= lo) & (history < hi)).all(dim=0).tolist()
+    first_video = length
+    while first_video > 0 and is_video[first_video - 1]:
+        first_video -= 1
+
+    last = lo + sample(guide(logits), **pick)  # (B,)
+    seq[:, length] = last
+    yield last[:, None]
+    done, pos = 1, cache.next_pos  # pos: the slot ``last`` goes to
+    while done < n_tokens:
+        # 1. drafts: the ids one lag back, when they are video ids already known
+        source = length + done - (draft_lag or 0)
+        k = min(speculate, n_tokens - done - 1, draft_lag or 0) if source >= first_video else 0
+        feed = torch.cat([last[:, None], seq[:, source : source + k]], dim=1)  # (B, 1 + K)
+        # 2. one forward over the last id and the drafts, every row alike
+        rows = torch.cat([feed, feed]) if guided else feed
+        input_pos = torch.arange(pos, pos + k + 1, device=feed.device)
+        out = model(rows, cache=cache, input_pos=input_pos, last_only=k == 0, id_range=id_range)
+        # 3. keep the drafts the model accepts, then one id of its own
+        if k == 0:
+            ids, n = (lo + sample(guide(out[:, -1]), **pick))[:, None], 1
+        else:
+            ids, n = verify_drafts(guide(out), feed[:, 1:] - lo, **pick)
+            ids = ids[:, :n] + lo
+            if n < k + 1:
+                cache.truncate(pos + n)  # slots of the rejected drafts
+        seq[:, length + done : length + done + n] = ids
+        done, pos, last = done + n, pos + n, ids[:, -1]
+        yield ids
+
+
 @torch.no_grad()
 def generate_video_tokens(
     model: VideoLM,
@@ -113,6 +239,8 @@ def generate_video_tokens(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    speculate: int = 0,
+    draft_lag: int | None = None,
     on_token: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample ``n_tokens`` video ids after ``prompt_ids`` ``(B, L)`` → ``(B, n_tokens)`` ids.
@@ -123,10 +251,11 @@ def generate_video_tokens(
        ``[BOS] [BOV]``) join the batch, left-padded to the same length; at scale 1 they are
        not run, since guidance 1 is the conditional model.
     2. Prefill: one forward over all rows fills a KV cache of ``L + n_tokens`` slots.
-    3. Decode: each step guides (if asked), samples among video ids only (the head computes
-       no other logits) with a
-       ``torch.Generator`` seeded by ``seed`` (same seed, same tokens), and feeds the token to
-       every row (conditional and unconditional alike) for the next step.
+    3. Decode (:func:`decode_video_ids`): each step guides (if asked), samples among video ids
+       only (the head computes no other logits) with a ``torch.Generator`` seeded by ``seed``
+       (same seed, same tokens), and feeds the token to every row (conditional and
+       unconditional alike) for the next step. ``speculate`` drafts per step, copied from
+       ``draft_lag`` (= h·w) positions back, make it faster with the same distribution.
 
     ``on_token(step, ids (B,))`` is called after each sampled token, e.g. to stream frames.
     The result holds ids in the joint space; ``vocab.ids_to_video(ids, (h, w))`` gives indices.
@@ -173,31 +302,37 @@ def generate_video_tokens(
     )
     generator = torch.Generator(device=device).manual_seed(seed)
     # Only video ids may be sampled: the head computes just their logits (ids lo .. hi − 1).
-    lo, hi = vocab.video_id_range
-    head = {"last_only": True, "id_range": (lo, hi)}
     logits = model(
         ids,
         cache=cache,
         input_pos=torch.arange(length, device=device),
         attention_mask=attention_mask,
-        **head,
+        last_only=True,
+        id_range=vocab.video_id_range,
     )[:, -1]  # (rows, V_video)
 
     # 3. decode
+    chunks = decode_video_ids(
+        model,
+        cache,
+        logits,
+        ids[:b],
+        n_tokens,
+        id_range=vocab.video_id_range,
+        guidance_scale=guidance_scale,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        speculate=speculate,
+        draft_lag=draft_lag,
+    )
     out = torch.empty((b, n_tokens), dtype=torch.long, device=device)
-    for step in range(n_tokens):
-        logits = logits.float()  # guidance and sampling in float32 whatever the model's dtype
-        if guided:
-            logits = cfg_logits(logits[:b], logits[b:], guidance_scale)  # (B, V_video)
-        next_ids = lo + sample(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-        )  # (B,)
-        out[:, step] = next_ids
-        if on_token is not None:
-            on_token(step, next_ids)
-        if step == n_tokens - 1:
-            break
-        feed = next_ids.repeat(2) if guided else next_ids  # (rows,)
-        pos = torch.tensor([length + step], device=device)
-        logits = model(feed[:, None], cache=cache, input_pos=pos, **head)[:, -1]
+    step = 0
+    for chunk in chunks:  # (B, n)
+        for next_ids in chunk.unbind(dim=1):
+            out[:, step] = next_ids
+            if on_token is not None:
+                on_token(step, next_ids)
+            step += 1
     return out
