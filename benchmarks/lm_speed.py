@@ -18,10 +18,23 @@ round) so that both share the machine's noise; medians are reported with the rat
   off. Timed end to end (prefill included) under ``torch.inference_mode``; reported as new
   tokens/s. A greedy row uses top_k=1 (ours) and ``do_sample=False`` (HF).
 
+- speculative (with ``--model``): the same sampling with free drafts on both sides. Ours:
+  frame-copy speculative decoding (``speculate=--speculate``, drafts one latent frame back).
+  HF: prompt lookup decoding (``prompt_lookup_num_tokens=--speculate``), its draft-free
+  speculative mode. Both keep the model's distribution; the speed depends on the weights.
+
+``--model DIR`` times a trained export (``bundled``: the package's shapes-world model) on the
+workload of one sliding window of ``loong generate``: the prompt is ``[BOS] caption [BOV]`` and
+``--context-latents`` latent frames of the world's own rendering of the caption, encoded by the
+paired video tokenizer; ``--new-tokens`` video ids follow. Random weights (the default) sample
+ids that never repeat, which is no workload for drafts.
+
 Before timing, the logits of both models on the training batch are compared (max abs diff), and
 the greedy token sequences of both are compared, so the two sides do the same work.
 
     .venv/bin/python benchmarks/lm_speed.py --json runs/lm_speed.json
+    .venv/bin/python benchmarks/lm_speed.py --model bundled --skip train \
+        --json runs/lm_speed_model.json
 """
 
 from __future__ import annotations
@@ -58,6 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=32, help="sampling prompt length")
     parser.add_argument("--new-tokens", type=int, default=256, help="sampled tokens")
     parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--model", default=None, help="trained LM export, or 'bundled'")
+    parser.add_argument("--caption", default="a red circle moves right", help="with --model")
+    parser.add_argument("--context-latents", type=int, default=5, help="with --model")
+    parser.add_argument("--speculate", type=int, default=16, help="drafts per step (--model)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument(
         "--hf-cache",
@@ -106,16 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
 
     # --- the pair: ours, and a LlamaForCausalLM with the same weights
-    config = lm_preset(
-        args.preset,
-        dim=args.dim,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        n_kv_heads=args.kv_heads,
-        ffn_dim=args.ffn_dim,
-        max_seq_len=max(args.seq, args.prompt + args.new_tokens),
-    )
-    ours = VideoLM(config)
+    pipe = None
+    if args.model is None:
+        config = lm_preset(
+            args.preset,
+            dim=args.dim,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            n_kv_heads=args.kv_heads,
+            ffn_dim=args.ffn_dim,
+            max_seq_len=max(args.seq, args.prompt + args.new_tokens),
+        )
+        ours = VideoLM(config)
+    else:
+        from loong.generate import TextToVideo
+
+        pipe = TextToVideo.from_pretrained(None if args.model == "bundled" else args.model)
+        ours, config = pipe.lm.float(), pipe.lm.config
     hf = to_hf_llama(ours)
     vocab = Vocabulary(config.vocab)
     lo, hi = vocab.video_id_range
@@ -126,8 +150,33 @@ def main(argv: list[str] | None = None) -> int:
     # --- inputs
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen)  # (B, L)
-    text = torch.randint(0, vocab.text_vocab_size, (args.prompt - 2,), generator=gen).tolist()
-    prompt = vocab.layout(text, None).token_ids[None]  # (1, L_p): [BOS] text [BOV]
+    draft_lag = None
+    if pipe is None:
+        text = torch.randint(0, vocab.text_vocab_size, (args.prompt - 2,), generator=gen).tolist()
+        prompt = vocab.layout(text, None).token_ids[None]  # (1, L_p): [BOS] text [BOV]
+    else:
+        from loong.data.shapes import parse_caption, render
+        from loong.data.video import frames_to_tensor
+
+        (h, w), r = pipe.grid, pipe.video_tokenizer.config.temporal_compression
+        draft_lag = h * w
+        size = h * pipe.video_tokenizer.config.spatial_compression
+        n_frames = 1 + r * (args.context_latents - 1)
+        frames = render(
+            parse_caption(args.caption), seed=args.seed, n_frames=n_frames, height=size, width=size
+        )
+        with torch.inference_mode():
+            indices = pipe.video_tokenizer.encode(frames_to_tensor(frames)[None])  # (1, t, h, w)
+        text = pipe.text_tokenizer.encode(args.caption)
+        prompt = torch.cat(
+            [vocab.layout(text, None).token_ids, vocab.video_to_ids(indices)[0].flatten()]
+        )[None]
+        args.prompt = prompt.shape[1]
+        if prompt.shape[1] + args.new_tokens > config.max_seq_len:
+            sys.exit(
+                f"lm_speed: prompt {prompt.shape[1]} + {args.new_tokens} new ids exceed "
+                f"max_seq_len {config.max_seq_len}: pass fewer --new-tokens or --context-latents"
+            )
 
     # --- like for like: logits on the training batch, greedy tokens from the prompt
     ours.eval()
@@ -150,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
 
     processors = LogitsProcessorList([VideoIdsOnly()])
 
-    def hf_generation_config(greedy: bool) -> GenerationConfig:
+    def hf_generation_config(greedy: bool, lookup: int | None = None) -> GenerationConfig:
         return GenerationConfig(
+            prompt_lookup_num_tokens=lookup,
             max_new_tokens=args.new_tokens,
             min_new_tokens=args.new_tokens,
             do_sample=not greedy,
@@ -166,35 +216,63 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     gen_configs = {False: hf_generation_config(False), True: hf_generation_config(True)}
+    lookup_config = hf_generation_config(False, lookup=args.speculate)
 
-    def sample_ours(greedy: bool) -> torch.Tensor:
+    def sample_ours(greedy: bool, speculate: int = 0) -> torch.Tensor:
         with torch.inference_mode():
             top_k = 1 if greedy else args.top_k
             out = generate_video_tokens(
-                ours, prompt, args.new_tokens, vocab=vocab, top_k=top_k, seed=args.seed
+                ours,
+                prompt,
+                args.new_tokens,
+                vocab=vocab,
+                top_k=top_k,
+                seed=args.seed,
+                speculate=speculate,
+                draft_lag=draft_lag,
             )
         return out  # (1, N)
 
-    def sample_hf(greedy: bool) -> torch.Tensor:
+    def sample_hf(greedy: bool, lookup: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             out = hf.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
-                generation_config=gen_configs[greedy],
+                generation_config=lookup_config if lookup else gen_configs[greedy],
                 logits_processor=processors,
             )
         return out[:, prompt.shape[1] :]  # (1, N)
 
     greedy_match = None
     if "sample" not in args.skip:
-        for name, fn in (("ours", sample_ours), ("HF", sample_hf)):
-            for greedy in (False, True):
-                out = fn(greedy)
-                if out.shape != (1, args.new_tokens) or not bool(vocab.is_video(out).all()):
-                    sys.exit(
-                        f"lm_speed: {name} sampled shape {tuple(out.shape)} (want "
-                        f"(1, {args.new_tokens})) or ids outside the video range"
-                    )
+        checks: list[tuple[str, Callable[[], torch.Tensor]]] = [
+            ("ours", lambda: sample_ours(False)),
+            ("ours", lambda: sample_ours(True)),
+            ("HF", lambda: sample_hf(False)),
+            ("HF", lambda: sample_hf(True)),
+        ]
+        if pipe is not None:
+            checks += [("ours", lambda: sample_ours(False, args.speculate))]
+            checks += [("HF", lambda: sample_hf(False, lookup=True))]
+        for name, fn in checks:
+            out = fn()
+            if out.shape != (1, args.new_tokens) or not bool(vocab.is_video(out).all()):
+                sys.exit(
+                    f"lm_speed: {name} sampled shape {tuple(out.shape)} (want "
+                    f"(1, {args.new_tokens})) or ids outside the video range"
+                )
+        if pipe is not None:  # drafts change the speed, never the greedy ids
+            spec = generate_video_tokens(
+                ours,
+                prompt,
+                args.new_tokens,
+                vocab=vocab,
+                top_k=1,
+                speculate=args.speculate,
+                draft_lag=draft_lag,
+            )
+            if not torch.equal(spec, sample_ours(True)):
+                sys.exit("lm_speed: greedy ids with drafts differ from greedy ids without")
         a, b = sample_ours(True)[0], sample_hf(True)[0]
         differ = (a != b).nonzero()
         greedy_match = args.new_tokens if differ.numel() == 0 else int(differ[0, 0])
@@ -226,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         ops["ours"]["greedy"] = lambda: sample_ours(True)
         ops["HF"]["greedy"] = lambda: sample_hf(True)
         tokens_per_call["sample"] = tokens_per_call["greedy"] = args.new_tokens
+        if pipe is not None:
+            ops["ours"]["speculative"] = lambda: sample_ours(False, args.speculate)
+            ops["HF"]["speculative"] = lambda: sample_hf(False, lookup=True)
+            tokens_per_call["speculative"] = args.new_tokens
     metrics = list(tokens_per_call)
     if not metrics:
         sys.exit("lm_speed: nothing to time (both train and sample skipped)")
@@ -282,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": f"train tok/s (B={args.batch}, L={args.seq}, fwd+bwd+AdamW)",
         "sample": f"sample tok/s (top_k={args.top_k}, {args.prompt}+{args.new_tokens})",
         "greedy": f"greedy tok/s (top_k=1, {args.prompt}+{args.new_tokens})",
+        "speculative": f"sample tok/s with {args.speculate} drafts (ours: frame copy, HF: lookup)",
     }
     print()
     print(f"model:  {model_desc}")
@@ -309,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{labels[m]:{width}}{tok_s['ours'][m]:>11.1f}{tok_s['HF'][m]:>11.1f}{ratio[m]:>9.2f}"
         )
     print("\nratio = ours / HF tokens per second: > 1 means ours is faster.")
+    if "speculative" in metrics:
+        plain = tok_s["ours"]["speculative"] / tok_s["HF"]["sample"]
+        print(f"ours with drafts / HF generate without: {plain:.2f}")
+        ratio["speculative_over_hf_plain"] = plain
     if n_ours != n_hf:
         print(f"warning: parameter counts differ ({n_ours} vs {n_hf})")
     if max_abs_diff > 1e-3 * max(1.0, logit_scale):
@@ -319,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "env": env,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "model": model_desc,
+            "weights": args.model or "random",
             "params": {"ours": n_ours, "HF": n_hf},
             "hf_attn_implementation": attn_impl,
             "logits_max_abs_diff": max_abs_diff,

@@ -174,9 +174,9 @@ class GenerateConfig:
     """Latent frames of context a sliding window keeps; None: trained length − new latents."""
     reencode: bool = True
     """Re-encode the window's context frames as a fresh clip (Loong); False reuses the ids."""
-    speculate: int = 8
-    """Draft ids per decode step, copied from the latent frame before (speculative decoding:
-    the same distribution as plain sampling, faster where frames repeat); 0 is off."""
+    speculate: int = 64
+    """Most draft ids per decode step, copied from the latent frame before (speculative
+    decoding: the same distribution as plain sampling, faster where frames repeat); 0 is off."""
     max_prompt_tokens: int | None = None
     """Most text tokens a prompt may have; None: what fits beside a trained clip."""
     progress: bool = True

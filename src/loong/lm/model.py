@@ -231,8 +231,8 @@ class Attention(nn.Module):
             k_all, v_all = cache.update(self.layer, input_pos, k, v)  # (B, M, S, E)
             if mask is ATTEND_ALL:
                 k, v = k_all[:, :, : cache.end], v_all[:, :, : cache.end]
-            elif mask is not None:
-                k, v = k_all, v_all
+            elif mask is not None:  # the mask spans the slots written so far
+                k, v = k_all[:, :, : mask.shape[-1]], v_all[:, :, : mask.shape[-1]]
             # With no mask this is a prefill from slot 0: the new keys are the whole context.
         if mask is ATTEND_ALL:
             out = decode_attention(q, k, v)  # (B, N, 1, E)
@@ -426,7 +426,8 @@ class VideoLM(nn.Module):
         input_pos: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor | bool | None:
         """Bool attention mask ``(B, 1, L, S)``; None where plain causal attention is exact;
-        ``ATTEND_ALL`` where one new token sees exactly the slots below ``cache.end``.
+        ``ATTEND_ALL`` where one new token sees exactly the slots below ``cache.end``. With a
+        cache, S is the slots written so far (``cache.next_pos``), not the whole cache.
 
         None (the fused ``is_causal`` path) needs the new tokens to be the whole context from
         position 0 without padding: training, or a KV-cache prefill from slot 0. ``ATTEND_ALL``
@@ -445,9 +446,9 @@ class VideoLM(nn.Module):
         if cache is None:
             key_pos = input_pos  # (S,) = (L,)
             key_valid = attention_mask  # (B, S)
-        else:
-            key_pos = torch.arange(cache.max_len, device=input_pos.device)
-            key_valid = cache.valid
+        else:  # mark() has run: no slot at or past next_pos is written, nor attended to
+            key_pos = torch.arange(cache.next_pos, device=input_pos.device)
+            key_valid = cache.valid[:, : cache.next_pos]
         mask = key_pos[None, :] <= input_pos[:, None]  # (L, S) causal
         mask = mask[None] & key_valid[:, None, :]  # (B, L, S)
         mask = mask | (key_pos[None, :] == input_pos[:, None])  # a token always sees itself

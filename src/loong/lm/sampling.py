@@ -174,7 +174,10 @@ def decode_video_ids(
     over the ids ``id_range``; ``history`` ``(B, L)`` is what the B prompt rows were fed. With
     ``speculate > 0`` and ``draft_lag`` set, each step also feeds up to ``speculate`` drafts, the
     ids ``draft_lag`` positions back (see the module docstring); a draft must come from a video
-    id, so the first latent frame after a text-only prompt is sampled one id at a time.
+    id, so the first latent frame after a text-only prompt is sampled one id at a time. The
+    number of drafts adapts: it doubles (up to ``speculate``) after a step that kept them all
+    and halves (down to 1) after one that did not, since a long forward whose drafts are soon
+    rejected costs more than the one-id steps it replaces.
     Ids are in the joint space. Chunks add up to exactly ``n_tokens`` ids.
     """
     if speculate < 0:
@@ -204,10 +207,11 @@ def decode_video_ids(
     seq[:, length] = last
     yield last[:, None]
     done, pos = 1, cache.next_pos  # pos: the slot ``last`` goes to
+    budget = speculate  # drafts per step: doubled while all are kept, halved after a rejection
     while done < n_tokens:
         # 1. drafts: the ids one lag back, when they are video ids already known
         source = length + done - (draft_lag or 0)
-        k = min(speculate, n_tokens - done - 1, draft_lag or 0) if source >= first_video else 0
+        k = min(budget, n_tokens - done - 1, draft_lag or 0) if source >= first_video else 0
         feed = torch.cat([last[:, None], seq[:, source : source + k]], dim=1)  # (B, 1 + K)
         # 2. one forward over the last id and the drafts, every row alike
         rows = torch.cat([feed, feed]) if guided else feed
@@ -221,6 +225,8 @@ def decode_video_ids(
             ids = ids[:, :n] + lo
             if n < k + 1:
                 cache.truncate(pos + n)  # slots of the rejected drafts
+            # A long forward whose drafts are soon rejected costs more than it saves
+            budget = min(speculate, 2 * k) if n == k + 1 else max(1, k // 2)
         seq[:, length + done : length + done + n] = ids
         done, pos, last = done + n, pos + n, ids[:, -1]
         yield ids
