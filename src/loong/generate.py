@@ -203,7 +203,7 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.speculate < 0:
             raise ValueError(
-                f"speculate must be >= 0 (0 is off), got {self.speculate}: pass e.g. 8"
+                f"speculate must be >= 0 (0 is off), got {self.speculate}: pass e.g. 64"
             )
 
 

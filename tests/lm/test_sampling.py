@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loong.lm.kv_cache import KVCache
 from loong.lm.model import VideoLM
 from loong.lm.sampling import (
     cfg_logits,
@@ -142,13 +143,15 @@ class StickyLM(VideoLM):
     """Logits that favour the id just fed by ``STICKY``, so a draft one id back is often right
     (and often wrong): both branches of speculative decoding run."""
 
+    sticky = STICKY
+
     def forward(self, token_ids, *, last_only=False, id_range=None, **kwargs):
         logits = super().forward(token_ids, last_only=last_only, id_range=id_range, **kwargs)
         fed = token_ids[:, -1:] if last_only else token_ids  # (B, L')
         column = fed - (0 if id_range is None else id_range[0])
         inside = (column >= 0) & (column < logits.shape[-1])
         bonus = torch.zeros_like(logits).scatter_(
-            -1, column.clamp(0, logits.shape[-1] - 1)[..., None], STICKY
+            -1, column.clamp(0, logits.shape[-1] - 1)[..., None], self.sticky
         )
         return logits + bonus * inside[..., None]
 
@@ -160,39 +163,109 @@ def sticky_lm(make_lm, **fields) -> StickyLM:
     return model.eval()
 
 
-@pytest.mark.parametrize("speculate", [0, 3], ids=["plain", "speculative"])
+@pytest.mark.parametrize("speculate", [0, 8], ids=["plain", "speculative"])
 @pytest.mark.parametrize("grid", [None, (2, 2)], ids=["rope-only", "cell-embeddings"])
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_generation_with_padding_and_guidance_matches_a_plain_reference(
-    make_lm, scale, grid, speculate
+    make_lm, scale, grid, speculate, monkeypatch
 ):
     model = sticky_lm(make_lm, video_grid=grid)
     vocab = Vocabulary(model.config.vocab)
-    rows = [vocab.layout([1, 2, 3, 4, 5], None).token_ids, vocab.layout([6], None).token_ids]
+    lo, _ = vocab.video_id_range
+    video = torch.full((8,), lo + 3)  # a video prefix, so drafts start at once
+    rows = [
+        torch.cat([vocab.layout([1, 2, 3, 4, 5], None).token_ids, video]),
+        torch.cat([vocab.layout([6], None).token_ids, video]),
+    ]
     uncond = [vocab.layout([], None).token_ids, vocab.layout([7, 8], None).token_ids]
-    calls, forwards = [], []
+    calls, forwards, truncations = [], [], []
     model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape[1]))
+    truncate = KVCache.truncate
+    monkeypatch.setattr(
+        KVCache, "truncate", lambda cache, n: (truncations.append(n), truncate(cache, n))
+    )
     ids = generate_video_tokens(
         model,
         left_pad(rows, vocab.pad),
-        12,
+        16,
         vocab=vocab,
         uncond_ids=left_pad(uncond, vocab.pad),
         guidance_scale=scale,
         temperature=0.0,
         speculate=speculate,
-        draft_lag=1,
+        draft_lag=4,
         on_token=lambda step, tokens: calls.append(step),
     )
-    assert calls == list(range(12))
-    decode_steps = len(forwards) - 1  # after the prefill
+    assert calls == list(range(16))
+    decode_steps = forwards[1:]  # after the prefill
     for i in range(2):
-        expected = greedy_reference(model, rows[i], uncond[i], 12, scale, vocab)
+        expected = greedy_reference(model, rows[i], uncond[i], 16, scale, vocab)
         assert torch.equal(ids[i], expected)
-    if speculate:  # drafts were kept (fewer steps than ids) and rejected (more than the fewest)
-        assert 12 // (speculate + 1) < decode_steps < 11, forwards
+    if speculate:  # several drafts were fed, and kept (fewer steps than ids) or rejected
+        assert max(decode_steps) > 2 and (len(decode_steps) < 15 or truncations), decode_steps
     else:
-        assert decode_steps == 11
+        assert decode_steps == [1] * 15 and not truncations
+
+
+def test_sampling_with_drafts_keeps_some_and_rejects_others(make_lm, monkeypatch):
+    model = sticky_lm(make_lm)
+    model.sticky = 6.0  # repeats are likely, not certain
+    vocab = Vocabulary(model.config.vocab)
+    lo, _ = vocab.video_id_range
+    prompt = torch.cat([vocab.layout([1, 2], None).token_ids, torch.full((8,), lo + 3)])[None]
+    forwards, truncations = [], []
+    model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape[1]))
+    truncate = KVCache.truncate
+    monkeypatch.setattr(
+        KVCache, "truncate", lambda cache, n: (truncations.append(n), truncate(cache, n))
+    )
+    ids = generate_video_tokens(model, prompt, 40, vocab=vocab, speculate=8, draft_lag=4)
+    assert ids.shape == (1, 40) and vocab.is_video(ids).all()
+    assert len(forwards) - 1 < 39 and max(forwards[1:]) > 2 and truncations
+
+
+@pytest.mark.parametrize("grid", [None, (2, 2)], ids=["rope-only", "cell-embeddings"])
+def test_speculative_sampling_draws_the_guided_distribution(make_lm, grid):
+    """Marginals of the first three sampled ids against the model's, enumerated exactly."""
+    model = sticky_lm(make_lm, seed=1, video_grid=grid)
+    vocab = Vocabulary(model.config.vocab)
+    lo, hi = vocab.video_id_range
+    v, scale = hi - lo, 2.0
+    cond = torch.cat([vocab.layout([1, 2, 3], None).token_ids, torch.tensor([lo + 3, lo + 5])])
+    uncond = vocab.layout([], None).token_ids
+
+    def probs(prefixes: torch.Tensor) -> torch.Tensor:  # (P, j) video ids → (P, V) guided
+        with torch.no_grad():
+            c = model(torch.cat([cond.expand(len(prefixes), -1), prefixes], 1))[:, -1, lo:hi]
+            u = model(torch.cat([uncond.expand(len(prefixes), -1), prefixes], 1))[:, -1, lo:hi]
+        return torch.softmax(cfg_logits(c, u, scale), -1)
+
+    p0 = probs(torch.empty((1, 0), dtype=torch.long))[0]  # (V,)
+    p1 = probs((lo + torch.arange(v))[:, None])  # (V, V)
+    pairs = torch.cartesian_prod(torch.arange(v), torch.arange(v)) + lo
+    p2 = probs(pairs).view(v, v, v)
+    expected = [p0, p0 @ p1, torch.einsum("a,ab,abc->c", p0, p1, p2)]
+    ids = torch.cat(
+        [
+            generate_video_tokens(
+                model,
+                cond.expand(3000, -1),
+                3,
+                vocab=vocab,
+                guidance_scale=scale,
+                seed=seed,
+                speculate=8,
+                draft_lag=2,  # the ids 2 back: the prompt's video, then the sampled ones
+            )
+            - lo
+            for seed in range(6)
+        ]
+    )  # (18000, 3)
+    n = len(ids)
+    for j, marginal in enumerate(expected):
+        freq = torch.bincount(ids[:, j], minlength=v).float() / n
+        tolerance = 5 * (marginal * (1 - marginal) / n).sqrt() + 1e-3
+        assert ((freq - marginal).abs() <= tolerance).all(), j
 
 
 def test_verify_drafts_keeps_the_model_distribution():
@@ -211,7 +284,7 @@ def test_verify_drafts_keeps_the_model_distribution():
     second = torch.bincount(after_kept, minlength=3).float() / len(after_kept)
     torch.testing.assert_close(second, p[1], atol=4 * (0.25 / len(after_kept)) ** 0.5, rtol=0)
     # The top-k / top-p distribution is the one kept: an id outside it never appears.
-    ids, _ = verify_drafts(logits, drafts, top_k=1 + 1, generator=torch.Generator().manual_seed(1))
+    ids, _ = verify_drafts(logits, drafts, top_k=2, generator=torch.Generator().manual_seed(1))
     assert not (ids[:, 0] == 0).any() and not (ids[ids[:, 0] == 1, 1] == 1).any()
 
 

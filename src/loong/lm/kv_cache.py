@@ -1,7 +1,8 @@
 """Preallocated key/value cache for incremental decoding (as in gpt-fast).
 
 Keys and values live in two tensors ``(n_layers, B, n_kv_heads, max_len, head_dim)`` written in
-place at the slots ``input_pos`` of each forward: a prefill writes L slots, each decode step one.
+place at the slots ``input_pos`` of each forward: a prefill writes L slots, each decode step one
+(or, with speculative drafts, a few).
 Slot s holds the token at position s, and the keys are stored after RoPE.
 
 A bool ``valid`` ``(B, max_len)`` records which written slots hold real tokens, so left-padded

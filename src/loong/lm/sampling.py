@@ -13,8 +13,9 @@ keeps draft i with probability p_i(draft i), else draws from p_i with the draft 
 stops. With a draft that is one id (its own distribution a point mass) this is exactly the
 model's distribution, token by token, whatever the drafts: only the speed depends on them. At
 temperature 0 a draft is kept when it is the argmax, so greedy output is the same ids as
-without drafts. One forward of k + 1 tokens costs far less than k + 1 one-token forwards on a
-CPU or a GPU at batch 1, so every accepted draft is nearly free.
+without drafts (up to float rounding: a forward of several ids may break a near tie of two
+logits the other way than a one-id step). One forward of k + 1 tokens costs far less than
+k + 1 one-token forwards on a CPU or a GPU at batch 1, so every accepted draft is nearly free.
 
 Axes: B batch, L prompt length, K drafts, V vocabulary.
 """
@@ -167,7 +168,7 @@ def decode_video_ids(
     speculate: int = 0,
     draft_lag: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Decode ``n_tokens`` video ids after a prefill; yield them in chunks ``(B, n)`` as sampled.
+    """Decode ``n_tokens`` video ids after a prefill: an iterator of chunks ``(B, n)`` as sampled.
 
     ``cache`` holds the prefilled prompt rows (the B prompts, then B unconditional rows when
     ``guidance_scale != 1``); ``logits`` ``(R, V_video)`` are the prefill's last-position logits
@@ -175,21 +176,57 @@ def decode_video_ids(
     ``speculate > 0`` and ``draft_lag`` set, each step also feeds up to ``speculate`` drafts, the
     ids ``draft_lag`` positions back (see the module docstring); a draft must come from a video
     id, so the first latent frame after a text-only prompt is sampled one id at a time. The
-    number of drafts adapts: it doubles (up to ``speculate``) after a step that kept them all
-    and halves (down to 1) after one that did not, since a long forward whose drafts are soon
-    rejected costs more than the one-id steps it replaces.
+    number of drafts adapts: the budget doubles (up to ``speculate``) after a step that kept
+    all its drafts, and after one that did not it falls to half the drafts fed (at least 1),
+    since a long forward whose drafts are soon rejected costs more than the one-id steps it
+    replaces. Arguments are checked when this is called, before any id is sampled.
     Ids are in the joint space. Chunks add up to exactly ``n_tokens`` ids.
     """
+    check_drafts(speculate, draft_lag)
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    return _decode_video_ids(
+        model,
+        cache,
+        logits,
+        history,
+        n_tokens,
+        id_range=id_range,
+        guidance_scale=guidance_scale,
+        pick={"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator},
+        speculate=speculate,
+        draft_lag=draft_lag,
+    )
+
+
+def check_drafts(speculate: int, draft_lag: int | None) -> None:
+    """Reject a bad ``speculate`` / ``draft_lag`` pair before any work is done."""
     if speculate < 0:
         raise ValueError(f"speculate must be >= 0 (0 is off), got {speculate}")
     if speculate and (draft_lag is None or draft_lag < 1):
         raise ValueError(
-            f"speculate needs draft_lag >= 1 (tokens per latent frame), got {draft_lag}"
+            f"speculate={speculate} needs draft_lag >= 1, got {draft_lag}: pass draft_lag=h·w "
+            f"(ids per latent frame) or speculate=0"
         )
+
+
+def _decode_video_ids(
+    model: VideoLM,
+    cache: KVCache,
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    n_tokens: int,
+    *,
+    id_range: tuple[int, int],
+    guidance_scale: float,
+    pick: dict[str, object],
+    speculate: int,
+    draft_lag: int | None,
+) -> Iterator[torch.Tensor]:
+    """The generator behind :func:`decode_video_ids`, whose arguments are checked."""
     b, length = history.shape
     lo, hi = id_range
     guided = guidance_scale != 1.0
-    pick = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
 
     def guide(x: torch.Tensor) -> torch.Tensor:  # (R, ..., V) → (B, ..., V), float32
         x = x.float()  # guidance and sampling in float32 whatever the model's dtype
@@ -226,7 +263,7 @@ def decode_video_ids(
             if n < k + 1:
                 cache.truncate(pos + n)  # slots of the rejected drafts
             # A long forward whose drafts are soon rejected costs more than it saves
-            budget = min(speculate, 2 * k) if n == k + 1 else max(1, k // 2)
+            budget = min(speculate, 2 * budget) if n == k + 1 else max(1, k // 2)
         seq[:, length + done : length + done + n] = ids
         done, pos, last = done + n, pos + n, ids[:, -1]
         yield ids
@@ -270,6 +307,7 @@ def generate_video_tokens(
         raise ValueError(f"prompt_ids must be (B, L), got shape {tuple(prompt_ids.shape)}")
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    check_drafts(speculate, draft_lag)
     b, device = prompt_ids.shape[0], prompt_ids.device
     guided = guidance_scale != 1.0
 
