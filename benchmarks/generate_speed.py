@@ -6,10 +6,12 @@ on and off, per LM dtype.
 
 Times ``generate_video`` end to end (prompt → sampled ids → decoded frames → mp4 on disk, with
 re-encoding) for each prompt and seed, every ``--speculate`` setting back to back in one
-process (interleaved, so drift in the machine's speed hits them alike). Speculative decoding
-samples from the same distribution but draws other random numbers, so each setting makes its
-own (equally likely) video and its speed depends on how often the latent frame before predicts
-the next: hence several prompts and seeds, and the LM forwards counted beside the time.
+process, after one untimed warm-up video; the order of the settings rotates from one video to
+the next, so drift in the machine's speed and the first runs' costs hit them alike.
+Speculative decoding samples from the same distribution but draws other random numbers, so
+each setting makes its own (equally likely) video and its speed depends on how often the latent
+frame before predicts the next: hence several prompts and seeds, and the LM forwards counted
+beside the time.
 Without ``--model`` it uses the bundled model; ``--random`` builds the ``shapes`` presets with
 random weights (their videos do not repeat, so drafts are rarely kept). Writes a JSON line per
 run and a summary to ``--json``.
@@ -63,7 +65,6 @@ def main() -> None:
     args = parser.parse_args()
     block_network("generate_speed")
     torch.set_num_threads(args.threads)
-    frames = round(args.seconds * 8)
     forwards = [0]
 
     def count(module, inputs, output) -> None:
@@ -75,9 +76,14 @@ def main() -> None:
         for dtype in args.dtypes:
             pipe = TextToVideo.from_pretrained(model, lm_dtype=dtype)
             pipe.lm.register_forward_hook(count)
+            warm = GenerateConfig(seconds=2, progress=False)
+            pipe(CANONICAL_PROMPTS[0], warm)  # untimed: first calls allocate and load kernels
+            turn = -1
             for prompt in CANONICAL_PROMPTS[: args.prompts]:
                 for seed in args.seeds:
-                    for speculate in args.speculate:
+                    turn += 1  # rotate the order of the settings from one video to the next
+                    shift = turn % len(args.speculate)
+                    for speculate in args.speculate[shift:] + args.speculate[:shift]:
                         config = GenerateConfig(
                             seconds=args.seconds, seed=seed, speculate=speculate, progress=False
                         )
@@ -87,6 +93,7 @@ def main() -> None:
                             for chunk in pipe.stream(prompt, config):
                                 writer.write(chunk)
                         wall = time.perf_counter() - started
+                        frames = round(args.seconds * pipe.plan(config).fps)
                         row = {
                             "dtype": dtype,
                             "prompt": prompt,
