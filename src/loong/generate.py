@@ -63,9 +63,8 @@ from tqdm import tqdm
 
 from loong.config import config_from_dict, config_to_dict
 from loong.data.video import VideoWriter, tensor_to_frames
-from loong.lm.kv_cache import KVCache
 from loong.lm.model import VideoLM
-from loong.lm.sampling import decode_video_ids, left_pad
+from loong.lm.sampling import decode_video_ids, left_pad, prefill
 from loong.lm.vocab import Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TextTokenizer
@@ -286,7 +285,7 @@ def sample_latent_frames(
             uncond_ids = vocab.layout([], None).token_ids
         rows.append(uncond_ids.long().to(device))
     ids = left_pad(rows, vocab.pad)  # (R, L)
-    n_rows, length = ids.shape
+    length = ids.shape[1]
     n_tokens = n_latents * tokens_per_latent
     cfg = model.config
     if length + n_tokens > cfg.max_seq_len:
@@ -294,25 +293,8 @@ def sample_latent_frames(
             f"prompt ({length}) + {n_latents} latent frames ({n_tokens} ids) exceed "
             f"max_seq_len={cfg.max_seq_len}: use fewer latent frames per window"
         )
-    mask = ids != vocab.pad
     # 2. prefill
-    cache = KVCache(
-        n_layers=cfg.n_layers,
-        batch_size=n_rows,
-        n_kv_heads=cfg.kv_heads,
-        max_len=length + n_tokens,
-        head_dim=cfg.head_dim,
-        dtype=next(model.parameters()).dtype,
-        device=device,
-    )
-    logits = model(
-        ids,
-        cache=cache,
-        input_pos=torch.arange(length, device=device),
-        attention_mask=None if bool(mask.all()) else mask,
-        last_only=True,
-        id_range=vocab.video_id_range,  # only video ids are sampled
-    )[:, -1]  # (R, V_video)
+    cache, logits = prefill(model, ids, n_tokens, vocab=vocab)  # logits (R, V_video)
     # 3. decode, regrouped into latent frames
     chunks = decode_video_ids(
         model,

@@ -152,6 +152,37 @@ def left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> torch.Tensor:
     return out
 
 
+def prefill(
+    model: VideoLM, ids: torch.Tensor, n_tokens: int, *, vocab: Vocabulary
+) -> tuple[KVCache, torch.Tensor]:
+    """Run rows ``ids`` ``(R, L)`` (PAD on the left allowed) into a new KV cache with room for
+    ``n_tokens`` more → the cache and the last position's logits of the video ids ``(R, V_video)``.
+
+    Only video ids may be sampled next, so the head computes no other logits.
+    """
+    rows, length = ids.shape
+    cfg = model.config
+    cache = KVCache(
+        n_layers=cfg.n_layers,
+        batch_size=rows,
+        n_kv_heads=cfg.kv_heads,
+        max_len=length + n_tokens,
+        head_dim=cfg.head_dim,
+        dtype=next(model.parameters()).dtype,
+        device=ids.device,
+    )
+    mask = ids != vocab.pad  # (R, L)
+    logits = model(
+        ids,
+        cache=cache,
+        input_pos=torch.arange(length, device=ids.device),
+        attention_mask=None if bool(mask.all()) else mask,
+        last_only=True,
+        id_range=vocab.video_id_range,
+    )[:, -1]  # (R, V_video)
+    return cache, logits
+
+
 def decode_video_ids(
     model: VideoLM,
     cache: KVCache,
@@ -323,37 +354,15 @@ def generate_video_tokens(
         ids = left_pad(rows, vocab.pad)  # (2B, L)
     else:
         ids = prompt_ids.long()  # (B, L)
-    rows_total, length = ids.shape
+    length = ids.shape[1]
     if length + n_tokens > model.config.max_seq_len:
         raise ValueError(
             f"prompt ({length}) + n_tokens ({n_tokens}) exceeds max_seq_len="
             f"{model.config.max_seq_len}: generate fewer tokens or slide a window"
         )
-    mask = ids != vocab.pad  # (rows, L)
-    attention_mask = None if bool(mask.all()) else mask
-
     # 2. prefill
-    cfg = model.config
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(
-        n_layers=cfg.n_layers,
-        batch_size=rows_total,
-        n_kv_heads=cfg.kv_heads,
-        max_len=length + n_tokens,
-        head_dim=cfg.head_dim,
-        dtype=dtype,
-        device=device,
-    )
     generator = torch.Generator(device=device).manual_seed(seed)
-    # Only video ids may be sampled: the head computes just their logits (ids lo .. hi − 1).
-    logits = model(
-        ids,
-        cache=cache,
-        input_pos=torch.arange(length, device=device),
-        attention_mask=attention_mask,
-        last_only=True,
-        id_range=vocab.video_id_range,
-    )[:, -1]  # (rows, V_video)
+    cache, logits = prefill(model, ids, n_tokens, vocab=vocab)  # logits (rows, V_video)
 
     # 3. decode
     chunks = decode_video_ids(
