@@ -201,8 +201,8 @@ def test_generation_with_padding_and_guidance_matches_a_plain_reference(
     for i in range(2):
         expected = greedy_reference(model, rows[i], uncond[i], 16, scale, vocab)
         assert torch.equal(ids[i], expected)
-    if speculate:  # several drafts were fed, and kept (fewer steps than ids) or rejected
-        assert max(decode_steps) > 2 and (len(decode_steps) < 15 or truncations), decode_steps
+    if speculate:  # several drafts were fed at once (kept and rejected ones: the test below)
+        assert max(decode_steps) > 2, decode_steps
     else:
         assert decode_steps == [1] * 15 and not truncations
 

@@ -183,6 +183,17 @@ def prefill(
     return cache, logits
 
 
+def check_drafts(speculate: int, draft_lag: int | None) -> None:
+    """Reject a bad ``speculate`` / ``draft_lag`` pair before any work is done."""
+    if speculate < 0:
+        raise ValueError(f"speculate must be >= 0 (0 is off), got {speculate}")
+    if speculate and (draft_lag is None or draft_lag < 1):
+        raise ValueError(
+            f"speculate={speculate} needs draft_lag >= 1, got {draft_lag}: pass draft_lag=h·w "
+            f"(ids per latent frame) or speculate=0"
+        )
+
+
 def decode_video_ids(
     model: VideoLM,
     cache: KVCache,
@@ -210,54 +221,17 @@ def decode_video_ids(
     number of drafts adapts: the budget doubles (up to ``speculate``) after a step that kept
     all its drafts, and after one that did not it falls to half the drafts fed (at least 1),
     since a long forward whose drafts are soon rejected costs more than the one-id steps it
-    replaces. Arguments are checked when this is called, before any id is sampled.
+    replaces. Arguments are checked before the first id is sampled (callers that prefill
+    first check them before, with :func:`check_drafts`).
     Ids are in the joint space. Chunks add up to exactly ``n_tokens`` ids.
     """
     check_drafts(speculate, draft_lag)
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
-    return _decode_video_ids(
-        model,
-        cache,
-        logits,
-        history,
-        n_tokens,
-        id_range=id_range,
-        guidance_scale=guidance_scale,
-        pick={"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator},
-        speculate=speculate,
-        draft_lag=draft_lag,
-    )
-
-
-def check_drafts(speculate: int, draft_lag: int | None) -> None:
-    """Reject a bad ``speculate`` / ``draft_lag`` pair before any work is done."""
-    if speculate < 0:
-        raise ValueError(f"speculate must be >= 0 (0 is off), got {speculate}")
-    if speculate and (draft_lag is None or draft_lag < 1):
-        raise ValueError(
-            f"speculate={speculate} needs draft_lag >= 1, got {draft_lag}: pass draft_lag=h·w "
-            f"(ids per latent frame) or speculate=0"
-        )
-
-
-def _decode_video_ids(
-    model: VideoLM,
-    cache: KVCache,
-    logits: torch.Tensor,
-    history: torch.Tensor,
-    n_tokens: int,
-    *,
-    id_range: tuple[int, int],
-    guidance_scale: float,
-    pick: dict[str, object],
-    speculate: int,
-    draft_lag: int | None,
-) -> Iterator[torch.Tensor]:
-    """The generator behind :func:`decode_video_ids`, whose arguments are checked."""
     b, length = history.shape
     lo, hi = id_range
     guided = guidance_scale != 1.0
+    pick = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
 
     def guide(x: torch.Tensor) -> torch.Tensor:  # (R, ..., V) → (B, ..., V), float32
         x = x.float()  # guidance and sampling in float32 whatever the model's dtype
@@ -381,11 +355,11 @@ def generate_video_tokens(
         draft_lag=draft_lag,
     )
     out = torch.empty((b, n_tokens), dtype=torch.long, device=device)
-    step = 0
+    done = 0
     for chunk in chunks:  # (B, n)
-        for next_ids in chunk.unbind(dim=1):
-            out[:, step] = next_ids
-            if on_token is not None:
-                on_token(step, next_ids)
-            step += 1
+        out[:, done : done + chunk.shape[1]] = chunk
+        if on_token is not None:
+            for i in range(chunk.shape[1]):
+                on_token(done + i, chunk[:, i])
+        done += chunk.shape[1]
     return out
