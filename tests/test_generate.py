@@ -221,10 +221,12 @@ def test_long_video_slides_the_window_with_and_without_reencoding(pipe, monkeypa
     assert not np.array_equal(plain[9:], reencoded[9:])
 
 
-def test_cell_embeddings_count_cells_from_each_windows_prefix(pipe, monkeypatch):
+@pytest.mark.parametrize("context", [0, 4], ids=["cell-embeddings", "video-context"])
+def test_cell_embeddings_count_cells_from_each_windows_prefix(pipe, monkeypatch, context):
     """A model with video_grid samples, in every window, what full forwards of that window's
-    prompt give greedily: the cached cell count restarts with each window's prefill."""
-    pipe.lm = tiny_lm(video_grid=(4, 4))
+    prompt give greedily: the cached cell count (and the video context's start) restarts with
+    each window's prefill."""
+    pipe.lm = tiny_lm(video_grid=(4, 4), video_context_dim=context)
     windows = spy_on_windows(monkeypatch)
     pipe(
         PROMPT,

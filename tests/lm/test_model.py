@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loong.lm.kv_cache import KVCache
-from loong.lm.model import VideoLM, VideoLMConfig
+from loong.lm.model import CONTEXT_OFFSETS, VideoLM, VideoLMConfig
 from loong.lm.presets import PRESETS, lm_preset
 from loong.lm.vocab import VocabConfig, Vocabulary
 
@@ -303,3 +303,84 @@ def test_video_grid_is_validated_and_saved(make_lm, tmp_path):
     ids = random_ids(model, 1, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+
+
+def test_video_context_is_the_predicted_cells_neighbourhood(make_lm):
+    """Position p's context is the cells around the video token at p + 1, in the two latent
+    frames before it and in the row above it, checked against coordinates worked out here."""
+    h, w = 2, 3
+    model = make_lm(video_grid=(h, w), video_context_dim=4)
+    vocab = Vocabulary(model.config.vocab)
+    video = torch.randint(0, 64, (3, h, w))
+    ids = vocab.layout([5, 6, 7], video).token_ids[None]  # BOS, 3 text, BOV, 18 cells, EOV, EOS
+    index, active = model.video_context_index(ids, torch.arange(ids.shape[1]))
+    start = 5
+    assert active[0].tolist() == [p + 1 >= start for p in range(ids.shape[1])]
+    none = model.config.vocab.video_vocab_size
+    for p in range(start - 1, start + 3 * h * w - 1):  # every position that predicts a cell
+        t, r, c = (
+            divmod(p + 1 - start, h * w)[0],
+            (p + 1 - start) % (h * w) // w,
+            (p + 1 - start) % w,
+        )
+        expected = []
+        for dt, dr, dc in CONTEXT_OFFSETS:
+            tt, rr, cc = t - dt, r + dr, c + dc
+            inside = tt >= 0 and 0 <= rr < h and 0 <= cc < w
+            expected.append(int(video[tt, rr, cc]) if inside else none)
+        assert index[0, p].tolist() == expected, f"position {p}"
+    assert (index[0, : start - 1] == none).all()
+
+
+def test_video_context_keeps_causality_and_reaches_the_cell_one_frame_later(make_lm):
+    model = make_lm(video_grid=(2, 2), video_context_dim=4)
+    vocab = Vocabulary(model.config.vocab)
+    ids = vocab.layout([1, 2], torch.randint(0, 64, (3, 2, 2)), eov=False).token_ids[None]
+    changed = ids.clone()
+    q = 4 + 1  # cell 1 of frame 0 (BOS, 2 text, BOV, cell 0, cell 1)
+    changed[0, q] = vocab.text_vocab_size + (int(ids[0, q]) - vocab.text_vocab_size + 1) % 64
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    torch.testing.assert_close(after[:, :q], before[:, :q], atol=ATOL, rtol=0)
+    # Cell (frame 0, row 0, column 1) is in the context of the row below it in frame 0
+    # (ranks 2, 3) and of every cell of frames 1 and 2 (ranks 4-11: a 2×2 frame is within
+    # one cell of it); rank k is predicted at position 3 + k.
+    index_before = model.video_context_index(ids, torch.arange(ids.shape[1]))[0]
+    index_after = model.video_context_index(changed, torch.arange(ids.shape[1]))[0]
+    differs = (index_before != index_after).any(dim=-1)[0]  # (L,)
+    assert differs.nonzero().flatten().tolist() == [3 + k for k in range(2, 12)]
+
+
+def test_kv_cache_with_video_context_equals_full_forward_padded_and_chunked(make_lm):
+    model = make_lm(video_grid=(2, 2), video_context_dim=4)
+    vocab = Vocabulary(model.config.vocab)
+    long = vocab.layout([1, 2, 3], torch.randint(0, 64, (3, 2, 2)), eov=False).token_ids
+    short = vocab.layout([4], torch.randint(0, 64, (3, 2, 2)), eov=False).token_ids
+    pad = torch.full((len(long) - len(short),), vocab.pad)
+    ids = torch.stack([long, torch.cat([pad, short])])  # (2, 17), the second row left-padded
+    mask = ids != vocab.pad
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        for row in range(2):  # each row's real tokens alone give the same logits
+            alone = model(ids[row : row + 1, mask[row]])
+            torch.testing.assert_close(full[row, mask[row]], alone[0], atol=ATOL, rtol=0)
+        cache = new_cache(model, 2, 32)
+        steps = [
+            model(ids[:, :6], cache=cache, input_pos=torch.arange(6), attention_mask=mask[:, :6])
+        ]
+        steps.append(model(ids[:, 6:9], cache=cache, input_pos=torch.arange(6, 9)))
+        for i in range(9, 17):
+            steps.append(model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i])))
+        torch.testing.assert_close(torch.cat(steps, dim=1)[mask], full[mask], atol=ATOL, rtol=0)
+        cache.reset()
+        again = model(
+            ids[:, :9], cache=cache, input_pos=torch.arange(9), attention_mask=mask[:, :9]
+        )
+    torch.testing.assert_close(again[mask[:, :9]], full[:, :9][mask[:, :9]], atol=ATOL, rtol=0)
+
+
+def test_video_context_is_validated(make_lm):
+    with pytest.raises(ValueError, match="video_context_dim"):
+        VideoLMConfig(video_context_dim=8)
+    with pytest.raises(ValueError, match="video_context_dim"):
+        VideoLMConfig(video_grid=(2, 2), video_context_dim=-1)

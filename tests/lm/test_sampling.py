@@ -164,12 +164,16 @@ def sticky_lm(make_lm, **fields) -> StickyLM:
 
 
 @pytest.mark.parametrize("speculate", [0, 8], ids=["plain", "speculative"])
-@pytest.mark.parametrize("grid", [None, (2, 2)], ids=["rope-only", "cell-embeddings"])
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"video_grid": (2, 2)}, {"video_grid": (2, 2), "video_context_dim": 4}],
+    ids=["rope-only", "cell-embeddings", "video-context"],
+)
 @pytest.mark.parametrize("scale", [1.0, 3.0])
 def test_generation_with_padding_and_guidance_matches_a_plain_reference(
-    make_lm, scale, grid, speculate, monkeypatch
+    make_lm, scale, fields, speculate, monkeypatch
 ):
-    model = sticky_lm(make_lm, video_grid=grid)
+    model = sticky_lm(make_lm, **fields)
     vocab = Vocabulary(model.config.vocab)
     lo, _ = vocab.video_id_range
     video = torch.full((8,), lo + 3)  # a video prefix, so drafts start at once
@@ -224,10 +228,14 @@ def test_sampling_with_drafts_keeps_some_and_rejects_others(make_lm, monkeypatch
     assert len(forwards) - 1 < 39 and max(forwards[1:]) > 2 and truncations
 
 
-@pytest.mark.parametrize("grid", [None, (2, 2)], ids=["rope-only", "cell-embeddings"])
-def test_speculative_sampling_draws_the_guided_distribution(make_lm, grid):
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"video_grid": (2, 2)}, {"video_grid": (2, 2), "video_context_dim": 4}],
+    ids=["rope-only", "cell-embeddings", "video-context"],
+)
+def test_speculative_sampling_draws_the_guided_distribution(make_lm, fields):
     """Marginals of the first three sampled ids against the model's, enumerated exactly."""
-    model = sticky_lm(make_lm, seed=1, video_grid=grid)
+    model = sticky_lm(make_lm, seed=1, **fields)
     vocab = Vocabulary(model.config.vocab)
     lo, hi = vocab.video_id_range
     v, scale = hi - lo, 2.0

@@ -31,6 +31,7 @@ from loong.train.lm_batches import (
     frame_means,
     loss_targets,
     make_eval_batches,
+    noisy_inputs,
     weighted_loss,
 )
 from loong.train.lm_config import (
@@ -251,9 +252,11 @@ def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
     assert {"loss_frame_0", "loss_frame_1", "loss_frame_2"} <= set(records[30])
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.2], ids=["clean", "context-noise"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
-    tmp_path, train_config, crash_after_checkpoint
+    tmp_path, train_config, crash_after_checkpoint, noise
 ):
+    train_config = apply_overrides(train_config, {"data.context_noise": noise})
     straight = train_lm(train_config, tmp_path / "straight", progress=False)
 
     with crash_after_checkpoint(runtime, step=4):
@@ -272,6 +275,26 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     a, b = VideoLM.from_pretrained(straight), VideoLM.from_pretrained(resumed)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_context_noise_swaps_video_ids_within_their_row_only():
+    vocab = Vocabulary(VocabConfig(text_vocab_size=40, video_vocab_size=64, n_special=10))
+    first = vocab.layout([1, 2, 3], torch.arange(128).view(8, 4, 4) % 32)  # 8 latent frames
+    second = vocab.layout([4], torch.arange(64).view(4, 4, 4) % 32 + 32)  # other ids, 4 frames
+    batch = vocab.collate([first, second])
+    clean = batch.token_ids.clone()
+    noisy = noisy_inputs(batch, vocab, 0.5, (0, 3, 1))
+    assert torch.equal(batch.token_ids, clean)  # the targets stay the clip's
+    assert torch.equal(noisy, noisy_inputs(batch, vocab, 0.5, (0, 3, 1)))  # seeded
+    assert not torch.equal(noisy, noisy_inputs(batch, vocab, 0.5, (0, 4, 1)))
+    video = vocab.is_video(clean)
+    assert torch.equal(noisy[~video], clean[~video])  # text, specials, padding untouched
+    changed = (noisy != clean) & video
+    # half are drawn, 1/32 of those draw their own id: 0.48 of 192, ± 0.04 (one sd)
+    assert 0.33 < changed.sum() / video.sum() < 0.63
+    for b in range(2):
+        assert set(noisy[b, video[b]].tolist()) <= set(clean[b, video[b]].tolist())
+    assert torch.equal(noisy_inputs(batch, vocab, 0.0, (0, 3, 1)), clean)
 
 
 # --- several processes ----------------------------------------------------------------------

@@ -50,6 +50,10 @@ class KVCache:
         self.video_seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         """Video tokens written so far in each row: the rank the next one continues from (a
         model with ``video_grid`` uses it for the cell embedding of a token fed in order)."""
+        self.ids = torch.zeros((batch_size, max_len), dtype=torch.long, device=device)
+        """Token ids by slot (a model with ``video_context_dim`` reads its neighbours here)."""
+        self.video_start = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        """Each row's slot of its first video token, −1 before its BOV is fed."""
         self.max_len = max_len
         self.next_pos = 0
         """One past the highest slot of the last write."""
@@ -68,6 +72,7 @@ class KVCache:
         self.v.zero_()
         self.valid.zero_()
         self.video_seen.zero_()
+        self.video_start.fill_(-1)
         self.end, self.dense, self.next_pos = 0, True, 0
 
     def truncate(self, length: int) -> None:

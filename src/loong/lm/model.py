@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loong.lm.kv_cache import KVCache
-from loong.lm.vocab import VocabConfig
+from loong.lm.vocab import BOV, VocabConfig
 
 
 @dataclass(kw_only=True)
@@ -62,6 +62,13 @@ class VideoLMConfig:
     token), so that "this cell one frame back" is a content match rather than a RoPE offset of
     h·w to learn. None: positions are RoPE's alone, as in LLaMA, which transformers' conversion
     needs."""
+    video_context_dim: int = 0
+    """Width of the local video context (needs ``video_grid``; 0: off). Each position's input also
+    gets the ids around the cell of the video token it predicts: the 3×3 cells around it in each
+    of the two latent frames before, and the three cells above it in its own frame, each embedded
+    at this width, concatenated and projected to ``dim``. The token a cell gets is mostly a
+    function of that neighbourhood (an object moves at most one cell a latent frame); with it
+    in the input the model need not learn to find it by attention first."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vocab, dict):
@@ -72,6 +79,11 @@ class VideoLMConfig:
                 raise ValueError(
                     f"video_grid must be (h, w) with positive sides or None, got {self.video_grid}"
                 )
+        if self.video_context_dim < 0 or (self.video_context_dim and self.video_grid is None):
+            raise ValueError(
+                f"video_context_dim must be 0 (off) or positive with video_grid set, got "
+                f"{self.video_context_dim} with video_grid={self.video_grid}"
+            )
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
             raise ValueError(
                 f"dim, n_layers and n_heads must be positive, got {self.dim}, "
@@ -112,6 +124,13 @@ class VideoLMConfig:
         hidden = int(2 * 4 * self.dim / 3)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
+
+CONTEXT_OFFSETS: tuple[tuple[int, int, int], ...] = (
+    *((1, dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)),
+    *((2, dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)),
+    *((0, -1, dc) for dc in (-1, 0, 1)),
+)
+"""(latent frames back, rows, columns) from a cell to the cells of its local video context."""
 
 ATTEND_ALL = True
 """Attention "mask" of a one-token step on a dense KV cache: every slot below ``cache.end``."""
@@ -312,6 +331,14 @@ class VideoLM(nn.Module):
         )
         grid = config.video_grid
         self.cell_embeddings = None if grid is None else nn.Embedding(grid[0] * grid[1], config.dim)
+        width = config.video_context_dim
+        # one id past the video range stands for "no cell there" (outside the frame or video)
+        self.context_embeddings = (
+            nn.Embedding(config.vocab.video_vocab_size + 1, width) if width else None
+        )
+        self.context_proj = (
+            nn.Linear(len(CONTEXT_OFFSETS) * width, config.dim, bias=False) if width else None
+        )
         if not self.tok_embeddings.weight.is_meta:  # meta tensors hold no values to draw
             self.init_weights()
 
@@ -376,6 +403,8 @@ class VideoLM(nn.Module):
         x = self.tok_embeddings(token_ids)  # (B, L, D)
         if self.cell_embeddings is not None:  # before cache.mark: it reads the previous write
             x = x + self._cell_embedding(token_ids, input_pos, cache)
+        if self.context_embeddings is not None:
+            x = x + self._video_context(token_ids, input_pos, cache)
         if cache is not None:
             cache.mark(input_pos, attention_mask)
         mask = self._mask(input_pos, attention_mask, cache)  # (B, 1, L, S) or None
@@ -420,6 +449,58 @@ class VideoLM(nn.Module):
             cache.video_seen += is_video.sum(dim=1)
         cells = self.cell_embeddings(rank.clamp(min=0) % self.cell_embeddings.num_embeddings)
         return cells * is_video[..., None].to(cells.dtype)  # (B, L, D)
+
+    def _video_context(
+        self, token_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        """The embedded local video context of the token each position predicts: ``(B, L, D)``,
+        zero before a row's first video token."""
+        index, active = self.video_context_index(token_ids, input_pos, cache)  # (B, L, K), (B, L)
+        context = self.context_embeddings(index).flatten(2)  # (B, L, K·C)
+        return self.context_proj(context) * active[..., None].to(context.dtype)  # (B, L, D)
+
+    def video_context_index(
+        self, token_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video indices ``(B, L, K)`` of the cells around the token each position predicts, at
+        :data:`CONTEXT_OFFSETS` (``video_vocab_size`` where there is no cell), and ``(B, L)``
+        True where the predicted token is a video token's place (at or after BOV).
+
+        The video part is contiguous from the slot after BOV, so the cell at rank r (latent frame
+        r // h·w, raster order within it) sits at slot ``start + r``. A cached forward writes its
+        ids to ``cache.ids`` and reads earlier calls' from there; ``cache.video_start`` keeps each
+        row's start from the call that fed its BOV (a call from slot 0 clears it).
+        """
+        if self.config.video_grid is None:
+            raise ValueError("video_context_index needs a model with video_grid set")
+        h, w = self.config.video_grid
+        vocab = self.config.vocab
+        lo, n_video = vocab.text_vocab_size, vocab.video_vocab_size
+        is_bov = token_ids == lo + n_video + BOV  # (B, L)
+        first_bov = input_pos[is_bov.long().argmax(dim=1)]  # (B,) slot of the row's first BOV
+        here = torch.where(is_bov.any(dim=1), first_bov + 1, -1)  # (B,) video start or −1
+        if cache is None:
+            start, history, offset = here, token_ids, int(input_pos[0])
+        else:
+            if int(input_pos[0]) == 0:
+                cache.video_start.fill_(-1)
+            cache.video_start.copy_(torch.where(cache.video_start < 0, here, cache.video_start))
+            cache.ids[:, input_pos] = token_ids
+            start, history, offset = cache.video_start, cache.ids, 0
+        rank = input_pos[None, :] + 1 - start[:, None]  # (B, L) rank of the predicted token
+        active = (start[:, None] >= 0) & (rank >= 0)  # (B, L)
+        frame, row, col = rank // (h * w), (rank % (h * w)) // w, rank % w
+        dt, dr, dc = (
+            torch.tensor(v, device=token_ids.device) for v in zip(*CONTEXT_OFFSETS, strict=True)
+        )  # (K,) each
+        t, r, c = frame[..., None] - dt, row[..., None] + dr, col[..., None] + dc  # (B, L, K)
+        inside = active[..., None] & (t >= 0) & (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        slot = start[:, None, None] + t * (h * w) + r * w + c - offset  # (B, L, K)
+        inside = inside & (slot >= 0) & (slot < history.shape[1])
+        ids = history.gather(1, slot.clamp(0, history.shape[1] - 1).flatten(1)).view(slot.shape)
+        index = ids - lo
+        index = torch.where(inside & (index >= 0) & (index < n_video), index, n_video)
+        return index, active
 
     @staticmethod
     def _mask(

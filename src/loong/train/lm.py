@@ -39,6 +39,7 @@ from loong.train.lm_batches import (
     frame_means,
     make_batch,
     make_eval_batches,
+    noisy_inputs,
     to_device,
     weighted_loss,
 )
@@ -225,10 +226,11 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         model.train()
         loss_sum, ce_sum, n_targets, frame_window = 0.0, 0.0, 0, {}
         for m, batch in enumerate(batches):
-            batch = to_device(batch, device)
+            inputs = noisy_inputs(batch, vocab, cfg.data.context_noise, (cfg.seed, step, m))
+            batch, inputs = to_device(batch, device), inputs.to(device)
             with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
                 with rt.autocast():
-                    logits = model(batch.token_ids)  # (B, L, V)
+                    logits = model(inputs)  # (B, L, V)
                 loss, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg.loss, norm)
                 (loss * rt.world_size).backward()
             loss_sum += loss.item()

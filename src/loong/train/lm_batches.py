@@ -105,6 +105,27 @@ def make_batch(
     return vocab.collate(layouts)
 
 
+def noisy_inputs(
+    batch: Batch, vocab: Vocabulary, rate: float, seed: tuple[int, ...]
+) -> torch.Tensor:
+    """``batch.token_ids`` ``(B, L)`` with a share ``rate`` of the video tokens replaced by the id
+    at another video position of the same row, drawn uniformly (``LMDataConfig.context_noise``).
+
+    A pure function of ``seed`` (the trainer passes (seed, step, micro-batch)), so resuming
+    draws the same noise. A row's video ids are contiguous (BOV … EOV), which the draw uses.
+    """
+    ids = batch.token_ids
+    if rate == 0.0:
+        return ids
+    g = torch.Generator().manual_seed(int(np.random.default_rng(list(seed)).integers(2**62)))
+    is_video = vocab.is_video(ids)  # (B, L)
+    n_video = is_video.sum(dim=1, keepdim=True)  # (B, 1)
+    first = is_video.long().argmax(dim=1, keepdim=True)  # (B, 1) first video position
+    pick = first + (torch.rand(ids.shape, generator=g) * n_video).long()  # (B, L)
+    hit = is_video & (torch.rand(ids.shape, generator=g) < rate)
+    return torch.where(hit, ids.gather(1, pick.clamp(max=ids.shape[1] - 1)), ids)
+
+
 def loss_targets(batch: Batch, vocab: Vocabulary) -> tuple[torch.Tensor, ...]:
     """Masks over next-token targets ``(B, L − 1)``: logits at i predict token i + 1.
 

@@ -74,6 +74,11 @@ class LMDataConfig:
     """Share of items that use one of their alternate wordings (paraphrases), when they have any."""
     max_text_tokens: int = 64
     """Captions are cut to this many text ids."""
+    context_noise: float = 0.0
+    """Share of video tokens replaced, in the model's input only, by the id at another cell of
+    the same clip drawn at random; the targets stay the clip's own. Sampling feeds the model its
+    own mistakes as context, which training on clean clips never shows it; this is practice at
+    continuing from a context that is partly wrong. 0: off."""
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):
@@ -81,7 +86,7 @@ class LMDataConfig:
         self.shards = tuple(self.shards)
         if not self.shards:
             raise ValueError("data.shards needs at least one token-shards directory")
-        for name in ("caption_dropout", "alternate_caption_prob"):
+        for name in ("caption_dropout", "alternate_caption_prob", "context_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_text_tokens < 0:
