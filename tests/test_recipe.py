@@ -30,6 +30,7 @@ TOY = {
     "shards.n_clips": 12,
     "shards.n_frames": 9,
     "shards.text_vocab_size": 300,
+    "eval_clips": 3,
     # lm: a two-layer model, stages of a few steps over t = 1, 2, 3
     "lm.model.dim": 32,
     "lm.model.n_layers": 2,
@@ -70,6 +71,14 @@ def test_recipe_runs_every_step_and_records_it(recipe_dir):
     assert 0 < state["bundle"]["megabytes"] < 1
     stages = [json.loads(line)["stage"] for line in (recipe_dir / "lm" / "metrics.jsonl").open()]
     assert stages[0] == "image" and stages[-1] == "long"  # progressive, in order
+    # the LM is evaluated on clips of another seed, which it never trains on
+    train = json.loads((recipe_dir / "lm" / "config.json").read_text())
+    assert train["data"]["eval_shards"] == str(recipe_dir / "eval_shards")
+    seeds = [
+        json.loads((recipe_dir / d / "meta.json").read_text())["params"]["seed"]
+        for d in ("shards", "eval_shards")
+    ]
+    assert seeds[0] != seeds[1]
 
 
 def test_bundle_is_float16_self_contained_and_generates(recipe_dir, tmp_path):
