@@ -25,7 +25,9 @@ round) so that both share the machine's noise; medians are reported with the rat
   the model's distribution; the speed depends on the weights and on the sample, so each call
   of either side samples with the next seed.
 
-``--model DIR`` times a trained export (``bundled``: the package's shapes-world model) on the
+``--model DIR`` times a trained export (``bundled``: the package's shapes-world model, which
+since it reads a local video context no longer converts; BENCHMARKS.md says which bundle each
+figure used) on the
 workload of one sliding window of ``loong generate``: the prompt is ``[BOS] caption [BOV]`` and
 ``--context-latents`` latent frames of the world's own rendering of the caption, encoded by the
 paired video tokenizer; ``--new-tokens`` video ids follow. Random weights (the default) sample
@@ -142,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe = TextToVideo.from_pretrained(None if args.model == "bundled" else args.model)
         ours, config = pipe.lm.float(), pipe.lm.config
+        if config.video_grid is not None:
+            raise SystemExit(
+                f"--model {args.model}: this model reads cell embeddings or a local video "
+                f"context, which LlamaForCausalLM has no place for, so the two cannot be timed "
+                f"on the same weights. Pass an export trained with model.video_grid = None, "
+                f"e.g. the bundle before the video context: `git worktree add /tmp/previous "
+                f"71bf772` and --model /tmp/previous/src/loong/models/shapes/lm"
+            )
     hf = to_hf_llama(ours)
     vocab = Vocabulary(config.vocab)
     lo, hi = vocab.video_id_range

@@ -384,3 +384,40 @@ def test_video_context_is_validated(make_lm):
         VideoLMConfig(video_context_dim=8)
     with pytest.raises(ValueError, match="video_context_dim"):
         VideoLMConfig(video_grid=(2, 2), video_context_dim=-1)
+
+
+def test_video_context_through_split_prompts_and_rejected_drafts_equals_full_forward(make_lm):
+    """Rows whose BOV sits at different slots, a first cached call that ends before one row's
+    BOV, and draft ids written, forgotten (truncate) and written again: the cached logits are
+    the full forward's."""
+    model = make_lm(video_grid=(2, 2), video_context_dim=4)
+    vocab = Vocabulary(model.config.vocab)
+    long = vocab.layout([1, 2, 3, 4, 5, 6], torch.randint(0, 64, (3, 2, 2)), eov=False).token_ids
+    short = vocab.layout([7], torch.randint(0, 64, (4, 2, 2)), eov=False).token_ids
+    length = len(long)  # 20; the short row (19) is left-padded by one
+    pad = torch.full((length - len(short),), vocab.pad)
+    ids = torch.stack([long, torch.cat([pad, short])])
+    mask = ids != vocab.pad
+    assert [int((row == vocab.bov).nonzero()) for row in ids] == [7, 3]
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = new_cache(model, 2, 32)
+        steps = [
+            model(ids[:, :5], cache=cache, input_pos=torch.arange(5), attention_mask=mask[:, :5])
+        ]
+        steps.append(model(ids[:, 5:10], cache=cache, input_pos=torch.arange(5, 10)))  # row 0's BOV
+        wrong = (ids[:, 10:13] - vocab.text_vocab_size + 1) % 64 + vocab.text_vocab_size
+        model(wrong, cache=cache, input_pos=torch.arange(10, 13))  # drafts, all rejected
+        cache.truncate(10)
+        for i in range(10, length):
+            steps.append(model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i])))
+    # float32 rounding of masked attention over 32 slots against 20 stays near 1e-5; a wrong
+    # neighbour moves the logits of its position by 1 or more (the weights have std 0.3)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[mask], full[mask], atol=5e-5, rtol=0)
+
+
+def test_video_context_reports_a_full_cache_clearly(make_lm):
+    model = make_lm(video_grid=(2, 2), video_context_dim=4)
+    cache = new_cache(model, 1, 4)
+    with pytest.raises(ValueError, match="does not fit a KV cache of 4 slots"):
+        model(random_ids(model, 1, 6), cache=cache, input_pos=torch.arange(6))

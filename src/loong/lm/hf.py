@@ -57,8 +57,9 @@ def to_hf_llama(model: VideoLM) -> LlamaForCausalLM:
     cfg = model.config
     if cfg.video_grid is not None:
         raise ValueError(
-            f"this model has video_grid={cfg.video_grid}: its cell embeddings have no place in "
-            f"LlamaForCausalLM; only models trained with video_grid=None convert"
+            f"this model has video_grid={cfg.video_grid}: its cell embeddings (and video "
+            f"context, if any) have no place in LlamaForCausalLM; only models trained with "
+            f"video_grid=None convert"
         )
     vocab = Vocabulary(cfg.vocab)
     hf_config = LlamaConfig(

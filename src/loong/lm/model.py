@@ -6,11 +6,21 @@ linear head; no biases. Parameter names follow Meta's LLaMA (``wq``, ``w1``, ``a
 and RoPE rotates the two halves of each head (``rotate_half``, as transformers' LLaMA does), so
 weights convert to and from ``LlamaForCausalLM`` by renaming alone (see :mod:`loong.lm.hf`).
 
-One optional addition, off by default: with ``video_grid = (h, w)`` every video token's input also
-gets a learned embedding of its cell in the latent frame (as ViT's learned position embeddings,
-for the video part only). With RoPE alone a token finds its own cell one frame back only by
-learning the relative offset h·w, which a small model trained briefly did not (see BENCHMARKS.md,
-"Cell embeddings"). A model with cell embeddings does not convert to transformers.
+Two optional additions for video, off by default; a model with either does not convert to
+transformers:
+
+- ``video_grid = (h, w)``: every video token's input also gets a learned embedding of its cell
+  in the latent frame (as ViT's learned position embeddings, for the video part only). With
+  RoPE alone a token finds its own cell one frame back only by learning the relative offset
+  h·w, which a small model trained briefly did not (see BENCHMARKS.md, "Cell embeddings").
+- ``video_context_dim = C`` (with ``video_grid``): the input at each position also gets the ids
+  around the cell of the video token it predicts: the 3×3 cells around that cell in each of the
+  two latent frames before, and the three cells above it in its own frame
+  (:data:`CONTEXT_OFFSETS`), each embedded at width C, concatenated and projected to D. In a
+  world where an object moves at most one cell a latent frame, the next id of a cell is mostly a
+  function of that neighbourhood; a local context of this kind is what convolutional
+  autoregressive models (PixelCNN) are built from. It is causal: every neighbour comes before
+  the predicted token in raster order.
 
 Axes: B batch, L sequence (new tokens), S key positions (the KV cache's slots), D model width,
 N heads, M key/value heads, E head width, F feed-forward width, V vocabulary.
@@ -339,6 +349,7 @@ class VideoLM(nn.Module):
         self.context_proj = (
             nn.Linear(len(CONTEXT_OFFSETS) * width, config.dim, bias=False) if width else None
         )
+        self._offsets: dict[torch.device, torch.Tensor] = {}
         if not self.tok_embeddings.weight.is_meta:  # meta tensors hold no values to draw
             self.init_weights()
 
@@ -454,7 +465,7 @@ class VideoLM(nn.Module):
         self, token_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None
     ) -> torch.Tensor:
         """The embedded local video context of the token each position predicts: ``(B, L, D)``,
-        zero before a row's first video token."""
+        zero before each row's BOV."""
         index, active = self.video_context_index(token_ids, input_pos, cache)  # (B, L, K), (B, L)
         context = self.context_embeddings(index).flatten(2)  # (B, L, K·C)
         return self.context_proj(context) * active[..., None].to(context.dtype)  # (B, L, D)
@@ -464,12 +475,15 @@ class VideoLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Video indices ``(B, L, K)`` of the cells around the token each position predicts, at
         :data:`CONTEXT_OFFSETS` (``video_vocab_size`` where there is no cell), and ``(B, L)``
-        True where the predicted token is a video token's place (at or after BOV).
+        True from each row's BOV on (past EOV too, where the cells are those of frames past the
+        video's end: no cells, or the video's last ones).
 
         The video part is contiguous from the slot after BOV, so the cell at rank r (latent frame
         r // h·w, raster order within it) sits at slot ``start + r``. A cached forward writes its
         ids to ``cache.ids`` and reads earlier calls' from there; ``cache.video_start`` keeps each
-        row's start from the call that fed its BOV (a call from slot 0 clears it).
+        row's start from the call that fed its BOV (a call from slot 0 clears it). Without a
+        cache, ``input_pos`` must be contiguous and the call must hold the row's BOV (a forward
+        over a whole sequence, as training and the reference paths run).
         """
         if self.config.video_grid is None:
             raise ValueError("video_context_index needs a model with video_grid set")
@@ -485,14 +499,13 @@ class VideoLM(nn.Module):
             if int(input_pos[0]) == 0:
                 cache.video_start.fill_(-1)
             cache.video_start.copy_(torch.where(cache.video_start < 0, here, cache.video_start))
+            cache.check_room(input_pos)
             cache.ids[:, input_pos] = token_ids
             start, history, offset = cache.video_start, cache.ids, 0
         rank = input_pos[None, :] + 1 - start[:, None]  # (B, L) rank of the predicted token
         active = (start[:, None] >= 0) & (rank >= 0)  # (B, L)
         frame, row, col = rank // (h * w), (rank % (h * w)) // w, rank % w
-        dt, dr, dc = (
-            torch.tensor(v, device=token_ids.device) for v in zip(*CONTEXT_OFFSETS, strict=True)
-        )  # (K,) each
+        dt, dr, dc = self._context_offsets(token_ids.device)  # (K,) each
         t, r, c = frame[..., None] - dt, row[..., None] + dr, col[..., None] + dc  # (B, L, K)
         inside = active[..., None] & (t >= 0) & (r >= 0) & (r < h) & (c >= 0) & (c < w)
         slot = start[:, None, None] + t * (h * w) + r * w + c - offset  # (B, L, K)
@@ -501,6 +514,13 @@ class VideoLM(nn.Module):
         index = ids - lo
         index = torch.where(inside & (index >= 0) & (index < n_video), index, n_video)
         return index, active
+
+    def _context_offsets(self, device: torch.device) -> torch.Tensor:
+        """:data:`CONTEXT_OFFSETS` as a ``(3, K)`` tensor on ``device``, made once per device (no
+        host-to-device copy each decode step)."""
+        if device not in self._offsets:
+            self._offsets[device] = torch.tensor(CONTEXT_OFFSETS, device=device).T.contiguous()
+        return self._offsets[device]
 
     @staticmethod
     def _mask(

@@ -34,7 +34,9 @@ def tiny() -> VideoLMConfig:
 
 def shapes() -> VideoLMConfig:
     """The bundled shapes-world model: ``tiny`` with a 512-id text vocabulary (the captions use
-    about 60 words) and room for 9 latent frames of 8×8 ids and a caption. 5.5M params."""
+    about 60 words), room for 9 latent frames of 8×8 ids and a caption, and the local video
+    context of each predicted cell (``video_context_dim``; it does not convert to
+    transformers' LLaMA). 5.8M params."""
     return VideoLMConfig(
         dim=256,
         n_layers=4,
@@ -42,6 +44,8 @@ def shapes() -> VideoLMConfig:
         n_kv_heads=2,
         max_seq_len=1024,
         vocab=VocabConfig(text_vocab_size=512, video_vocab_size=4096, n_special=10),
+        video_grid=(8, 8),
+        video_context_dim=32,
     )
 
 

@@ -227,7 +227,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         loss_sum, ce_sum, n_targets, frame_window = 0.0, 0.0, 0, {}
         for m, batch in enumerate(batches):
             inputs = noisy_inputs(batch, vocab, cfg.data.context_noise, (cfg.seed, step, m))
-            batch, inputs = to_device(batch, device), inputs.to(device)
+            noisy = inputs is not batch.token_ids
+            batch = to_device(batch, device)
+            inputs = inputs.to(device) if noisy else batch.token_ids
             with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
                 with rt.autocast():
                     logits = model(inputs)  # (B, L, V)
