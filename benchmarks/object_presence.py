@@ -1,0 +1,48 @@
+"""Does an object stay on screen? Share of frames with any object, per ten-second span.
+
+    loong bench fidelity --model runs/recipe/bundle/lm --out runs/bench/recipe --save-videos
+    python benchmarks/object_presence.py runs/bench/recipe [more bench directories ...]
+
+Reads the mp4s a ``loong bench fidelity --save-videos`` run wrote and, in every fourth frame,
+measures the largest blob as the fidelity scorer does (``loong.evaluate.fidelity.measure_frame``);
+a frame counts when that blob has at least ``--min-area`` pixels, whatever its colour, shape or
+motion. Fidelity asks for much more; this separates "the object is wrong" from "it is gone".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from loong.data.video import read_video
+from loong.evaluate.fidelity import measure_frame
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="loong bench fidelity output directories")
+    parser.add_argument("--span-seconds", type=float, default=10.0)
+    parser.add_argument("--min-area", type=int, default=20, help="pixels of the largest blob")
+    parser.add_argument("--every", type=int, default=4, help="measure every n-th frame")
+    args = parser.parse_args()
+
+    for run in args.runs:
+        videos = sorted(Path(run, "videos").glob("*.mp4"))
+        if not videos:
+            raise SystemExit(f"{run}/videos holds no mp4: run loong bench fidelity --save-videos")
+        hits: dict[int, list[bool]] = {}
+        for path in videos:
+            frames, fps = read_video(path)  # (T, H, W, C) uint8
+            for i in range(0, len(frames), args.every):
+                measure = measure_frame(frames[i])
+                span = int(i / fps // args.span_seconds)
+                present = measure is not None and measure.area >= args.min_area
+                hits.setdefault(span, []).append(present)
+        shares = " ".join(f"{np.mean(hits[s]):.2f}" for s in sorted(hits))
+        print(f"{run} ({len(videos)} videos): {shares}")
+
+
+if __name__ == "__main__":
+    main()
