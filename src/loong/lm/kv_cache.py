@@ -88,22 +88,18 @@ class KVCache:
         if self.dense:
             self.end = min(self.end, length)
 
-    def check_room(self, input_pos: torch.Tensor) -> None:
-        """Raise a clear error when a slot of ``input_pos`` lies past the cache's end."""
-        self._span(input_pos)
-
-    def _span(self, input_pos: torch.Tensor) -> tuple[int, int]:
-        lo, hi = (int(v) for v in torch.aminmax(input_pos))  # one host sync
+    def mark(
+        self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None, token_ids: torch.Tensor
+    ) -> None:
+        """Record slots ``input_pos`` (L,) as written with ``token_ids`` (B, L);
+        ``attention_mask`` (B, L) marks the real ones."""
+        lo, hi = (int(v) for v in torch.aminmax(input_pos))  # one host sync per forward
         if hi >= self.max_len:
             raise ValueError(
                 f"position {hi} does not fit a KV cache of {self.max_len} slots: allocate a "
                 f"longer cache"
             )
-        return lo, hi
-
-    def mark(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Record slots ``input_pos`` (L,) as written; ``attention_mask`` (B, L) marks real ones."""
-        lo, hi = self._span(input_pos)
+        self.ids[:, input_pos] = token_ids
         in_order = lo == self.end and hi - lo + 1 == len(input_pos)  # the next slots, all new
         padded = attention_mask is not None and not bool(attention_mask.all())
         self.dense = self.dense and in_order and not padded

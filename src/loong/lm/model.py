@@ -414,10 +414,10 @@ class VideoLM(nn.Module):
         x = self.tok_embeddings(token_ids)  # (B, L, D)
         if self.cell_embeddings is not None:  # before cache.mark: it reads the previous write
             x = x + self._cell_embedding(token_ids, input_pos, cache)
-        if self.context_embeddings is not None:
-            x = x + self._video_context(token_ids, input_pos, cache)
         if cache is not None:
-            cache.mark(input_pos, attention_mask)
+            cache.mark(input_pos, attention_mask, token_ids)
+        if self.context_embeddings is not None:  # after cache.mark: it reads this call's ids
+            x = x + self._video_context(token_ids, input_pos, cache)
         mask = self._mask(input_pos, attention_mask, cache)  # (B, 1, L, S) or None
         cos, sin = rope_cos_sin(input_pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
@@ -479,9 +479,10 @@ class VideoLM(nn.Module):
         video's end: no cells, or the video's last ones).
 
         The video part is contiguous from the slot after BOV, so the cell at rank r (latent frame
-        r // h·w, raster order within it) sits at slot ``start + r``. A cached forward writes its
-        ids to ``cache.ids`` and reads earlier calls' from there; ``cache.video_start`` keeps each
-        row's start from the call that fed its BOV (a call from slot 0 clears it). Without a
+        r // h·w, raster order within it) sits at slot ``start + r``. A cached forward reads the
+        ids from ``cache.ids``, which ``cache.mark`` has written (this call's included);
+        ``cache.video_start`` keeps each row's start from the call that fed its BOV (a call from
+        slot 0 clears it). Without a
         cache, ``input_pos`` must be contiguous and the call must hold the row's BOV (a forward
         over a whole sequence, as training and the reference paths run).
         """
@@ -499,8 +500,6 @@ class VideoLM(nn.Module):
             if int(input_pos[0]) == 0:
                 cache.video_start.fill_(-1)
             cache.video_start.copy_(torch.where(cache.video_start < 0, here, cache.video_start))
-            cache.check_room(input_pos)
-            cache.ids[:, input_pos] = token_ids
             start, history, offset = cache.video_start, cache.ids, 0
         rank = input_pos[None, :] + 1 - start[:, None]  # (B, L) rank of the predicted token
         active = (start[:, None] >= 0) & (rank >= 0)  # (B, L)

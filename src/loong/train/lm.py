@@ -226,10 +226,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         model.train()
         loss_sum, ce_sum, n_targets, frame_window = 0.0, 0.0, 0, {}
         for m, batch in enumerate(batches):
-            inputs = noisy_inputs(batch, vocab, cfg.data.context_noise, (cfg.seed, step, m))
-            noisy = inputs is not batch.token_ids
             batch = to_device(batch, device)
-            inputs = inputs.to(device) if noisy else batch.token_ids
+            inputs = noisy_inputs(batch, vocab, cfg.data.context_noise, (cfg.seed, step, m))
             with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
                 with rt.autocast():
                     logits = model(inputs)  # (B, L, V)

@@ -121,8 +121,9 @@ def noisy_inputs(
     is_video = vocab.is_video(ids)  # (B, L)
     n_video = is_video.sum(dim=1, keepdim=True)  # (B, 1)
     first = is_video.long().argmax(dim=1, keepdim=True)  # (B, 1) first video position
-    pick = first + (torch.rand(ids.shape, generator=g) * n_video).long()  # (B, L)
-    hit = is_video & (torch.rand(ids.shape, generator=g) < rate)
+    u = torch.rand((2, *ids.shape), generator=g).to(ids.device)  # drawn on the CPU: seeded
+    pick = first + (u[0] * n_video).long()  # (B, L)
+    hit = is_video & (u[1] < rate)
     return torch.where(hit, ids.gather(1, pick.clamp(max=ids.shape[1] - 1)), ids)
 
 
