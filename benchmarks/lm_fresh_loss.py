@@ -41,7 +41,8 @@ def main() -> None:
     print(f"{args.model}: mean loss (nats), then latent frames 0-8")
     for name, source in (("training sample", ""), ("fresh clips", args.fresh_shards)):
         run = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_shards=source))
-        result = evaluate_lm(model, make_eval_batches(run, shards, text, vocab), vocab, "cpu")
+        batches = make_eval_batches(run, shards, text, vocab)
+        result = evaluate_lm(model, batches, vocab, torch.device("cpu"))
         frames = " ".join(f"{result[f'loss_frame_{t}']:.3f}" for t in range(9))
         print(f"{name:<16} {result['loss']:.4f}   {frames}")
 
