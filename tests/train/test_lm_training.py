@@ -252,11 +252,12 @@ def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
     assert {"loss_frame_0", "loss_frame_1", "loss_frame_2"} <= set(records[30])
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.2], ids=["clean", "context-noise"])
+@pytest.mark.parametrize("noise", [0.0, 0.2], ids=["clean", "context-noise-and-erase"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     tmp_path, train_config, crash_after_checkpoint, noise
 ):
-    train_config = apply_overrides(train_config, {"data.context_noise": noise})
+    noise = {"data.context_noise": noise, "data.context_erase": 1.5 * noise}
+    train_config = apply_overrides(train_config, noise)
     straight = train_lm(train_config, tmp_path / "straight", progress=False)
 
     with crash_after_checkpoint(runtime, step=4):
@@ -295,6 +296,30 @@ def test_context_noise_swaps_video_ids_within_their_row_only():
     for b in range(2):
         assert set(noisy[b, video[b]].tolist()) <= set(clean[b, video[b]].tolist())
     assert torch.equal(noisy_inputs(batch, vocab, 0.0, (0, 3, 1)), clean)
+
+
+def test_context_erase_wipes_object_cells_to_their_frames_background():
+    vocab = Vocabulary(VocabConfig(text_vocab_size=40, video_vocab_size=64, n_special=10))
+    clips = torch.full((2, 4, 4, 4), 7)  # (clip, t, h, w): background 7, then 9 in frame 1
+    clips[1, 1] = 9
+    clips[:, :, 1:3, 1:3] = torch.arange(4 * 2 * 2).view(4, 2, 2) + 20  # a 2×2 object a frame
+    batch = vocab.collate([vocab.layout([1, 2], clips[0]), vocab.layout([3], clips[1])])
+    clean = batch.token_ids.clone()
+    noisy = noisy_inputs(batch, vocab, 0.0, (0, 3, 1), erase=0.5)
+    assert torch.equal(batch.token_ids, clean)  # the targets stay the clip's
+    assert torch.equal(noisy, noisy_inputs(batch, vocab, 0.0, (0, 3, 1), erase=0.5))  # seeded
+    video = vocab.is_video(clean)
+    assert torch.equal(noisy[~video], clean[~video])
+    frames = batch.frame_index
+    background = vocab.video_to_ids(torch.tensor(7))
+    changed = noisy != clean
+    # only object cells change, each to its own frame's background (9 in clip 1's frame 1)
+    obj = video & (clean >= vocab.video_to_ids(torch.tensor(20)))
+    assert not (changed & ~obj).any()
+    want = torch.where((torch.arange(2)[:, None] == 1) & (frames == 1), background + 2, background)
+    assert torch.equal(noisy[changed], want[changed])
+    assert 0.25 < changed.sum() / obj.sum() < 0.75  # half of 32 object cells, ± 0.09 (one sd)
+    assert torch.equal(noisy_inputs(batch, vocab, 0.0, (0, 3, 1), erase=1.0)[obj], want[obj])
 
 
 # --- several processes ----------------------------------------------------------------------

@@ -227,7 +227,10 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         loss_sum, ce_sum, n_targets, frame_window = 0.0, 0.0, 0, {}
         for m, batch in enumerate(batches):
             batch = to_device(batch, device)
-            inputs = noisy_inputs(batch, vocab, cfg.data.context_noise, (cfg.seed, step, m))
+            seed = (cfg.seed, step, m)
+            inputs = noisy_inputs(
+                batch, vocab, cfg.data.context_noise, seed, cfg.data.context_erase
+            )
             with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
                 with rt.autocast():
                     logits = model(inputs)  # (B, L, V)

@@ -106,25 +106,53 @@ def make_batch(
 
 
 def noisy_inputs(
-    batch: Batch, vocab: Vocabulary, rate: float, seed: tuple[int, ...]
+    batch: Batch, vocab: Vocabulary, rate: float, seed: tuple[int, ...], erase: float = 0.0
 ) -> torch.Tensor:
-    """``batch.token_ids`` ``(B, L)`` with a share ``rate`` of the video tokens replaced by the id
-    at another video position of the same row, drawn uniformly (``LMDataConfig.context_noise``).
+    """``batch.token_ids`` ``(B, L)`` with two kinds of noise on the video tokens, in the input.
+
+    ``erase`` (``LMDataConfig.context_erase``): a share of the object cells, the cells whose id
+    is not the most common id of their latent frame, take that most common id (the frame's
+    background) instead. Then ``rate`` (``LMDataConfig.context_noise``): a share of all video
+    tokens take the id at another video position of the same row, drawn uniformly.
 
     A pure function of ``seed`` (the trainer passes (seed, step, micro-batch)), so resuming
     draws the same noise. A row's video ids are contiguous (BOV … EOV), which the draw uses.
     """
     ids = batch.token_ids
-    if rate == 0.0:
+    if rate == 0.0 and erase == 0.0:
         return ids
     g = torch.Generator().manual_seed(int(np.random.default_rng(list(seed)).integers(2**62)))
     is_video = vocab.is_video(ids)  # (B, L)
     n_video = is_video.sum(dim=1, keepdim=True)  # (B, 1)
     first = is_video.long().argmax(dim=1, keepdim=True)  # (B, 1) first video position
     u = torch.rand((2, *ids.shape), generator=g).to(ids.device)  # drawn on the CPU: seeded
+    noisy = ids
+    if erase > 0.0:
+        background = frame_backgrounds(ids, batch.frame_index, is_video)  # (B, L)
+        hit = is_video & (ids != background)
+        hit &= torch.rand(ids.shape, generator=g).to(ids.device) < erase
+        noisy = torch.where(hit, background, ids)
     pick = first + (u[0] * n_video).long()  # (B, L)
     hit = is_video & (u[1] < rate)
-    return torch.where(hit, ids.gather(1, pick.clamp(max=ids.shape[1] - 1)), ids)
+    return torch.where(hit, noisy.gather(1, pick.clamp(max=ids.shape[1] - 1)), noisy)
+
+
+def frame_backgrounds(
+    ids: torch.Tensor, frame_index: torch.Tensor, is_video: torch.Tensor
+) -> torch.Tensor:
+    """The most common id of each video token's (row, latent frame), ``(B, L)``, aligned with
+    ``ids``; ties go to the smallest id. Positions that are not video keep their own id."""
+    b = ids.shape[0]
+    n_frames = int(frame_index[is_video].max()) + 1 if is_video.any() else 1
+    group = torch.arange(b, device=ids.device)[:, None] * n_frames + frame_index.clamp_min(0)
+    group, values = group[is_video], ids[is_video]  # (N,)
+    counts = torch.zeros(
+        b * n_frames, int(values.max()) + 1 if len(values) else 1, device=ids.device
+    )
+    counts.index_put_((group, values), torch.ones_like(values, dtype=counts.dtype), accumulate=True)
+    out = ids.clone()
+    out[is_video] = counts.argmax(dim=1)[group]
+    return out
 
 
 def loss_targets(batch: Batch, vocab: Vocabulary) -> tuple[torch.Tensor, ...]:

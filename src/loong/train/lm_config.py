@@ -79,6 +79,11 @@ class LMDataConfig:
     the same clip drawn at random; the targets stay the clip's own. Sampling feeds the model its
     own mistakes as context, which training on clean clips never shows it; this is practice at
     continuing from a context that is partly wrong. 0: off."""
+    context_erase: float = 0.0
+    """Share of object cells (ids other than their latent frame's most common id) replaced, in
+    the model's input only, by that most common id: the object is partly wiped from the context
+    while the targets still show it whole. A sampled object that loses a cell to the background
+    tends to lose more in the frames after; this is practice at keeping it. 0: off."""
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):
@@ -86,7 +91,7 @@ class LMDataConfig:
         self.shards = tuple(self.shards)
         if not self.shards:
             raise ValueError("data.shards needs at least one token-shards directory")
-        for name in ("caption_dropout", "alternate_caption_prob", "context_noise"):
+        for name in ("caption_dropout", "alternate_caption_prob", "context_noise", "context_erase"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_text_tokens < 0:
@@ -186,11 +191,12 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         # The bundled model (``loong recipe shapes``): clips of 33 frames (t = 9, 4 s at 8 fps)
         # with 17-frame crops (t = 5) and stills; its time on 2 CPU cores is in BENCHMARKS.md.
         # Canonical captions mostly: paraphrases are seen, but less often than the default's
-        # half of the time. A tenth of the input's video ids swapped: with the local video
-        # context and clean inputs the sampled objects faded out within seconds.
+        # half of the time. A tenth of the input's video ids swapped and a fifth of its object
+        # cells wiped to background: with the local video context and clean inputs the sampled
+        # objects faded out within seconds.
         return LMTrainConfig(
             model=model,
-            data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.1),
+            data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.1, context_erase=0.2),
             stages=(
                 StageConfig(name="image", steps=400, lengths=(1,)),
                 StageConfig(name="short", steps=900, lengths=(1, 5), weights=(1, 3)),
