@@ -1,4 +1,4 @@
-"""Does an object stay on screen? Share of frames with any object, per ten-second span.
+"""Does an object stay on screen, and at its size? Per ten-second span.
 
     loong bench fidelity --model runs/recipe/bundle/lm --out runs/bench/recipe --save-videos
     python benchmarks/object_presence.py runs/bench/recipe [more bench directories ...]
@@ -7,15 +7,20 @@ Reads the mp4s a ``loong bench fidelity --save-videos`` run wrote and, in every 
 measures the largest blob as the fidelity scorer does (``loong.evaluate.fidelity.measure_frame``);
 a frame counts when that blob has at least ``--min-area`` pixels, whatever its colour, shape or
 motion. Fidelity asks for much more; this separates "the object is wrong" from "it is gone".
+Second line: the median over those frames of the blob's area over the area the prompt's object
+has in the world (the fidelity scorer's presence check asks for 0.5–2): an object that grows
+fails presence as surely as one that fades.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 
+from loong.data.shapes import half_extent, parse_caption, shape_mask
 from loong.data.video import read_video
 from loong.evaluate.fidelity import measure_frame
 
@@ -32,16 +37,24 @@ def main() -> None:
         videos = sorted(Path(run, "videos").glob("*.mp4"))
         if not videos:
             raise SystemExit(f"{run}/videos holds no mp4: run loong bench fidelity --save-videos")
+        jobs = json.loads(Path(run, "fidelity.json").read_text())["videos"]  # (prompt, seed)
         hits: dict[int, list[bool]] = {}
-        for path in videos:
+        sizes: dict[int, list[float]] = {}
+        for path in videos:  # named {job index:02d}_seed{seed}.mp4
             frames, fps = read_video(path)  # (T, H, W, C) uint8
+            obj = parse_caption(jobs[int(path.stem.split("_")[0])]["prompt"]).objects[0]
+            expected = shape_mask(obj.shape, half_extent(obj.size, frames.shape[2])).sum()
             for i in range(0, len(frames), args.every):
                 measure = measure_frame(frames[i])
                 span = int(i / fps // args.span_seconds)
                 present = measure is not None and measure.area >= args.min_area
                 hits.setdefault(span, []).append(present)
+                if present:
+                    sizes.setdefault(span, []).append(measure.area / expected)
         shares = " ".join(f"{np.mean(hits[s]):.2f}" for s in sorted(hits))
         print(f"{run} ({len(videos)} videos): {shares}")
+        ratios = " ".join(f"{np.median(sizes[s]):.2f}" if s in sizes else "-" for s in sorted(hits))
+        print(f"{'':>{len(run)}} area / true area: {ratios}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from loong.train.lm import evaluate_lm, open_data, train_lm, write_generation_fi
 from loong.train.lm_batches import (
     add_frame_losses,
     draw_plan,
+    frame_backgrounds,
     frame_means,
     loss_targets,
     make_eval_batches,
@@ -256,8 +257,8 @@ def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     tmp_path, train_config, crash_after_checkpoint, noise
 ):
-    noise = {"data.context_noise": noise, "data.context_erase": 1.5 * noise}
-    train_config = apply_overrides(train_config, noise)
+    overrides = {"data.context_noise": noise, "data.context_erase": 1.5 * noise}
+    train_config = apply_overrides(train_config, overrides)
     straight = train_lm(train_config, tmp_path / "straight", progress=False)
 
     with crash_after_checkpoint(runtime, step=4):
@@ -320,6 +321,10 @@ def test_context_erase_wipes_object_cells_to_their_frames_background():
     assert torch.equal(noisy[changed], want[changed])
     assert 0.25 < changed.sum() / obj.sum() < 0.75  # half of 32 object cells, ± 0.09 (one sd)
     assert torch.equal(noisy_inputs(batch, vocab, 0.0, (0, 3, 1), erase=1.0)[obj], want[obj])
+    # a tie goes to the smaller id: a one-frame clip of two 5s and two 3s
+    tie = vocab.collate([vocab.layout([1], torch.tensor([[[5, 3], [3, 5]]]))])
+    ids = frame_backgrounds(tie.token_ids, tie.frame_index, vocab)
+    assert ids[vocab.is_video(ids)].tolist() == [vocab.video_offset + 3] * 4
 
 
 # --- several processes ----------------------------------------------------------------------

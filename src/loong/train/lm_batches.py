@@ -106,7 +106,7 @@ def make_batch(
 
 
 def noisy_inputs(
-    batch: Batch, vocab: Vocabulary, rate: float, seed: tuple[int, ...], erase: float = 0.0
+    batch: Batch, vocab: Vocabulary, rate: float, seed: tuple[int, ...], *, erase: float = 0.0
 ) -> torch.Tensor:
     """``batch.token_ids`` ``(B, L)`` with two kinds of noise on the video tokens, in the input.
 
@@ -128,7 +128,7 @@ def noisy_inputs(
     u = torch.rand((2, *ids.shape), generator=g).to(ids.device)  # drawn on the CPU: seeded
     noisy = ids
     if erase > 0.0:
-        background = frame_backgrounds(ids, batch.frame_index, is_video)  # (B, L)
+        background = frame_backgrounds(ids, batch.frame_index, vocab)  # (B, L)
         hit = is_video & (ids != background)
         hit &= torch.rand(ids.shape, generator=g).to(ids.device) < erase
         noisy = torch.where(hit, background, ids)
@@ -138,20 +138,22 @@ def noisy_inputs(
 
 
 def frame_backgrounds(
-    ids: torch.Tensor, frame_index: torch.Tensor, is_video: torch.Tensor
+    ids: torch.Tensor, frame_index: torch.Tensor, vocab: Vocabulary
 ) -> torch.Tensor:
     """The most common id of each video token's (row, latent frame), ``(B, L)``, aligned with
     ``ids``; ties go to the smallest id. Positions that are not video keep their own id."""
-    b = ids.shape[0]
-    n_frames = int(frame_index[is_video].max()) + 1 if is_video.any() else 1
-    group = torch.arange(b, device=ids.device)[:, None] * n_frames + frame_index.clamp_min(0)
-    group, values = group[is_video], ids[is_video]  # (N,)
-    counts = torch.zeros(
-        b * n_frames, int(values.max()) + 1 if len(values) else 1, device=ids.device
+    is_video = vocab.is_video(ids)  # (B, L)
+    n_frames = int(frame_index.max()) + 1  # text, specials and padding are −1
+    group = torch.arange(ids.shape[0], device=ids.device)[:, None] * n_frames + frame_index
+    group, values = group[is_video], ids[is_video] - vocab.video_offset  # (N,)
+    counts = torch.zeros(  # (B·t, video vocabulary)
+        ids.shape[0] * max(n_frames, 1), vocab.config.video_vocab_size, device=ids.device
     )
-    counts.index_put_((group, values), torch.ones_like(values, dtype=counts.dtype), accumulate=True)
+    counts.index_put_(
+        (group, values), torch.ones_like(values, dtype=torch.float32), accumulate=True
+    )
     out = ids.clone()
-    out[is_video] = counts.argmax(dim=1)[group]
+    out[is_video] = counts.argmax(dim=1)[group] + vocab.video_offset
     return out
 
 
