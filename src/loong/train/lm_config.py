@@ -191,12 +191,13 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         # The bundled model (``loong recipe shapes``): clips of 33 frames (t = 9, 4 s at 8 fps)
         # with 17-frame crops (t = 5) and stills; its time on 2 CPU cores is in BENCHMARKS.md.
         # Canonical captions mostly: paraphrases are seen, but less often than the default's
-        # half of the time. A tenth of the input's video ids swapped: with the local video
-        # context and clean inputs the sampled objects faded out within seconds. Wiping object
-        # cells as well (data.context_erase) made them grow instead; see BENCHMARKS.md.
+        # half of the time. A fifth of the input's video ids swapped: with the local video
+        # context and clean inputs the sampled objects faded out within seconds, with a tenth
+        # in half the videos. Wiping object cells (data.context_erase) made them grow instead;
+        # see BENCHMARKS.md.
         return LMTrainConfig(
             model=model,
-            data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.1),
+            data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.2),
             stages=(
                 StageConfig(name="image", steps=400, lengths=(1,)),
                 StageConfig(name="short", steps=900, lengths=(1, 5), weights=(1, 3)),
