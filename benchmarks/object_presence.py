@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loong.data.shapes import half_extent, parse_caption, shape_mask
+from loong.data.shapes import parse_caption
 from loong.data.video import read_video
-from loong.evaluate.fidelity import measure_frame
+from loong.evaluate.fidelity import expected_area, measure_frame
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         for path in videos:  # named {job index:02d}_seed{seed}.mp4
             frames, fps = read_video(path)  # (T, H, W, C) uint8
             obj = parse_caption(jobs[int(path.stem.split("_")[0])]["prompt"]).objects[0]
-            expected = shape_mask(obj.shape, half_extent(obj.size, frames.shape[2])).sum()
+            expected = expected_area(obj, width=frames.shape[2])
             for i in range(0, len(frames), args.every):
                 measure = measure_frame(frames[i])
                 span = int(i / fps // args.span_seconds)

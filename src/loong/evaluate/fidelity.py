@@ -152,10 +152,16 @@ def measure_frame(frame: np.ndarray) -> FrameMeasure | None:
     )
 
 
+def expected_area(obj: ShapeObject, width: int) -> int:
+    """Pixels the world draws for ``obj`` in a frame ``width`` pixels wide: presence asks for a
+    blob of 0.5–2 times this."""
+    return int(shape_mask(obj.shape, half_extent(obj.size, width)).sum())
+
+
 def _score_measures(
     measures: list[FrameMeasure | None], obj: ShapeObject, *, width: int
 ) -> dict[str, bool]:
-    expected = int(shape_mask(obj.shape, half_extent(obj.size, width)).sum())
+    expected = expected_area(obj, width)
     seen = [m for m in measures if m is not None]
     complete = len(seen) == len(measures)
     result = {

@@ -129,7 +129,7 @@ def noisy_inputs(
     noisy = ids
     if erase > 0.0:
         background = frame_backgrounds(ids, batch.frame_index, vocab)  # (B, L)
-        hit = is_video & (ids != background)
+        hit = ids != background  # object cells: other positions keep their own id
         hit &= torch.rand(ids.shape, generator=g).to(ids.device) < erase
         noisy = torch.where(hit, background, ids)
     pick = first + (u[0] * n_video).long()  # (B, L)
