@@ -253,11 +253,16 @@ def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
     assert {"loss_frame_0", "loss_frame_1", "loss_frame_2"} <= set(records[30])
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.2], ids=["clean", "context-noise-and-erase"])
+@pytest.mark.parametrize("noise", [0.0, 0.2], ids=["clean", "context-noise-erase-and-spill"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     tmp_path, train_config, crash_after_checkpoint, noise
 ):
-    overrides = {"data.context_noise": noise, "data.context_erase": 1.5 * noise}
+    overrides = {
+        "data.context_noise": noise,
+        "data.context_erase": 1.5 * noise,
+        "data.context_spill": 1.5 * noise,
+        "model.video_grid": (8, 8),  # the shards' latent grid
+    }
     train_config = apply_overrides(train_config, overrides)
     straight = train_lm(train_config, tmp_path / "straight", progress=False)
 
@@ -325,6 +330,52 @@ def test_context_erase_wipes_object_cells_to_their_frames_background():
     tie = vocab.collate([vocab.layout([1], torch.tensor([[[5, 3], [3, 5]]]))])
     ids = frame_backgrounds(tie.token_ids, tie.frame_index, vocab)
     assert ids[vocab.is_video(ids)].tolist() == [vocab.video_offset + 3] * 4
+
+
+def test_context_spill_grows_objects_into_neighbouring_background_cells():
+    vocab = Vocabulary(VocabConfig(text_vocab_size=40, video_vocab_size=64, n_special=10))
+    clips = torch.full((2, 3, 4, 4), 7)  # (clip, t, h, w): background 7
+    clips[:, :, 1:3, 1:3] = torch.arange(3 * 2 * 2).view(3, 2, 2) + 20  # a 2×2 object a frame
+    clips[1, 2] = 7  # clip 1's last frame is empty: nothing to spill there
+    clips[1, 2, 0, 3] = 30  # … but for one object cell in a corner
+    batch = vocab.collate([vocab.layout([1, 2], clips[0]), vocab.layout([3], clips[1])])
+    clean = batch.token_ids.clone()
+    noisy = noisy_inputs(batch, vocab, 0.0, (0, 3, 1), spill=1.0, grid=(4, 4))
+    assert torch.equal(batch.token_ids, clean)  # the targets stay the clip's
+    assert torch.equal(noisy, noisy_inputs(batch, vocab, 0.0, (0, 3, 1), spill=1.0, grid=(4, 4)))
+    video = vocab.is_video(clean)
+    assert torch.equal(noisy[~video], clean[~video])
+    for b in range(2):
+        before = (clean[b, video[b]] - vocab.video_offset).view(3, 4, 4)
+        after = (noisy[b, video[b]] - vocab.video_offset).view(3, 4, 4)
+        for t in range(3):
+            obj = before[t] != 7
+            ring = torch.zeros(4, 4, dtype=torch.bool)  # background cells touching the object
+            ring[1:] |= obj[:-1]
+            ring[:-1] |= obj[1:]
+            ring[:, 1:] |= obj[:, :-1]
+            ring[:, :-1] |= obj[:, 1:]
+            ring &= ~obj
+            assert torch.equal(after[t] != before[t], ring)  # spill 1: every such cell, no other
+            for i, j in ring.nonzero().tolist():  # each took a 4-neighbour's object id
+                near = {(i + di, j + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))}
+                ok = {before[t, a, c].item() for a, c in near if 0 <= a < 4 and 0 <= c < 4}
+                assert after[t, i, j].item() in ok - {7}
+    assert noisy[1, video[1]].view(3, 4, 4)[2].ne(vocab.video_to_ids(torch.tensor(7))).sum() == 3
+    # a share: about half of the ring cells move at spill 0.5; erase and spill never overlap
+    half = noisy_inputs(batch, vocab, 0.0, (0, 3, 1), spill=0.5, grid=(4, 4))
+    assert 0.2 < ((half != clean).sum() / (noisy != clean).sum()).item() < 0.8
+    both = noisy_inputs(batch, vocab, 0.0, (0, 3, 1), erase=1.0, spill=1.0, grid=(4, 4))
+    erased = noisy_inputs(batch, vocab, 0.0, (0, 3, 1), erase=1.0)
+    obj = video & (frame_backgrounds(clean, batch.frame_index, vocab) != clean)
+    assert torch.equal(both[obj], erased[obj]) and torch.equal(both[~obj], noisy[~obj])
+    with pytest.raises(ValueError, match="grid"):
+        noisy_inputs(batch, vocab, 0.0, (0, 3, 1), spill=0.5)
+
+
+def test_context_spill_needs_the_video_grid():
+    with pytest.raises(ValueError, match="video_grid"):
+        LMTrainConfig(model=VideoLMConfig(video_grid=None), data=LMDataConfig(context_spill=0.1))
 
 
 # --- several processes ----------------------------------------------------------------------

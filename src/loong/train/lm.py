@@ -229,7 +229,13 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             batch = to_device(batch, device)
             seed = (cfg.seed, step, m)
             inputs = noisy_inputs(
-                batch, vocab, cfg.data.context_noise, seed, erase=cfg.data.context_erase
+                batch,
+                vocab,
+                cfg.data.context_noise,
+                seed,
+                erase=cfg.data.context_erase,
+                spill=cfg.data.context_spill,
+                grid=cfg.model.video_grid,
             )
             with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
                 with rt.autocast():

@@ -106,20 +106,33 @@ def make_batch(
 
 
 def noisy_inputs(
-    batch: Batch, vocab: Vocabulary, rate: float, seed: tuple[int, ...], *, erase: float = 0.0
+    batch: Batch,
+    vocab: Vocabulary,
+    rate: float,
+    seed: tuple[int, ...],
+    *,
+    erase: float = 0.0,
+    spill: float = 0.0,
+    grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """``batch.token_ids`` ``(B, L)`` with two kinds of noise on the video tokens, in the input.
+    """``batch.token_ids`` ``(B, L)`` with three kinds of noise on the video tokens, in the input.
 
     ``erase`` (``LMDataConfig.context_erase``): a share of the object cells, the cells whose id
     is not the most common id of their latent frame, take that most common id (the frame's
-    background) instead. Then ``rate`` (``LMDataConfig.context_noise``): a share of all video
-    tokens take the id at another video position of the same row, drawn uniformly.
+    background) instead. ``spill`` (``LMDataConfig.context_spill``, needs the latent frame's
+    ``grid`` (h, w)): a share of the background cells with an object cell among their
+    4-neighbours take the id of one of those neighbours, drawn uniformly. Then ``rate``
+    (``LMDataConfig.context_noise``): a share of all video tokens take the id at another video
+    position of the same row, drawn uniformly.
 
-    A pure function of ``seed`` (the trainer passes (seed, step, micro-batch)), so resuming
-    draws the same noise. A row's video ids are contiguous (BOV … EOV), which the draw uses.
+    Erase and spill read the clean ids, so the two never touch the same cell. A pure function
+    of ``seed`` (the trainer passes (seed, step, micro-batch)), so resuming draws the same
+    noise; each kind draws after the ones before it, so turning a later kind on leaves the
+    earlier draws as they were. A row's video ids are contiguous (BOV … EOV), which the draws
+    use.
     """
     ids = batch.token_ids
-    if rate == 0.0 and erase == 0.0:
+    if rate == 0.0 and erase == 0.0 and spill == 0.0:
         return ids
     g = torch.Generator().manual_seed(int(np.random.default_rng(list(seed)).integers(2**62)))
     is_video = vocab.is_video(ids)  # (B, L)
@@ -127,14 +140,54 @@ def noisy_inputs(
     first = is_video.long().argmax(dim=1, keepdim=True)  # (B, 1) first video position
     u = torch.rand((2, *ids.shape), generator=g).to(ids.device)  # drawn on the CPU: seeded
     noisy = ids
-    if erase > 0.0:
+    if erase > 0.0 or spill > 0.0:
         background = frame_backgrounds(ids, batch.frame_index, vocab)  # (B, L)
-        hit = ids != background  # object cells: other positions keep their own id
-        hit &= torch.rand(ids.shape, generator=g).to(ids.device) < erase
+        is_object = ids != background  # other positions keep their own id
+    if erase > 0.0:
+        hit = is_object & (torch.rand(ids.shape, generator=g).to(ids.device) < erase)
         noisy = torch.where(hit, background, ids)
+    if spill > 0.0:
+        if grid is None:
+            raise ValueError("spill needs grid, the latent frame's (h, w)")
+        neighbour = object_neighbours(ids, is_video, is_object, grid, g)  # (B, L)
+        hit = is_video & ~is_object & (neighbour >= 0)
+        hit &= torch.rand(ids.shape, generator=g).to(ids.device) < spill
+        noisy = torch.where(hit, ids.gather(1, neighbour.clamp_min(0)), noisy)
     pick = first + (u[0] * n_video).long()  # (B, L)
     hit = is_video & (u[1] < rate)
     return torch.where(hit, noisy.gather(1, pick.clamp(max=ids.shape[1] - 1)), noisy)
+
+
+def object_neighbours(
+    ids: torch.Tensor,
+    is_video: torch.Tensor,
+    is_object: torch.Tensor,
+    grid: tuple[int, int],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """For each position of ``ids`` ``(B, L)``, the position of one of its object 4-neighbours
+    in the same latent frame, drawn uniformly among them; −1 where it has none (and off video).
+
+    Video tokens are laid out frame by frame, each frame's ``h × w`` cells in raster order, from
+    the row's first video position on.
+    """
+    h, w = grid
+    b, n = ids.shape
+    pos = torch.arange(n, device=ids.device).expand(b, n)  # (B, L)
+    cell = (is_video.long().cumsum(dim=1) - 1) % (h * w)  # (B, L) index inside the frame
+    row, col = cell // w, cell % w
+    best = torch.full((b, n), -1, dtype=torch.long, device=ids.device)
+    best_score = torch.full((b, n), -1.0, device=ids.device)
+    score = torch.rand((4, b, n), generator=generator).to(ids.device)  # a random pick of four
+    for k, (step, inside) in enumerate(
+        ((-w, row > 0), (w, row < h - 1), (-1, col > 0), (1, col < w - 1))
+    ):
+        src = (pos + step).clamp(0, n - 1)  # (B, L)
+        ok = is_video & inside & is_object.gather(1, src)
+        better = ok & (score[k] > best_score)
+        best = torch.where(better, src, best)
+        best_score = torch.where(better, score[k], best_score)
+    return best
 
 
 def frame_backgrounds(

@@ -84,6 +84,12 @@ class LMDataConfig:
     the model's input only, by that most common id: the object is partly wiped from the context
     while the targets still show it whole. A sampled object that loses a cell to the background
     tends to lose more in the frames after; this is practice at keeping it. 0: off."""
+    context_spill: float = 0.0
+    """Share of background cells next to an object (a 4-neighbour in the same latent frame)
+    given, in the model's input only, the id of one of those object neighbours: the object is
+    partly grown in the context while the targets keep its true outline. A sampled object that
+    gains a cell tends to keep it and gain more; this is practice at trimming it back, the
+    mirror of ``context_erase``. Needs ``model.video_grid``. 0: off."""
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):
@@ -91,7 +97,13 @@ class LMDataConfig:
         self.shards = tuple(self.shards)
         if not self.shards:
             raise ValueError("data.shards needs at least one token-shards directory")
-        for name in ("caption_dropout", "alternate_caption_prob", "context_noise", "context_erase"):
+        for name in (
+            "caption_dropout",
+            "alternate_caption_prob",
+            "context_noise",
+            "context_erase",
+            "context_spill",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_text_tokens < 0:
@@ -147,6 +159,11 @@ class LMTrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data.context_spill and self.model.video_grid is None:
+            raise ValueError(
+                "data.context_spill needs model.video_grid (the latent frame's (h, w)) to find "
+                "an object's neighbours; set it or set data.context_spill=0"
+            )
 
     @property
     def total_steps(self) -> int:
