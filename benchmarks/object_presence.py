@@ -9,18 +9,22 @@ a frame counts when that blob has at least ``--min-area`` pixels, whatever its c
 motion. Fidelity asks for much more; this separates "the object is wrong" from "it is gone".
 Second line: the median over those frames of the blob's area over the area the prompt's object
 has in the world (the fidelity scorer's presence check asks for 0.5–2): an object that grows
-fails presence as surely as one that fades.
+fails presence as surely as one that fades. Third line: the median over one-second windows of
+the blob centroid's mean step |Δx| + |Δy| between consecutive frames that both hold a blob,
+over the step the caption implies (the scorer's speed check asks for 0.5–2): an object that
+stalls reads under 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from loong.data.shapes import parse_caption
+from loong.data.shapes import DIRECTIONS, parse_caption, pixel_speed
 from loong.data.video import read_video
 from loong.evaluate.fidelity import expected_area, measure_frame
 
@@ -40,6 +44,7 @@ def main() -> None:
         jobs = json.loads(Path(run, "fidelity.json").read_text())["videos"]  # (prompt, seed)
         hits: dict[int, list[bool]] = {}
         sizes: dict[int, list[float]] = {}
+        steps: dict[int, list[float]] = {}
         for path in videos:  # named {job index:02d}_seed{seed}.mp4
             frames, fps = read_video(path)  # (T, H, W, C) uint8
             obj = parse_caption(jobs[int(path.stem.split("_")[0])]["prompt"]).objects[0]
@@ -51,10 +56,27 @@ def main() -> None:
                 hits.setdefault(span, []).append(present)
                 if present:
                     sizes.setdefault(span, []).append(measure.area / expected)
+            if obj.direction is None:
+                continue
+            dx, dy = DIRECTIONS[obj.direction]
+            implied = pixel_speed(obj.speed, frames.shape[2]) * (abs(dx) + abs(dy))
+            window = max(2, round(fps))
+            for start in range(0, len(frames) - 1, window):
+                seen = [measure_frame(f) for f in frames[start : start + window]]
+                moves = [
+                    abs(b.centroid[0] - a.centroid[0]) + abs(b.centroid[1] - a.centroid[1])
+                    for a, b in itertools.pairwise(seen)
+                    if a is not None and b is not None
+                ]
+                if moves:
+                    span = int(start / fps // args.span_seconds)
+                    steps.setdefault(span, []).append(float(np.mean(moves)) / implied)
         shares = " ".join(f"{np.mean(hits[s]):.2f}" for s in sorted(hits))
         print(f"{run} ({len(videos)} videos): {shares}")
         ratios = " ".join(f"{np.median(sizes[s]):.2f}" if s in sizes else "-" for s in sorted(hits))
         print(f"{'':>{len(run)}} area / true area: {ratios}")
+        moved = " ".join(f"{np.median(steps[s]):.2f}" if s in steps else "-" for s in sorted(hits))
+        print(f"{'':>{len(run)}} step / caption's step: {moved}")
 
 
 if __name__ == "__main__":
