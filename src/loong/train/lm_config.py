@@ -211,7 +211,8 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         # half of the time. A fifth of the input's video ids swapped: with the local video
         # context and clean inputs the sampled objects faded out within seconds, with a tenth
         # in half the videos. Wiping object cells (data.context_erase) made them grow instead;
-        # see BENCHMARKS.md.
+        # spilling object ids into the background (data.context_spill) kept their size but
+        # made them jitter; see BENCHMARKS.md.
         return LMTrainConfig(
             model=model,
             data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.2),
