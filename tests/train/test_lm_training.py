@@ -371,6 +371,17 @@ def test_context_spill_grows_objects_into_neighbouring_background_cells():
     assert torch.equal(both[obj], erased[obj]) and torch.equal(both[~obj], noisy[~obj])
     with pytest.raises(ValueError, match="grid"):
         noisy_inputs(batch, vocab, 0.0, (0, 3, 1), spill=0.5)
+    # a cell between two object cells takes either one's id, about as often
+    corner = torch.full((1, 3, 3), 7)
+    corner[0, 0, 1], corner[0, 1, 0] = 20, 21
+    one = vocab.collate([vocab.layout([1], corner)])
+    first_video = int(vocab.is_video(one.token_ids).long().argmax())
+    picks = [
+        int(noisy_inputs(one, vocab, 0.0, (0, s, 0), spill=1.0, grid=(3, 3))[0, first_video])
+        - vocab.video_offset
+        for s in range(40)
+    ]
+    assert set(picks) == {20, 21} and 8 <= picks.count(20) <= 32  # binomial(40, ½): ± 3.2
 
 
 def test_context_spill_needs_the_video_grid():

@@ -127,9 +127,9 @@ def noisy_inputs(
 
     Erase and spill read the clean ids, so the two never touch the same cell. A pure function
     of ``seed`` (the trainer passes (seed, step, micro-batch)), so resuming draws the same
-    noise; each kind draws after the ones before it, so turning a later kind on leaves the
-    earlier draws as they were. A row's video ids are contiguous (BOV … EOV), which the draws
-    use.
+    noise. The draws are made in the order swap, erase, spill, so turning erase or spill on
+    leaves the draws before it as they were. A row's video ids are contiguous (BOV … EOV),
+    which the draws use.
     """
     ids = batch.token_ids
     if rate == 0.0 and erase == 0.0 and spill == 0.0:
@@ -149,7 +149,7 @@ def noisy_inputs(
     if spill > 0.0:
         if grid is None:
             raise ValueError("spill needs grid, the latent frame's (h, w)")
-        neighbour = object_neighbours(ids, is_video, is_object, grid, g)  # (B, L)
+        neighbour = object_neighbours(is_video, is_object, grid, g)  # (B, L)
         hit = is_video & ~is_object & (neighbour >= 0)
         hit &= torch.rand(ids.shape, generator=g).to(ids.device) < spill
         noisy = torch.where(hit, ids.gather(1, neighbour.clamp_min(0)), noisy)
@@ -159,26 +159,27 @@ def noisy_inputs(
 
 
 def object_neighbours(
-    ids: torch.Tensor,
     is_video: torch.Tensor,
     is_object: torch.Tensor,
     grid: tuple[int, int],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """For each position of ``ids`` ``(B, L)``, the position of one of its object 4-neighbours
-    in the same latent frame, drawn uniformly among them; −1 where it has none (and off video).
+    """For each position of a ``(B, L)`` row of ids, given which are video and which objects,
+    the position of one of its object 4-neighbours in the same latent frame, drawn uniformly
+    among them; −1 where it has none (and off video).
 
     Video tokens are laid out frame by frame, each frame's ``h × w`` cells in raster order, from
     the row's first video position on.
     """
     h, w = grid
-    b, n = ids.shape
-    pos = torch.arange(n, device=ids.device).expand(b, n)  # (B, L)
+    b, n = is_video.shape
+    device = is_video.device
+    pos = torch.arange(n, device=device).expand(b, n)  # (B, L)
     cell = (is_video.long().cumsum(dim=1) - 1) % (h * w)  # (B, L) index inside the frame
     row, col = cell // w, cell % w
-    best = torch.full((b, n), -1, dtype=torch.long, device=ids.device)
-    best_score = torch.full((b, n), -1.0, device=ids.device)
-    score = torch.rand((4, b, n), generator=generator).to(ids.device)  # a random pick of four
+    best = torch.full((b, n), -1, dtype=torch.long, device=device)
+    best_score = torch.full((b, n), -1.0, device=device)
+    score = torch.rand((4, b, n), generator=generator).to(device)  # a random pick of four
     for k, (step, inside) in enumerate(
         ((-w, row > 0), (w, row < h - 1), (-1, col > 0), (1, col < w - 1))
     ):
