@@ -150,7 +150,7 @@ def noisy_inputs(
         if grid is None:
             raise ValueError("spill needs grid, the latent frame's (h, w)")
         neighbour = object_neighbours(is_video, is_object, grid, g)  # (B, L)
-        hit = is_video & ~is_object & (neighbour >= 0)
+        hit = ~is_object & (neighbour >= 0)  # background video cells touching an object
         hit &= torch.rand(ids.shape, generator=g).to(ids.device) < spill
         noisy = torch.where(hit, ids.gather(1, neighbour.clamp_min(0)), noisy)
     pick = first + (u[0] * n_video).long()  # (B, L)
