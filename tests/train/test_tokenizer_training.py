@@ -168,6 +168,38 @@ def test_loss_config_rejects_bad_values():
         TokenizerLossConfig(gradient_weight=-1.0)
 
 
+def test_decoder_fine_tuning_keeps_every_code_and_moves_only_the_decoder(tmp_path, train_config):
+    base = apply_overrides(train_config, {"steps": 3, "loss.disc_start_step": 1000})
+    source = VideoTokenizer.from_pretrained(train_tokenizer(base, tmp_path / "a", progress=False))
+    tuned_cfg = apply_overrides(
+        base,
+        {"init_from": str(tmp_path / "a" / "export"), "trainable": "decoder", "ema_decay": 0.0},
+    )
+    tuned_export = train_tokenizer(tuned_cfg, tmp_path / "b", progress=False)
+    tuned = VideoTokenizer.from_pretrained(tuned_export)
+    before, after = source.state_dict(), tuned.state_dict()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.startswith("decoder.") for name in moved), sorted(moved)
+    clips = held_out_clips(base.data, 2)
+    assert torch.equal(source.encode(clips), tuned.encode(clips))
+    records = _records(tmp_path / "b")
+    assert sorted(records) == [1, 2, 3]
+
+
+def test_init_from_names_the_fields_that_differ_and_decoder_needs_it(tmp_path, train_config):
+    base = apply_overrides(train_config, {"steps": 1, "loss.disc_start_step": 1000})
+    train_tokenizer(base, tmp_path / "a", progress=False)
+    wider = apply_overrides(
+        base, {"init_from": str(tmp_path / "a" / "export"), "model.base_width": 16}
+    )
+    with pytest.raises(ValueError, match=r"model\.base_width: 8 there, 16 here"):
+        train_tokenizer(wider, tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="set init_from"):
+        apply_overrides(base, {"trainable": "decoder"})
+    with pytest.raises(ValueError, match='trainable must be "all" or "decoder"'):
+        apply_overrides(base, {"trainable": "encoder"})
+
+
 def test_two_micro_batches_of_two_train_like_one_batch_of_four(tmp_path, train_config):
     """GAN off: reconstruction and commitment are means over clips, the GroupNorm model treats
     each clip alone, so accumulating two micro-batches of two gives the gradients of one batch of

@@ -106,6 +106,22 @@ def write_preview(frames: np.ndarray, path_stem: Path, fps: float) -> None:
 # --- the loop --------------------------------------------------------------------------------
 
 
+def _initial_weights(cfg: TokenizerTrainConfig) -> dict[str, torch.Tensor]:
+    """The state dict of ``cfg.init_from``, after checking its config is ``cfg.model``."""
+    source = VideoTokenizer.from_pretrained(cfg.init_from)
+    if source.config != cfg.model:
+        pairs = {
+            name: (getattr(source.config, name), value) for name, value in vars(cfg.model).items()
+        }
+        differ = [f"model.{k}: {a!r} there, {b!r} here" for k, (a, b) in pairs.items() if a != b]
+        raise ValueError(
+            f"init_from={cfg.init_from!r} holds a different tokenizer ("
+            + "; ".join(differ)
+            + "): pick the preset it was trained from, or --set those fields to its values"
+        )
+    return source.state_dict()
+
+
 def _mean(records: list[dict[str, float]]) -> dict[str, float]:
     """The mean of each value over ``records`` (which share their keys)."""
     return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
@@ -138,6 +154,11 @@ def train_tokenizer(
 
     # 0. models, optimisers, losses
     model = VideoTokenizer(cfg.model)
+    if cfg.init_from:
+        model.load_state_dict(_initial_weights(cfg))
+    if cfg.trainable == "decoder":  # frozen before wrapping: DDP then syncs the decoder only
+        model.encoder.requires_grad_(False)
+        model.quantizer.requires_grad_(False)
     disc = Discriminator3D(cfg.discriminator)
     log.info(
         "tokenizer: %s parameters, %s codes; discriminator: %s parameters",
@@ -152,7 +173,7 @@ def train_tokenizer(
         plain = ParallelConfig(mode="fsdp" if rt.sharded else "none")
         ema = parallelize(ema, plain, device)
     opt_g = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=cfg.optim.lr,
         betas=cfg.optim.betas,
         weight_decay=cfg.optim.weight_decay,
@@ -205,6 +226,9 @@ def train_tokenizer(
         # averaged over ranks once, in the last micro-batch's backward. Each reconstruction is
         # kept, detached, for the discriminator's update (no second forward pass).
         model.train()
+        if cfg.trainable == "decoder":  # no quantizer statistics move, no anchor re-init
+            tokenizer.encoder.eval()
+            tokenizer.quantizer.eval()
         opt_g.zero_grad(set_to_none=True)
         g_logs, stat_logs, recons = [], [], []
         for m, clips in enumerate(micro):

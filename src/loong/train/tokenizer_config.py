@@ -112,6 +112,13 @@ class TokenizerTrainConfig:
     """Checkpoints kept on disk."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
+    init_from: str = ""
+    """An exported tokenizer (``config.json`` + ``model.safetensors``) whose weights start the
+    run; its model config must equal ``model``. Empty: random initialisation."""
+    trainable: str = "all"
+    """"all", or "decoder": the encoder and quantizer stay frozen (in eval mode) and only the
+    decoder learns. With ``init_from`` this fine-tunes how codes are drawn without changing a
+    single code, so a language model trained on the tokenizer's ids stays valid."""
     device: str = "auto"
     """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -129,6 +136,13 @@ class TokenizerTrainConfig:
                 f"{self.grad_accum} equal micro-batches: pass a data.batch_size that is a "
                 f"multiple of {self.grad_accum}, or a grad_accum that divides "
                 f"{self.data.batch_size}"
+            )
+        if self.trainable not in ("all", "decoder"):
+            raise ValueError(f'trainable must be "all" or "decoder", got {self.trainable!r}')
+        if self.trainable == "decoder" and not self.init_from:
+            raise ValueError(
+                'trainable="decoder" freezes the encoder, which makes sense only for a trained '
+                "one: set init_from to an exported tokenizer directory"
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
