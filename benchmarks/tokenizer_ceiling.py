@@ -13,6 +13,11 @@ Per prompt it also prints what the checks see in the reconstruction: the median 
 largest blob (> 0.9 reads as a square, 0.65–0.9 a circle, < 0.65 a triangle), its median area
 over the shape's true area (blur that spreads an object past the scorer's colour-distance
 threshold makes it larger), and the colour name most often measured.
+
+Last, whether the codes tell the palette's colours apart at all: a still square of each colour
+(world seed 0, the same place for all, black background) is encoded and the ids of its cells
+other than the background's are compared across colours. A decoder cannot draw a colour its
+codes do not carry: an id shared by two colours decodes to one colour for both.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from loong.data.shapes import half_extent, parse_caption, shape_mask
+from loong.data.shapes import PALETTE, half_extent, parse_caption, render, shape_mask
 from loong.evaluate.bench import CANONICAL_PROMPTS, reference_video
 from loong.evaluate.fidelity import CHECKS, measure_frame, score_video
 from loong.video_tokenizer.model import VideoTokenizer
@@ -53,6 +58,39 @@ def report(directory: str, seconds: float, fps: float = 8.0, size: int = 64) -> 
     print(f"{'all prompts':52s} {np.mean([w['all'] for w in windows]):5.2f} {shares}")
 
 
+def colour_codes(tokenizer: VideoTokenizer, size: int = 64) -> None:
+    """Print how many of a still large square's object cells carry an id that another colour's
+    square uses too, separately for cells the square covers whole and those on its edge."""
+    cell = tokenizer.config.spatial_compression
+    cells = {}  # colour → [(id, covered whole)]
+    for colour in PALETTE:
+        frame = render(
+            parse_caption(f"a large {colour} square"), seed=0, n_frames=1, height=size, width=size
+        )[0]  # (H, W, 3)
+        video = torch.from_numpy(frame).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+        grid = tokenizer.encode(video)[0, 0]  # (h, w)
+        inside = (frame != frame[0, 0]).any(-1)  # (H, W); the corner is background
+        cover = inside.reshape(grid.shape[0], cell, grid.shape[1], cell).mean(axis=(1, 3))
+        cells[colour] = [
+            (int(i), c == 1.0)
+            for i, c in zip(grid.flatten(), cover.flatten(), strict=True)
+            if c > 0
+        ]
+    for whole, name in ((True, "whole cells"), (False, "edge cells")):
+        shared = total = 0
+        for colour, mine in cells.items():
+            others = {i for c, theirs in cells.items() if c != colour for i, _ in theirs}
+            picked = [i for i, w in mine if w == whole]
+            shared += sum(i in others for i in picked)
+            total += len(picked)
+        print(
+            f"{name} of a large square with an id another colour's square uses: {shared} of {total}"
+        )
+    flat = {c: {i for i, w in mine if w} for c, mine in cells.items()}
+    pairs = [f"{a}={b}" for a in flat for b in flat if a < b and flat[a] & flat[b]]
+    print(f"colours whose whole cells share an id: {', '.join(pairs) or '-'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("exports", nargs="+", help="video tokenizer export directories")
@@ -61,6 +99,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     for directory in args.exports:
         report(directory, args.seconds)
+        colour_codes(VideoTokenizer.from_pretrained(directory).eval())
 
 
 if __name__ == "__main__":
