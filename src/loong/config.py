@@ -111,6 +111,12 @@ def config_json(config: Any) -> str:
     return json.dumps(config_to_dict(config), indent=2) + "\n"
 
 
+def config_differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two configs of one type → (value in a, in b)."""
+    left, right = dict(_flatten(config_to_dict(a))), dict(_flatten(config_to_dict(b)))
+    return {key: (left[key], right[key]) for key in left if left[key] != right[key]}
+
+
 def _flatten(table: dict[str, Any], prefix: str = ""):
     for key, value in table.items():
         if isinstance(value, dict):

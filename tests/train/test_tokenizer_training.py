@@ -190,10 +190,16 @@ def test_init_from_names_the_fields_that_differ_and_decoder_needs_it(tmp_path, t
     base = apply_overrides(train_config, {"steps": 1, "loss.disc_start_step": 1000})
     train_tokenizer(base, tmp_path / "a", progress=False)
     wider = apply_overrides(
-        base, {"init_from": str(tmp_path / "a" / "export"), "model.base_width": 16}
+        base,
+        {
+            "init_from": str(tmp_path / "a" / "export"),
+            "model.base_width": 16,
+            "model.quantizer.commitment_weight": 0.5,
+        },
     )
-    with pytest.raises(ValueError, match=r"model\.base_width: 8 there, 16 here"):
+    with pytest.raises(ValueError, match=r"model\.base_width: 8 there, 16 here") as caught:
         train_tokenizer(wider, tmp_path / "b", progress=False)
+    assert "model.quantizer.commitment_weight: 0.25 there, 0.5 here" in str(caught.value)
     with pytest.raises(ValueError, match="set init_from"):
         apply_overrides(base, {"trainable": "decoder"})
     with pytest.raises(ValueError, match='trainable must be "all" or "decoder"'):

@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from loong.config import config_json
+from loong.config import config_differences, config_json
 from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
@@ -109,15 +109,12 @@ def write_preview(frames: np.ndarray, path_stem: Path, fps: float) -> None:
 def _initial_weights(cfg: TokenizerTrainConfig) -> dict[str, torch.Tensor]:
     """The state dict of ``cfg.init_from``, after checking its config is ``cfg.model``."""
     source = VideoTokenizer.from_pretrained(cfg.init_from)
-    if source.config != cfg.model:
-        pairs = {
-            name: (getattr(source.config, name), value) for name, value in vars(cfg.model).items()
-        }
-        differ = [f"model.{k}: {a!r} there, {b!r} here" for k, (a, b) in pairs.items() if a != b]
+    differ = config_differences(source.config, cfg.model)
+    if differ:
+        fields = "; ".join(f"model.{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
         raise ValueError(
-            f"init_from={cfg.init_from!r} holds a different tokenizer ("
-            + "; ".join(differ)
-            + "): pick the preset it was trained from, or --set those fields to its values"
+            f"init_from={cfg.init_from!r} holds a different tokenizer ({fields}): pick the "
+            "preset it was trained from, or --set those fields to its values"
         )
     return source.state_dict()
 
