@@ -135,8 +135,13 @@ def test_two_ranks_train_like_one_with_the_same_global_batch_and_resume(
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
     a = VideoTokenizer.from_pretrained(one).state_dict()
     b = VideoTokenizer.from_pretrained(tmp_path / "two" / "export").state_dict()
+    # Tensor by tensor, not element by element: two ranks sum gradients in another order, and
+    # Adam turns a rounding-level change in a near-zero gradient into an lr-sized change of that
+    # one weight (on an AMD EPYC, 1 element of 6,912 moved 2e-5). A wrong gradient average or a
+    # lost optimizer state moves whole tensors by orders of magnitude more.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
+        gap = (a[key].float() - b[key].float()).norm() / a[key].float().norm().clamp_min(1e-12)
+        assert gap < 1e-4, (key, float(gap))
 
 
 def _records(run: Path) -> dict[int, dict[str, float]]:
