@@ -14,9 +14,9 @@ largest blob (> 0.9 reads as a square, 0.65–0.9 a circle, < 0.65 a triangle), 
 over the shape's true area (blur that spreads an object past the scorer's colour-distance
 threshold makes it larger), and the colour name most often measured.
 
-Last, whether the codes tell the palette's colours apart at all: a still square of each colour
-(world seed 0, the same place for all, black background) is encoded and the ids of its cells
-other than the background's are compared across colours. A decoder cannot draw a colour its
+Last, whether the codes tell the palette's colours apart at all: a still large square of each
+colour (world seed 0, the same place for all, black background) is encoded, and the ids of the
+cells it covers, whole or in part, are compared across colours. A decoder cannot draw a colour its
 codes do not carry: an id shared by two colours decodes to one colour for both.
 """
 
@@ -34,8 +34,9 @@ from loong.evaluate.fidelity import CHECKS, measure_frame, score_video
 from loong.video_tokenizer.model import VideoTokenizer
 
 
-def report(directory: str, seconds: float, fps: float = 8.0, size: int = 64) -> None:
-    tokenizer = VideoTokenizer.from_pretrained(directory).eval()
+def report(
+    directory: str, tokenizer: VideoTokenizer, seconds: float, fps: float = 8.0, size: int = 64
+) -> None:
     n_frames = round(seconds * fps)
     print(f"{directory}: {len(CANONICAL_PROMPTS)} prompts × {n_frames} frames")
     header = f"{'prompt':52s} {'all':>5s} " + " ".join(f"{c:>8s}" for c in CHECKS)
@@ -76,10 +77,11 @@ def colour_codes(tokenizer: VideoTokenizer, size: int = 64) -> None:
             for i, c in zip(grid.flatten(), cover.flatten(), strict=True)
             if c > 0
         ]
+    ids = {colour: {i for i, _ in mine} for colour, mine in cells.items()}
     for whole, name in ((True, "whole cells"), (False, "edge cells")):
         shared = total = 0
         for colour, mine in cells.items():
-            others = {i for c, theirs in cells.items() if c != colour for i, _ in theirs}
+            others = set().union(*(theirs for c, theirs in ids.items() if c != colour))
             picked = [i for i, w in mine if w == whole]
             shared += sum(i in others for i in picked)
             total += len(picked)
@@ -98,8 +100,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     for directory in args.exports:
-        report(directory, args.seconds)
-        colour_codes(VideoTokenizer.from_pretrained(directory).eval())
+        tokenizer = VideoTokenizer.from_pretrained(directory).eval()
+        report(directory, tokenizer, args.seconds)
+        colour_codes(tokenizer)
 
 
 if __name__ == "__main__":
