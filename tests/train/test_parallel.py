@@ -15,7 +15,9 @@ from helpers import run_ranks, tiny_lm
 from loong.train.dist import all_reduce_mean, rank
 from loong.train.parallel import (
     ParallelConfig,
+    autocast,
     clip_grad_norm_,
+    cpu_has_bf16,
     export_state_dict,
     no_gradient_sync,
     parallelize,
@@ -198,10 +200,35 @@ def test_config_and_process_group_errors_name_the_fix():
         ParallelConfig(mode="zero3")
     with pytest.raises(ValueError, match="mixed_precision"):
         ParallelConfig(mixed_precision="fp16")
+    with pytest.raises(ValueError, match="cpu_mixed_precision must be one of"):
+        ParallelConfig(cpu_mixed_precision="fp16")
     with pytest.raises(ValueError, match="torchrun"):
         parallelize(tiny_lm(), ParallelConfig(mode="ddp"), CPU)
     with pytest.raises(ValueError, match="VideoLM, VideoTokenizer and Discriminator3D"):
         parallelize(torch.nn.Linear(2, 2), ParallelConfig(), CPU)
+
+
+def test_cpu_mixed_precision_computes_the_forward_in_bf16_with_fp32_gradients():
+    """"bf16" autocasts on the CPU, "fp32" does not, "auto" follows the CPU's instructions; the
+    loss and gradients stay close to fp32's and the weights' gradients stay fp32."""
+    ids = batch(0, 0, tiny_lm().config.vocab_size)
+    dtypes = {}
+    for setting in ("fp32", "bf16", "auto"):
+        model = tiny_lm()
+        with autocast(ParallelConfig(cpu_mixed_precision=setting), CPU):
+            logits = model(ids)
+        dtypes[setting] = logits.dtype
+        if setting != "auto":
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            dtypes[setting, "loss"], dtypes[setting, "grads"] = _loss_and_grads(model, loss)
+    assert dtypes["fp32"] == torch.float32
+    assert dtypes["bf16"] == torch.bfloat16
+    assert dtypes["auto"] == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert dtypes["bf16", "loss"] == pytest.approx(dtypes["fp32", "loss"], rel=2e-2)
+    for name, g32 in dtypes["fp32", "grads"].items():
+        g16 = dtypes["bf16", "grads"][name]
+        assert g16.dtype == torch.float32
+        assert (g16 - g32).norm() <= 0.05 * g32.norm() + 1e-6, name
 
 
 @pytest.mark.slow

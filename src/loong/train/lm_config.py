@@ -134,7 +134,7 @@ class LMTrainConfig:
     """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Data parallelism under torchrun (batch_size is the global micro-batch, split over ranks),
-    bf16 autocast on CUDA, activation checkpointing, compile."""
+    bf16 autocast on CUDA (and on CPUs when asked), activation checkpointing, compile."""
     log_every: int = 10
     """Steps between metrics.jsonl lines (per-frame losses are averaged over them)."""
     eval_every: int = 500

@@ -37,6 +37,18 @@ from loong.video_tokenizer.model import VideoTokenizer
 
 MODES = ("none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
+CPU_PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX tiles).
+
+    Without those instructions oneDNN emulates bf16 matmuls and they run slower than fp32."""
+    check = [
+        getattr(torch.cpu, name, None)
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    return any(f is not None and f() for f in check)
 
 
 @dataclass(kw_only=True)
@@ -50,7 +62,12 @@ class ParallelConfig:
     """torch.compile each block (in place; state-dict keys do not change)."""
     mixed_precision: str = "bf16"
     """"bf16": bf16 compute with fp32 weights and gradient reduction, on CUDA only (FSDP2's
-    parameter casts under "fsdp", :func:`autocast` otherwise); "fp32": none. CPU runs stay fp32."""
+    parameter casts under "fsdp", :func:`autocast` otherwise); "fp32": none. CPU runs follow
+    ``cpu_mixed_precision``."""
+    cpu_mixed_precision: str = "fp32"
+    """On CPU: "bf16" autocasts the forward pass to bf16 (weights, gradients and optimizer state
+    stay fp32); "auto" does so only on a CPU with native bf16 instructions (:func:`cpu_has_bf16`),
+    where the ``shapes`` LM trains about 1.3× faster (BENCHMARKS.md); "fp32": never."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,6 +76,11 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.mixed_precision must be one of {PRECISIONS}, got "
                 f"{self.mixed_precision!r}"
+            )
+        if self.cpu_mixed_precision not in CPU_PRECISIONS:
+            raise ValueError(
+                f"parallel.cpu_mixed_precision must be one of {CPU_PRECISIONS}, got "
+                f"{self.cpu_mixed_precision!r}"
             )
 
 
@@ -138,9 +160,14 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def autocast(cfg: ParallelConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for the forward pass when ``cfg`` asks for bf16 on CUDA without FSDP (whose
-    parameter casts already give bf16 compute); a no-op context otherwise."""
+    parameter casts already give bf16 compute), or for bf16 on the CPU
+    (``cpu_mixed_precision``); a no-op context otherwise."""
     if cfg.mixed_precision == "bf16" and device.type == "cuda" and cfg.mode != "fsdp":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and (
+        cfg.cpu_mixed_precision == "bf16" or (cfg.cpu_mixed_precision == "auto" and cpu_has_bf16())
+    ):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -77,7 +77,7 @@ class Runtime:
         return parallelize(model, self.parallel, self.device)
 
     def autocast(self) -> AbstractContextManager:
-        """bf16 autocast on CUDA when configured; a no-op context otherwise."""
+        """bf16 autocast on CUDA, or on the CPU, when configured; a no-op context otherwise."""
         return autocast(self.parallel, self.device)
 
     def agree(self, flag: bool) -> bool:

@@ -123,7 +123,7 @@ class TokenizerTrainConfig:
     """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Data parallelism under torchrun (tokenizer and discriminator alike), bf16 autocast on
-    CUDA, activation checkpointing, compile."""
+    CUDA (and on CPUs when asked), activation checkpointing, compile."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
