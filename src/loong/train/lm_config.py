@@ -212,10 +212,12 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         # context and clean inputs the sampled objects faded out within seconds, with a tenth
         # in half the videos. Wiping object cells (data.context_erase) made them grow instead;
         # spilling object ids into the background (data.context_spill) kept their size but
-        # made them jitter; see BENCHMARKS.md.
+        # made them jitter; see BENCHMARKS.md. bf16 on CPUs that compute in it natively:
+        # the same held-out losses, about 1.3× faster.
         return LMTrainConfig(
             model=model,
             data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.2),
+            parallel=ParallelConfig(cpu_mixed_precision="auto"),
             stages=(
                 StageConfig(name="image", steps=400, lengths=(1,)),
                 StageConfig(name="short", steps=900, lengths=(1, 5), weights=(1, 3)),
