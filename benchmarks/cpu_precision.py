@@ -1,9 +1,10 @@
 """CPU training speed in fp32 against bf16 autocast (``parallel.cpu_mixed_precision``).
 
 One process, the same threads, weights and inputs. For each model a step is forward + backward
-+ AdamW, timed under fp32 and under ``torch.autocast("cpu", bfloat16)`` (as
-``loong.train.parallel.autocast`` applies it), the two interleaved round by round with the order
-flipped every round, so that both share the machine's noise; medians and the ratio fp32/bf16
++ AdamW, timed under fp32 and under bf16 autocast (``loong.train.parallel.autocast`` with
+``cpu_mixed_precision`` "fp32" and "bf16", the training loops' own context), the two
+interleaved round by round with the order flipped every round, so that both share the
+machine's noise; medians and the ratio fp32/bf16
 (> 1: bf16 is faster) are reported.
 
 - lm: the ``shapes`` LM preset on a batch ``(B, L)`` of random ids, next-token cross-entropy on
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from common import block_network, cpu_model
 from loong.lm.model import VideoLM
-from loong.train.parallel import cpu_has_bf16
+from loong.train.parallel import ParallelConfig, autocast, cpu_has_bf16
 from loong.video_tokenizer.model import VideoTokenizer
 
 
@@ -52,6 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+CPU = torch.device("cpu")
+
+
+def precision(bf16: bool) -> ParallelConfig:
+    return ParallelConfig(cpu_mixed_precision="bf16" if bf16 else "fp32")
+
+
 def lm_step(batch: int, length: int) -> Callable[[bool], float]:
     """A training step of the ``shapes`` LM; returns the loss."""
     torch.manual_seed(0)
@@ -60,7 +68,7 @@ def lm_step(batch: int, length: int) -> Callable[[bool], float]:
     ids = torch.randint(model.config.vocab_size, (batch, length))
 
     def step(bf16: bool) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision(bf16), CPU):
             logits = model(ids)  # (B, L, V)
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
@@ -79,7 +87,7 @@ def tokenizer_step(batch: int, frames: int) -> Callable[[bool], float]:
     clips = torch.rand(batch, 3, frames, 64, 64) * 2 - 1
 
     def step(bf16: bool) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(precision(bf16), CPU):
             out = model(clips)
         loss = F.mse_loss(out.recon.float(), clips) + out.quantizer_loss.float()
         loss.backward()

@@ -209,24 +209,23 @@ def test_config_and_process_group_errors_name_the_fix():
 
 
 def test_cpu_mixed_precision_computes_the_forward_in_bf16_with_fp32_gradients():
-    """"bf16" autocasts on the CPU, "fp32" does not, "auto" follows the CPU's instructions; the
+    """ "bf16" autocasts on the CPU, "fp32" does not, "auto" follows the CPU's instructions; the
     loss and gradients stay close to fp32's and the weights' gradients stay fp32."""
     ids = batch(0, 0, tiny_lm().config.vocab_size)
-    dtypes = {}
+    logits_dtype, loss, grads = {}, {}, {}
     for setting in ("fp32", "bf16", "auto"):
         model = tiny_lm()
         with autocast(ParallelConfig(cpu_mixed_precision=setting), CPU):
-            logits = model(ids)
-        dtypes[setting] = logits.dtype
-        if setting != "auto":
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-            dtypes[setting, "loss"], dtypes[setting, "grads"] = _loss_and_grads(model, loss)
-    assert dtypes["fp32"] == torch.float32
-    assert dtypes["bf16"] == torch.bfloat16
-    assert dtypes["auto"] == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
-    assert dtypes["bf16", "loss"] == pytest.approx(dtypes["fp32", "loss"], rel=2e-2)
-    for name, g32 in dtypes["fp32", "grads"].items():
-        g16 = dtypes["bf16", "grads"][name]
+            logits = model(ids)  # (B, L, V)
+        logits_dtype[setting] = logits.dtype
+        ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss[setting], grads[setting] = _loss_and_grads(model, ce)
+    assert logits_dtype["fp32"] == torch.float32
+    assert logits_dtype["bf16"] == torch.bfloat16
+    assert logits_dtype["auto"] == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert loss["bf16"] == pytest.approx(loss["fp32"], rel=2e-2)
+    for name, g32 in grads["fp32"].items():
+        g16 = grads["bf16"][name]
         assert g16.dtype == torch.float32
         assert (g16 - g32).norm() <= 0.05 * g32.norm() + 1e-6, name
 

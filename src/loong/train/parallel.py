@@ -18,6 +18,7 @@ FSDP2's sharded gradients, and accumulate micro-batches inside :func:`no_gradien
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ PRECISIONS = ("bf16", "fp32")
 CPU_PRECISIONS = ("fp32", "bf16", "auto")
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX tiles).
 
