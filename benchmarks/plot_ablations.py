@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/plot_ablations.py fidelity \
         runs/bench/main/fidelity.json runs/bench/no-reencode/fidelity.json \
-        --labels "recipe" "no re-encoding" --out docs/fidelity_ablations.png
+        --labels "recipe" "no re-encoding" --ymax 0.2 --out docs/fidelity_ablations.png
     .venv/bin/python benchmarks/plot_ablations.py frame-loss runs/recipe/lm runs/ablate-flat/lm \
         --labels "re-weighted" "flat weights" --last 200 --out docs/lm_frame_loss.png
 
@@ -40,7 +40,7 @@ def frame_losses(run: Path, last: int) -> dict[int, float]:
     return {k: float(np.mean(v)) for k, v in sorted(sums.items())}
 
 
-def plot_fidelity(paths: list[Path], labels: list[str], out: Path) -> None:
+def plot_fidelity(paths: list[Path], labels: list[str], out: Path, ymax: float = 1.0) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for path, label in zip(paths, labels, strict=True):
         result = json.loads(path.read_text())
@@ -48,7 +48,11 @@ def plot_fidelity(paths: list[Path], labels: list[str], out: Path) -> None:
         x = [(i + 0.5) * span for i in range(len(result["mean_spans"]))]
         ax.plot(x, result["mean_spans"], marker="o", label=label)
         print(label, " ".join(f"{v:.2f}" for v in result["mean_spans"]))
-    ax.set(xlabel="time in video (s)", ylabel="fidelity (share of 1-s windows)", ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="time in video (s)",
+        ylabel="fidelity (share of 1-s windows)",
+        ylim=(-0.02 * ymax, 1.02 * ymax),
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -74,13 +78,16 @@ def main() -> None:
     parser.add_argument("inputs", nargs="+", type=Path, help="fidelity.json files or LM runs")
     parser.add_argument("--labels", nargs="+", required=True)
     parser.add_argument("--last", type=int, default=200, help="frame-loss: steps averaged")
+    parser.add_argument(
+        "--ymax", type=float, default=1.0, help="fidelity: top of the y axis (1: the whole scale)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if len(args.labels) != len(args.inputs):
         parser.error("give one label per input")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.kind == "fidelity":
-        plot_fidelity(args.inputs, args.labels, args.out)
+        plot_fidelity(args.inputs, args.labels, args.out, args.ymax)
     else:
         plot_frame_loss(args.inputs, args.labels, args.last, args.out)
     print(f"wrote {args.out}")
