@@ -110,6 +110,30 @@ def test_a_second_run_skips_the_finished_steps(recipe_dir, caplog):
     assert sum("skipped" in r.message for r in caplog.records) == 4
 
 
+def test_tokenizer_from_reuses_an_export_instead_of_training(recipe_dir, tmp_path):
+    source = recipe_dir / "tokenizer" / "export"
+    out = tmp_path / "reuse"
+    sets = [*_sets(TOY), "--set", f'tokenizer_from="{source}"']
+    assert main(["recipe", "shapes", "--out", str(out), *sets]) == 0
+    assert not (out / "tokenizer" / "checkpoints").exists()  # nothing was trained
+    assert "eval_psnr" not in json.loads((out / "recipe.json").read_text())["tokenizer"]
+    copied = load_file(out / "tokenizer" / "export" / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    assert copied.keys() == original.keys()
+    assert all(torch.equal(copied[k], original[k]) for k in original)
+    # the shards were made with the reused tokenizer: the same clips give the same ids
+    for name in ("shards", "eval_shards"):
+        ids = sorted((recipe_dir / name).glob("*.npy"))
+        assert ids and [p.name for p in ids] == sorted(p.name for p in (out / name).glob("*.npy"))
+        assert all(np.array_equal(np.load(p), np.load(out / name / p.name)) for p in ids)
+
+
+def test_tokenizer_from_must_be_an_export(tmp_path, capsys):
+    args = ["recipe", "shapes", "--out", str(tmp_path / "r"), *_sets(TOY)]
+    assert main([*args, "--set", f'tokenizer_from="{tmp_path}"']) == 2
+    assert "tokenizer_from" in capsys.readouterr().err
+
+
 def test_bench_fidelity_on_the_toy_bundle_writes_table_json_and_plot(recipe_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     args = ["bench", "fidelity", "--model", str(recipe_dir / "bundle" / "lm"), "--out", str(out)]

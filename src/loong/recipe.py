@@ -3,7 +3,8 @@
 One command runs the whole pipeline on the shapes world (``specs/shapes-world.md``):
 
 1. **tokenizer** — train the ``shapes`` video tokenizer
-   (:func:`~loong.train.tokenizer.train_tokenizer`);
+   (:func:`~loong.train.tokenizer.train_tokenizer`), or copy an existing export
+   (``tokenizer_from``);
 2. **shards** — tokenize shapes-world clips of 33 frames and stills into token shards, and train
    the BPE text tokenizer on their captions (:func:`~loong.data.shards.tokenize_dataset`); and
    a few hundred clips of other seeds as held-out shards, on which the LM's evaluation runs;
@@ -81,6 +82,10 @@ class ShapesRecipeConfig:
         default_factory=lambda: tokenizer_train_preset("shapes")
     )
     """Video tokenizer training (preset ``shapes``)."""
+    tokenizer_from: str = ""
+    """A video tokenizer export (config.json + model.safetensors) to use instead of training one:
+    the tokenizer step copies it to ``OUT/tokenizer/export``, so an LM experiment can reuse the
+    bundled tokenizer (``src/loong/models/shapes/tokenizer``) or another run's."""
     shards: TokenizeConfig = field(default_factory=shapes_shards)
     """What is tokenized for the LM; ``video_tokenizer`` is filled in by the recipe."""
     eval_clips: int = 256
@@ -94,6 +99,12 @@ class ShapesRecipeConfig:
     def __post_init__(self) -> None:
         if self.eval_clips < 0:
             raise ValueError(f"eval_clips must be >= 0, got {self.eval_clips}")
+        if self.tokenizer_from and not (Path(self.tokenizer_from) / "config.json").is_file():
+            raise ValueError(
+                f"tokenizer_from={self.tokenizer_from!r} is not a video tokenizer export (no "
+                "config.json in it): give the directory `loong tokenizer train` exports to, "
+                "e.g. RUN/export, or leave it empty to train one"
+            )
         if self.bundle_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(
                 f"bundle_dtype must be float16, bfloat16 or float32, got {self.bundle_dtype!r}"
@@ -159,6 +170,11 @@ def run_shapes_recipe(
         atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
 
     def tokenizer() -> dict[str, float]:
+        if cfg.tokenizer_from:
+            export = out / "tokenizer" / "export"
+            VideoTokenizer.from_pretrained(cfg.tokenizer_from).save_pretrained(export)
+            log.info("recipe: tokenizer from %s, not trained", cfg.tokenizer_from)
+            return {}
         train_tokenizer(cfg.tokenizer, out / "tokenizer", progress=progress)
         keys = ("rec", "eval_psnr", "eval_ssim", "eval_codebook_usage", "elapsed_s")
         return _last_metrics(out / "tokenizer" / "metrics.jsonl", keys)
