@@ -191,6 +191,36 @@ def test_decoder_fine_tuning_keeps_every_code_and_moves_only_the_decoder(tmp_pat
     assert sorted(records) == [1, 2, 3]
 
 
+def test_a_levels_head_on_a_trained_tokenizer_keeps_its_codes_and_learns(tmp_path, train_config):
+    base = apply_overrides(train_config, {"steps": 3, "loss.disc_start_step": 1000})
+    source = VideoTokenizer.from_pretrained(train_tokenizer(base, tmp_path / "a", progress=False))
+    overrides = {
+        "init_from": str(tmp_path / "a" / "export"),
+        "trainable": "decoder",
+        "model.output_levels": 16,
+        "ema_decay": 0.0,
+        "steps": 30,
+        "optim.lr": 1e-2,  # a fresh head, on a decoder 3 steps old
+    }
+    tuned_cfg = apply_overrides(base, overrides)
+    tuned = VideoTokenizer.from_pretrained(
+        train_tokenizer(tuned_cfg, tmp_path / "b", progress=False)
+    )
+    assert tuned.config.output_levels == 16
+    before, after = source.state_dict(), tuned.state_dict()
+    kept = [k for k in before if not k.startswith("decoder.")]
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    clips = held_out_clips(base.data, 2)
+    assert torch.equal(source.encode(clips), tuned.encode(clips))
+    losses = _losses(tmp_path / "b")
+    assert losses[30][0] < 0.85 * losses[1][0], (losses[1], losses[30])  # cross-entropy falls
+
+    # a head swap is the one difference init_from forgives
+    wider = apply_overrides(tuned_cfg, {"model.base_width": 16})
+    with pytest.raises(ValueError, match=r"model\.base_width: 8 there, 16 here"):
+        train_tokenizer(wider, tmp_path / "c", progress=False)
+
+
 def test_init_from_names_the_fields_that_differ_and_decoder_needs_it(tmp_path, train_config):
     base = apply_overrides(train_config, {"steps": 1, "loss.disc_start_step": 1000})
     train_tokenizer(base, tmp_path / "a", progress=False)

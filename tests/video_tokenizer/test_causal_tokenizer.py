@@ -181,9 +181,10 @@ def test_chunked_encode_equals_one_shot(make_small_tokenizer, make_video, frames
     torch.testing.assert_close(torch.cat(parts, 2), latents(model, video), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("levels", [0, 16])
 @pytest.mark.parametrize("chunk", [1, 2, 3])
-def test_chunked_decode_equals_one_shot(make_small_tokenizer, chunk):
-    model = make_small_tokenizer()
+def test_chunked_decode_equals_one_shot(make_small_tokenizer, chunk, levels):
+    model = make_small_tokenizer(output_levels=levels)
     idx = torch.randint(0, 64, (2, 5, 4, 4), generator=torch.Generator().manual_seed(5))
     one_shot = model.decode(idx)
     torch.testing.assert_close(

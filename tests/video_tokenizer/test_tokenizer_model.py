@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from loong.config import apply_overrides, config_from_dict, config_to_dict, parse_set
-from loong.video_tokenizer.model import StreamCache, VideoTokenizer, VideoTokenizerConfig
+from loong.video_tokenizer.model import (
+    StreamCache,
+    VideoTokenizer,
+    VideoTokenizerConfig,
+    levels_to_video,
+    video_to_levels,
+)
 from loong.video_tokenizer.quantize import QuantizerConfig
 
 # --- save_pretrained / from_pretrained -------------------------------------------------------
@@ -204,3 +210,50 @@ def test_tokenizer_config_validation():
         VideoTokenizerConfig(width_mults=(1, 2, 2, 4), temporal_downsample=(True,))
     with pytest.raises(ValueError, match="not divisible by num_groups"):
         VideoTokenizerConfig(base_width=12, num_groups=8)
+
+
+# --- a decoder that outputs levels ----------------------------------------------------------
+
+
+def _logits(probs: list[list[float]]) -> torch.Tensor:
+    """Per-pixel level probabilities → logits ``(1, 1, n, 1, 1, P)`` for P pixels in a row."""
+    p = torch.tensor(probs).clamp_min(1e-12)  # (P, n)
+    return p.log().T.reshape(1, 1, -1, 1, 1, p.shape[0])
+
+
+def test_levels_decode_to_the_likeliest_level_refined_by_its_neighbours():
+    # 5 levels: -1, -0.5, 0, 0.5, 1
+    probs = [
+        [0, 0, 1, 0, 0],  # sure: exactly 0
+        [0, 0, 0.5, 0.5, 0],  # torn between neighbours: halfway, 0.25
+        [0.45, 0, 0, 0, 0.55],  # torn between far levels: the likelier one, not the mean 0.1
+        [0.6, 0.4, 0, 0, 0],  # the lowest level and its neighbour (no level below it)
+        [0.1, 0, 0, 0.2, 0.7],  # the highest level and its neighbour (no level above it)
+    ]
+    out = levels_to_video(_logits(probs)).flatten()
+    expected = torch.tensor([0.0, 0.25, 1.0, -0.8, (0.2 * 0.5 + 0.7) / 0.9])
+    torch.testing.assert_close(out, expected)
+
+
+def test_video_to_levels_takes_the_nearest_level_and_round_trips():
+    n = 32
+    values = torch.linspace(-1, 1, n)
+    assert torch.equal(video_to_levels(values, n), torch.arange(n))
+    jitter = values + (torch.rand(n) - 0.5) * (1.9 / (n - 1))  # under half a step away
+    assert torch.equal(video_to_levels(jitter, n), torch.arange(n))
+    assert video_to_levels(torch.tensor([-3.0, 3.0]), n).tolist() == [0, n - 1]
+    with pytest.raises(ValueError, match="output_levels must be 0"):
+        VideoTokenizerConfig(output_levels=1)
+
+
+def test_a_levels_decoder_gives_logits_in_training_and_video_at_decode(
+    make_small_tokenizer, make_video
+):
+    model = make_small_tokenizer(output_levels=8)
+    video = make_video(frames=5)
+    out = model(video)
+    assert out.logits is not None and out.logits.shape == (1, 3, 8, 5, 32, 32)
+    torch.testing.assert_close(out.recon, levels_to_video(out.logits))
+    decoded = model.decode(model.encode(video))
+    torch.testing.assert_close(decoded, out.recon.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    assert make_small_tokenizer()(video).logits is None

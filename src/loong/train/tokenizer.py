@@ -50,6 +50,7 @@ from loong.video_tokenizer.losses import (
     discriminator_hinge_loss,
     generator_loss,
     gradient_difference_loss,
+    level_loss,
     reconstruction_loss,
 )
 from loong.video_tokenizer.model import VideoTokenizer
@@ -107,16 +108,27 @@ def write_preview(frames: np.ndarray, path_stem: Path, fps: float) -> None:
 
 
 def _initial_weights(cfg: TokenizerTrainConfig) -> dict[str, torch.Tensor]:
-    """The state dict of ``cfg.init_from``, after checking its config is ``cfg.model``."""
+    """The state dict of ``cfg.init_from``, after checking its config is ``cfg.model``.
+
+    A source that differs only in ``output_levels`` gives every weight but the decoder's output
+    conv, which then starts fresh: a new head on a trained tokenizer, for ``trainable="decoder"``.
+    """
     source = VideoTokenizer.from_pretrained(cfg.init_from)
     differ = config_differences(source.config, cfg.model)
+    state = source.state_dict()
+    if set(differ) == {"output_levels"}:
+        log.info(
+            "init_from: output_levels %s there, %s here: the decoder's output conv starts fresh",
+            *differ["output_levels"],
+        )
+        return {k: v for k, v in state.items() if not k.startswith("decoder.conv_out.")}
     if differ:
         fields = "; ".join(f"model.{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
         raise ValueError(
             f"init_from={cfg.init_from!r} holds a different tokenizer ({fields}): pick the "
             "preset it was trained from, or --set those fields to its values"
         )
-    return source.state_dict()
+    return state
 
 
 def _mean(records: list[dict[str, float]]) -> dict[str, float]:
@@ -152,7 +164,8 @@ def train_tokenizer(
     # 0. models, optimisers, losses
     model = VideoTokenizer(cfg.model)
     if cfg.init_from:
-        model.load_state_dict(_initial_weights(cfg))
+        initial = _initial_weights(cfg)
+        model.load_state_dict(initial, strict=len(initial) == len(model.state_dict()))
     if cfg.trainable == "decoder":  # frozen before wrapping: DDP then syncs the decoder only
         model.encoder.requires_grad_(False)
         model.quantizer.requires_grad_(False)
@@ -232,7 +245,10 @@ def train_tokenizer(
             with nullcontext() if m == len(micro) - 1 else no_gradient_sync(model):
                 with rt.autocast():
                     out_ = model(clips)
-                rec = reconstruction_loss(out_.recon.float(), clips, cfg.loss.reconstruction)
+                if out_.logits is not None:  # a decoder with output_levels
+                    rec = level_loss(out_.logits, clips)
+                else:
+                    rec = reconstruction_loss(out_.recon.float(), clips, cfg.loss.reconstruction)
                 loss_g = rec + out_.quantizer_loss
                 logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
                 if cfg.loss.gradient_weight > 0:

@@ -2,7 +2,8 @@
 
 - reconstruction: L1 or L2 in pixel space, optionally with the gradient difference loss
   (Mathieu et al. 2016), which compares the magnitudes of neighbouring-pixel differences and so
-  penalises edges that the pixel loss lets blur;
+  penalises edges that the pixel loss lets blur; or, for a decoder with ``output_levels``,
+  cross-entropy against each pixel value's nearest level;
 - perceptual: distances between VGG16 features of frames (LPIPS-style, without learned layer
   weights), on only when the user gives a weights file: nothing is downloaded;
 - GAN: hinge loss on a 3D discriminator; the generator term is scaled by VQGAN's adaptive weight
@@ -22,6 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from loong.train.dist import all_reduce_mean
+from loong.video_tokenizer.model import video_to_levels
 
 
 def reconstruction_loss(
@@ -32,6 +34,13 @@ def reconstruction_loss(
     if kind == "l2":
         return (recon - target).square().mean()
     raise ValueError(f'reconstruction loss must be "l1" or "l2", got {kind!r}')
+
+
+def level_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of level logits ``(B, C, n, T, H, W)`` against the nearest of the n
+    levels to each value of ``target (B, C, T, H, W)``."""
+    levels = video_to_levels(target, logits.shape[2])  # (B, C, T, H, W)
+    return F.cross_entropy(logits.float().flatten(0, 1), levels.flatten(0, 1))
 
 
 def gradient_difference_loss(

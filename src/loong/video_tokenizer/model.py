@@ -4,7 +4,8 @@ Encoder: causal conv in → stages of residual blocks (per-frame GroupNorm → S
 conv, twice) with strided causal convs between stages (temporal stride only in the last ones) →
 norm → 1×1×1 conv to the latent width → quantizer. Decoder: the mirror image, upsampling by
 depth-to-space (dropping the frame before frame 0 after each temporal ×2, so 5 → 9 → 17) and
-adaptive GroupNorm whose scale and shift come from the quantized latent. With ``local_encoder``
+adaptive GroupNorm whose scale and shift come from the quantized latent; its output is pixel
+values, or with ``output_levels`` logits over evenly spaced values. With ``local_encoder``
 the encoder's downsampling is 2×2 patch merging and its convolutions are 1×1 in space, with a
 per-position LayerNorm, so each token sees only its own cell of pixels (and that cell's past).
 With ``encoder_history`` the past is bounded too: each latent frame is encoded from a short
@@ -72,6 +73,12 @@ class VideoTokenizerConfig:
     history. Costs (1 + r(k + 1)) / r times the encoder's work on long videos."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     """The quantizer between encoder and decoder."""
+    output_levels: int = 0
+    """0: the decoder regresses every pixel value. n ≥ 2: it gives, per pixel and channel, a
+    distribution over n values evenly spaced in [−1, 1], trained by cross-entropy, and a
+    reconstruction is the most likely value refined by its two neighbours (see
+    :func:`levels_to_video`). Where an edge's place is uncertain a regression draws the mean of
+    the places, a soft edge; the most likely value keeps it hard. The head is a 1×1×1 conv."""
 
     def __post_init__(self) -> None:
         if isinstance(self.quantizer, dict):
@@ -86,6 +93,10 @@ class VideoTokenizerConfig:
             )
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.output_levels == 1 or self.output_levels < 0:
+            raise ValueError(
+                f"output_levels must be 0 (regression) or >= 2, got {self.output_levels}"
+            )
         if self.encoder_history is not None and self.encoder_history < 0:
             raise ValueError(
                 f"encoder_history must be >= 0 or None (full history), got {self.encoder_history}"
@@ -220,6 +231,28 @@ class PatchMerge(nn.Module):
         return self.conv(space_to_depth(x, 2), cache)
 
 
+def levels_to_video(logits: torch.Tensor) -> torch.Tensor:
+    """Level logits ``(B, C, n, T, H, W)`` → video ``(B, C, T, H, W)`` in [−1, 1].
+
+    The most likely of the n levels (evenly spaced in [−1, 1]), refined by the probability-
+    weighted mean of it and its two neighbours: sub-level precision where the decoder is sure
+    of a value, and no blend of far-apart values where it hesitates between them.
+    """
+    n = logits.shape[2]
+    probs = F.pad(logits.float().softmax(dim=2), (0, 0, 0, 0, 0, 0, 1, 1))  # (B, C, n + 2, T, H, W)
+    values = F.pad(torch.linspace(-1, 1, n, device=logits.device), (1, 1))  # (n + 2,)
+    best = probs.argmax(dim=2, keepdim=True)  # (B, C, 1, T, H, W), in 1 .. n
+    near = best + torch.arange(-1, 2, device=logits.device).view(1, 1, 3, 1, 1, 1)
+    weight = probs.gather(2, near)  # (B, C, 3, T, H, W): past either end a weight of 0
+    value = (weight * values[near]).sum(dim=2) / weight.sum(dim=2)
+    return value.to(logits.dtype)
+
+
+def video_to_levels(video: torch.Tensor, n: int) -> torch.Tensor:
+    """Video ``(B, C, T, H, W)`` in [−1, 1] → index of the nearest of n levels, same shape."""
+    return ((video.float().clamp(-1, 1) + 1) * ((n - 1) / 2)).round().long()
+
+
 def stretch_latent(z: torch.Tensor, frames: int, first: bool) -> torch.Tensor:
     """Repeat latent frames ``(B, D, t, h, w)`` to ``(B, D, frames, h, w)``, causally.
 
@@ -306,10 +339,17 @@ class Decoder(nn.Module):
                 in_ch = widths[i + 1]
         self.norm_out = Norm(widths[-1], cfg.num_groups, latent_dim=d)
         self.patch_size = cfg.patch_size
-        self.conv_out = CausalConv3d(widths[-1], cfg.channels * cfg.patch_size**2)
+        self.levels = cfg.output_levels
+        out = cfg.channels * cfg.patch_size**2
+        self.conv_out = (
+            CausalConv3d(widths[-1], out * self.levels, (1, 1, 1))
+            if self.levels
+            else CausalConv3d(widths[-1], out)
+        )
 
     def forward(self, z: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        # z: (B, D, t, h, w) quantized → (B, C, T, H, W)
+        # z: (B, D, t, h, w) quantized → values (B, C, T, H, W), or with output_levels n the
+        # level logits (B, C, n, T, H, W)
         x = self.conv_in(z, cache)
         for i, blocks in enumerate(self.stages):
             zi = stretch_latent(z, x.shape[2], cache.first)  # (B, D, T_i, h, w)
@@ -319,7 +359,15 @@ class Decoder(nn.Module):
                 x = self.upsamples[i](x, cache)
         zi = stretch_latent(z, x.shape[2], cache.first)
         x = self.conv_out(F.silu(self.norm_out(x, zi)), cache)
-        return depth_to_space(x, 1, self.patch_size) if self.patch_size > 1 else x
+        x = depth_to_space(x, 1, self.patch_size) if self.patch_size > 1 else x
+        if self.levels:  # channel c·n + level, the order depth_to_space leaves them in
+            x = x.unflatten(1, (-1, self.levels))  # (B, C, n, T, H, W)
+        return x
+
+    def video(self, z: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        """Quantized latent ``(B, D, t, h, w)`` → video ``(B, C, T, H, W)`` (not clamped)."""
+        x = self(z, cache)
+        return levels_to_video(x) if self.levels else x
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -334,6 +382,8 @@ class Decoder(nn.Module):
 class TokenizerOutput:
     recon: torch.Tensor
     """(B, C, T, H, W) reconstruction in [−1, 1] (not clamped)."""
+    logits: torch.Tensor | None
+    """(B, C, n, T, H, W) level logits when the decoder has ``output_levels``; else None."""
     indices: torch.Tensor
     """(B, t, h, w) token indices."""
     quantizer_loss: torch.Tensor
@@ -449,8 +499,10 @@ class VideoTokenizer(nn.Module):
         self.check_video(video)
         z = self.encode_latents(video)  # (B, D, t, h, w)
         quantized, q = self.quantize(z)
-        recon = self.decoder(quantized, StreamCache())  # (B, C, T, H, W)
-        return TokenizerOutput(recon, q.indices, q.loss, q.stats)
+        out = self.decoder(quantized, StreamCache())  # (B, C, T, H, W) or (B, C, n, T, H, W)
+        logits = out if self.config.output_levels else None
+        recon = levels_to_video(out) if logits is not None else out
+        return TokenizerOutput(recon, logits, q.indices, q.loss, q.stats)
 
     # -- inference API
 
@@ -547,6 +599,6 @@ class StreamingDecoder:
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         # indices: (B, t, h, w) → video (B, C, T, H, W) in [−1, 1]
         z = self.tokenizer.indices_to_latents(indices)
-        video = self.tokenizer.decoder(z, self.cache)
+        video = self.tokenizer.decoder.video(z, self.cache)
         self.cache.first = False
         return video.clamp(-1, 1)
