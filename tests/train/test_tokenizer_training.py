@@ -199,7 +199,7 @@ def test_a_levels_head_on_a_trained_tokenizer_keeps_its_codes_and_learns(tmp_pat
         "trainable": "decoder",
         "model.output_levels": 16,
         "ema_decay": 0.0,
-        "steps": 30,
+        "steps": 60,
         "optim.lr": 1e-2,  # a fresh head, on a decoder 3 steps old
     }
     tuned_cfg = apply_overrides(base, overrides)
@@ -213,7 +213,7 @@ def test_a_levels_head_on_a_trained_tokenizer_keeps_its_codes_and_learns(tmp_pat
     clips = held_out_clips(base.data, 2)
     assert torch.equal(source.encode(clips), tuned.encode(clips))
     losses = _losses(tmp_path / "b")
-    assert losses[30][0] < 0.85 * losses[1][0], (losses[1], losses[30])  # cross-entropy falls
+    assert losses[60][0] < 0.7 * losses[1][0], (losses[1], losses[60])  # cross-entropy falls
 
     # a head swap is the one difference init_from forgives
     wider = apply_overrides(tuned_cfg, {"model.base_width": 16})

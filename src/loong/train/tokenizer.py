@@ -164,8 +164,9 @@ def train_tokenizer(
     # 0. models, optimisers, losses
     model = VideoTokenizer(cfg.model)
     if cfg.init_from:
-        initial = _initial_weights(cfg)
-        model.load_state_dict(initial, strict=len(initial) == len(model.state_dict()))
+        loaded = model.load_state_dict(_initial_weights(cfg), strict=False)
+        fresh = [k for k in loaded.missing_keys if not k.startswith("decoder.conv_out.")]
+        assert not fresh and not loaded.unexpected_keys, (fresh, loaded.unexpected_keys)
     if cfg.trainable == "decoder":  # frozen before wrapping: DDP then syncs the decoder only
         model.encoder.requires_grad_(False)
         model.quantizer.requires_grad_(False)
