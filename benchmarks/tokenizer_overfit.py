@@ -8,10 +8,12 @@
 Trains a fresh ``shapes``-preset tokenizer (Adam, no EMA, no GAN) on the same four rendered
 shapes-world clips again and again, and prints, every ``--every`` steps, the mean L1 error and
 what the fidelity scorer sees in the middle reconstructed frame of each clip: the blob's nearest
-palette colour and its area in pixels (None: no object found). The clips are a red circle, a
-large blue square, a yellow triangle on gray and a green square, whose true areas are 112, 400,
-72 and 144 pixels. ``--no-quantizer`` passes the encoder's continuous latent straight to the
-decoder, which separates the quantizer's share of the difficulty from the autoencoder's.
+palette colour, its area in pixels and its fill ratio (None: no object found). The clips are a
+red circle, a large blue square, a yellow triangle on gray and a green square, whose true areas
+are 112, 400, 72 and 144 pixels and fill ratios 0.78, 1.0, 0.55 and 1.0 (the scorer reads > 0.9
+as a square, < 0.65 as a triangle). ``--no-quantizer`` passes the encoder's continuous latent
+straight to the decoder, which separates the quantizer's share of the difficulty from the
+autoencoder's.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> None:
             middle = out.recon[:, :, args.frames // 2].detach().clamp(-1, 1)  # (4, C, H, W)
             frames = ((middle + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
             seen = [measure_frame(f) for f in frames]
-            blobs = [(m.colour, m.area) if m else None for m in seen]
+            blobs = [(m.colour, m.area, round(m.fill_ratio, 2)) if m else None for m in seen]
             print(f"step {step:4d}  L1 {error.abs().mean().item():.4f}  {blobs}", flush=True)
 
 
