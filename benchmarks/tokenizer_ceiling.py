@@ -65,6 +65,11 @@ def report(
     print(f"{'all prompts':52s} {np.mean([w['all'] for w in windows]):5.2f} {shares}")
 
 
+def still_video(frame: np.ndarray) -> torch.Tensor:
+    """A uint8 frame (H, W, 3) as a one-frame video (1, 3, 1, H, W) in [-1, 1]."""
+    return torch.from_numpy(frame).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+
+
 def colour_codes(tokenizer: VideoTokenizer, size: int = 64) -> None:
     """Print how many of a still large square's object cells carry an id that another colour's
     square uses too, separately for cells the square covers whole and those on its edge."""
@@ -74,7 +79,7 @@ def colour_codes(tokenizer: VideoTokenizer, size: int = 64) -> None:
         frame = render(
             parse_caption(f"a large {colour} square"), seed=0, n_frames=1, height=size, width=size
         )[0]  # (H, W, 3)
-        video = torch.from_numpy(frame).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+        video = still_video(frame)
         grid = tokenizer.encode(video)[0, 0]  # (h, w)
         inside = (frame != frame[0, 0]).any(-1)  # (H, W); the corner is background
         cover = inside.reshape(grid.shape[0], cell, grid.shape[1], cell).mean(axis=(1, 3))
@@ -110,7 +115,7 @@ def shape_codes(tokenizer: VideoTokenizer, size: int = 64, scenes: int = 12) -> 
             frame = render(
                 parse_caption(f"a red {shape}"), seed=seed, n_frames=1, height=size, width=size
             )[0]  # (H, W, 3); the scene's seed fixes the place, whatever the shape
-            video = torch.from_numpy(frame).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
+            video = still_video(frame)
             indices = tokenizer.encode(video)  # (1, 1, h, w)
             recon = tokenizer.decode(indices)[0, :, 0].clamp(-1, 1)  # (C, H, W)
             pixels = ((recon + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
