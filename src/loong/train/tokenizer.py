@@ -57,6 +57,8 @@ from loong.video_tokenizer.model import VideoTokenizer
 from loong.video_tokenizer.quantize import code_stats
 
 log = logging.getLogger("loong")
+OUTPUT_HEAD = "decoder.conv_out."
+"""Prefix of the weights a change of ``output_levels`` replaces (init_from starts them fresh)."""
 
 
 # --- evaluation and previews -----------------------------------------------------------------
@@ -121,7 +123,7 @@ def _initial_weights(cfg: TokenizerTrainConfig) -> dict[str, torch.Tensor]:
             "init_from: output_levels %s there, %s here: the decoder's output conv starts fresh",
             *differ["output_levels"],
         )
-        return {k: v for k, v in state.items() if not k.startswith("decoder.conv_out.")}
+        return {k: v for k, v in state.items() if not k.startswith(OUTPUT_HEAD)}
     if differ:
         fields = "; ".join(f"model.{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
         raise ValueError(
@@ -165,7 +167,7 @@ def train_tokenizer(
     model = VideoTokenizer(cfg.model)
     if cfg.init_from:
         loaded = model.load_state_dict(_initial_weights(cfg), strict=False)
-        fresh = [k for k in loaded.missing_keys if not k.startswith("decoder.conv_out.")]
+        fresh = [k for k in loaded.missing_keys if not k.startswith(OUTPUT_HEAD)]
         assert not fresh and not loaded.unexpected_keys, (fresh, loaded.unexpected_keys)
     if cfg.trainable == "decoder":  # frozen before wrapping: DDP then syncs the decoder only
         model.encoder.requires_grad_(False)
