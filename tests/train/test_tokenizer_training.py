@@ -166,11 +166,25 @@ def test_gradient_difference_term_is_trained_and_logged(tmp_path, train_config):
     assert any(differs)
 
 
+def test_edge_weighted_pixel_loss_is_trained(tmp_path, train_config):
+    base = apply_overrides(train_config, {"steps": 2, "loss.disc_start_step": 1000})
+    runs = {"plain": base, "edges": apply_overrides(base, {"loss.edge_weight": 8.0})}
+    exports = {
+        name: train_tokenizer(cfg, tmp_path / name, progress=False) for name, cfg in runs.items()
+    }
+    plain, edges = (VideoTokenizer.from_pretrained(exports[n]).state_dict() for n in runs)
+    # the same seed and data: step 1's loss is the same clip's error, weighted otherwise
+    assert _records(tmp_path / "plain")[1]["rec"] != _records(tmp_path / "edges")[1]["rec"]
+    assert any(not torch.equal(plain[k], edges[k]) for k in plain)
+
+
 def test_loss_config_rejects_bad_values():
     with pytest.raises(ValueError, match=r"loss\.reconstruction"):
         TokenizerLossConfig(reconstruction="huber")
     with pytest.raises(ValueError, match=r"loss\.gradient_weight must be >= 0"):
         TokenizerLossConfig(gradient_weight=-1.0)
+    with pytest.raises(ValueError, match=r"loss\.edge_weight must be >= 0"):
+        TokenizerLossConfig(edge_weight=-1.0)
 
 
 def test_decoder_fine_tuning_keeps_every_code_and_moves_only_the_decoder(tmp_path, train_config):

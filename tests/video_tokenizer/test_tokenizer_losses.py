@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from loong.video_tokenizer.discriminator import (
@@ -17,11 +18,14 @@ from loong.video_tokenizer.losses import (
     VGG16Features,
     adaptive_generator_weight,
     discriminator_hinge_loss,
+    edge_weights,
     generator_loss,
     gradient_difference_loss,
+    level_loss,
     load_vgg16_weights,
     reconstruction_loss,
 )
+from loong.video_tokenizer.model import video_to_levels
 
 
 def test_reconstruction_loss_kinds():
@@ -51,6 +55,49 @@ def test_gradient_difference_loss_is_zero_on_the_target_and_grows_with_blur():
     assert reconstruction_loss(sharp + 0.3, sharp, "l2").item() > 0.0
     with pytest.raises(ValueError, match='"l1" or "l2"'):
         gradient_difference_loss(sharp, sharp, "huber")
+
+
+def test_edge_weights_mark_both_sides_of_an_edge_by_its_contrast():
+    # (B, C, T, H, W) = (1, 3, 2, 16, 16) in [-1, 1]: a black frame holding a white 8×8 square
+    # (contrast 2, the most), and a frame whose square differs by 0.5 in one channel only
+    clip = torch.full((1, 3, 2, 16, 16), -1.0)
+    clip[:, :, 0, 4:12, 4:12] = 1.0
+    clip[:, 1, 1, 4:12, 4:12] = -0.5
+    w = edge_weights(clip, 4.0)
+    assert w.shape == (1, 1, 2, 16, 16)
+    near = torch.zeros(16, 16, dtype=torch.bool)
+    near[3:13, 3:13] = True
+    near[5:11, 5:11] = False  # one pixel either side of the outline
+    assert torch.equal(w[0, 0, 0][near], torch.full((int(near.sum()),), 5.0))
+    assert torch.equal(w[0, 0, 0][~near], torch.ones(int((~near).sum())))
+    assert torch.allclose(w[0, 0, 1][near], torch.full((int(near.sum()),), 2.0))  # 1 + 4 · 0.25
+    assert torch.equal(edge_weights(torch.zeros(1, 3, 1, 4, 4), 4.0), torch.ones(1, 1, 1, 4, 4))
+
+
+def test_weighted_losses_are_weighted_means():
+    recon, target = torch.zeros(2, 3, 1, 4, 4), torch.zeros(2, 3, 1, 4, 4)
+    recon[..., :2] = 1.0  # wrong (by 1) on the left half only
+    ones = torch.ones(2, 1, 1, 4, 4)
+    left = torch.zeros(2, 1, 1, 4, 4)
+    left[..., :2] = 1.0
+    for kind in ("l1", "l2"):
+        plain = reconstruction_loss(recon, target, kind).item()
+        assert plain == pytest.approx(0.5)
+        assert reconstruction_loss(recon, target, kind, ones).item() == pytest.approx(plain)
+        assert reconstruction_loss(recon, target, kind, left).item() == pytest.approx(1.0)
+        assert reconstruction_loss(recon, target, kind, 1 - left).item() == 0.0
+        # weight 3 on the wrong half: 3/4 of the weight is on an error of 1
+        assert reconstruction_loss(recon, target, kind, 1 + 2 * left).item() == pytest.approx(0.75)
+    logits = torch.randn(2, 3, 8, 1, 4, 4)
+    assert level_loss(logits, target, ones).item() == pytest.approx(
+        level_loss(logits, target).item(), rel=1e-5
+    )
+    # all the weight on one pixel: that pixel's cross-entropy, averaged over B and C
+    pixel = torch.zeros(2, 1, 1, 4, 4)
+    pixel[..., 1, 2] = 1.0
+    levels = video_to_levels(target, 8)[..., 0, 1, 2].flatten()  # (B·C,)
+    ce = F.cross_entropy(logits[..., 0, 1, 2].flatten(0, 1), levels)
+    assert level_loss(logits, target, pixel).item() == pytest.approx(ce.item(), rel=1e-5)
 
 
 def test_gradient_difference_loss_by_hand():

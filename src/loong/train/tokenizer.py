@@ -48,6 +48,7 @@ from loong.video_tokenizer.losses import (
     PerceptualLoss,
     adaptive_generator_weight,
     discriminator_hinge_loss,
+    edge_weights,
     generator_loss,
     gradient_difference_loss,
     level_loss,
@@ -248,10 +249,15 @@ def train_tokenizer(
             with nullcontext() if m == len(micro) - 1 else no_gradient_sync(model):
                 with rt.autocast():
                     out_ = model(clips)
+                weights = (
+                    edge_weights(clips, cfg.loss.edge_weight) if cfg.loss.edge_weight > 0 else None
+                )
                 if out_.logits is not None:  # a decoder with output_levels
-                    rec = level_loss(out_.logits, clips)
+                    rec = level_loss(out_.logits, clips, weights)
                 else:
-                    rec = reconstruction_loss(out_.recon.float(), clips, cfg.loss.reconstruction)
+                    rec = reconstruction_loss(
+                        out_.recon.float(), clips, cfg.loss.reconstruction, weights
+                    )
                 loss_g = rec + out_.quantizer_loss
                 logs = {"rec": rec.item(), "quant": out_.quantizer_loss.item()}
                 if cfg.loss.gradient_weight > 0:

@@ -50,6 +50,9 @@ class TokenizerDataConfig:
 class TokenizerLossConfig:
     reconstruction: str = "l1"
     """"l1" or "l2" pixel loss."""
+    edge_weight: float = 0.0
+    """Extra weight of the pixel loss near the clip's edges: a pixel weighs 1 + edge_weight × the
+    contrast of its 3×3 neighbourhood (``losses.edge_weights``); 0: a plain mean."""
     gradient_weight: float = 0.0
     """Weight of the gradient difference loss (same kind as ``reconstruction``); 0: off."""
     perceptual_weights: str = ""
@@ -70,7 +73,13 @@ class TokenizerLossConfig:
             raise ValueError(
                 f'loss.reconstruction must be "l1" or "l2", got {self.reconstruction!r}'
             )
-        for name in ("gradient_weight", "perceptual_weight", "gan_weight", "lecam_weight"):
+        for name in (
+            "edge_weight",
+            "gradient_weight",
+            "perceptual_weight",
+            "gan_weight",
+            "lecam_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
 
