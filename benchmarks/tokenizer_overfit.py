@@ -14,6 +14,14 @@ are 112, 400, 72 and 144 pixels and fill ratios 0.78, 1.0, 0.55 and 1.0 (the sco
 as a square, < 0.65 as a triangle). ``--no-quantizer`` passes the encoder's continuous latent
 straight to the decoder, which separates the quantizer's share of the difficulty from the
 autoencoder's.
+
+With ``--fresh B`` it learns the world instead of memorising: every step is a new batch of B
+shapes-world clips (the training pipeline's), and it prints, besides the four clips above (now
+unseen), the median fill ratio of a still small red square, circle and triangle at 12 places
+(scenes as in ``tokenizer_ceiling.py``'s ``shape_codes``), after the round trip:
+
+    python benchmarks/tokenizer_overfit.py --loss l2 --frames 1 --fresh 16 --steps 1500 --every 250
+    # and the same with --no-quantizer
 """
 
 from __future__ import annotations
@@ -21,12 +29,35 @@ from __future__ import annotations
 import argparse
 import types
 
+import numpy as np
 import torch
 
 from loong.data.shapes import parse_caption, render
 from loong.evaluate.fidelity import measure_frame
+from loong.train.tokenizer_config import TokenizerDataConfig
+from loong.train.tokenizer_data import training_batches
 from loong.video_tokenizer.model import VideoTokenizer
 from loong.video_tokenizer.presets import tokenizer_preset
+
+SHAPES = ("square", "circle", "triangle")
+
+
+def _clips(captions: list[str], frames: int, seeds: list[int]) -> torch.Tensor:
+    """Rendered clips (N, C, T, H, W) in [-1, 1], one a (caption, seed)."""
+    clips = [
+        render(parse_caption(c), seed=s, height=64, width=64, n_frames=frames)
+        for c, s in zip(captions, seeds, strict=True)
+    ]
+    video = torch.stack([torch.from_numpy(c).permute(3, 0, 1, 2) for c in clips])
+    return video.float() / 127.5 - 1
+
+
+def _blobs(recon: torch.Tensor) -> list:
+    """What the scorer sees in the middle frame of each reconstruction (N, C, T, H, W)."""
+    middle = recon[:, :, recon.shape[2] // 2].detach().clamp(-1, 1)  # (N, C, H, W)
+    frames = ((middle + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [measure_frame(f) for f in frames]
+
 
 CAPTIONS = (
     "a red circle moves right",
@@ -47,6 +78,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--preset", default="shapes", help="tokenizer preset (default: shapes)")
     parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (shapes: 32)")
+    parser.add_argument(
+        "--fresh", type=int, default=0, metavar="B", help="learn the world, B fresh clips a step"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,26 +94,46 @@ def main() -> None:
 
         model.quantize = types.MethodType(identity, model)
     opt = torch.optim.Adam(model.parameters(), args.lr)
-    clips = [
-        render(parse_caption(c), seed=1, height=64, width=64, n_frames=args.frames)
-        for c in CAPTIONS
-    ]
-    video = torch.stack([torch.from_numpy(c).permute(3, 0, 1, 2) for c in clips])
-    video = video.float() / 127.5 - 1  # (4, C, T, H, W)
+    video = _clips(list(CAPTIONS), args.frames, [1] * len(CAPTIONS))  # (4, C, T, H, W)
+    # still small red shapes, 12 places; a scene's seed fixes the place, whatever the shape
+    stills = _clips(
+        [f"a red {s}" for s in SHAPES for _ in range(12)], args.frames, list(range(12)) * 3
+    )
+    batches = None
+    if args.fresh:
+        data = TokenizerDataConfig(n_frames=args.frames, size=64, batch_size=args.fresh)
+        batches = training_batches(data, {})
 
     for step in range(args.steps + 1):
-        out = model(video)
-        error = out.recon - video
+        model.train()
+        clips = video if batches is None else next(batches)
+        out = model(clips)
+        error = out.recon - clips
         rec = error.abs().mean() if args.loss == "l1" else error.pow(2).mean()
         opt.zero_grad()
         (rec + out.quantizer_loss).backward()
         opt.step()
         if step % args.every == 0:
-            middle = out.recon[:, :, args.frames // 2].detach().clamp(-1, 1)  # (4, C, H, W)
-            frames = ((middle + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-            seen = [measure_frame(f) for f in frames]
-            blobs = [(m.colour, m.area, round(m.fill_ratio, 2)) if m else None for m in seen]
-            print(f"step {step:4d}  L1 {error.abs().mean().item():.4f}  {blobs}", flush=True)
+            if batches is not None:
+                model.eval()
+                with torch.no_grad():
+                    out = model(video)
+                    seen = _blobs(model(stills).recon)
+                fills = [m.fill_ratio if m else float("nan") for m in seen]
+                median = {
+                    shape: float(np.nanmedian(fills[12 * k : 12 * (k + 1)]))
+                    for k, shape in enumerate(SHAPES)
+                }
+                print(
+                    f"step {step:4d}  stills' median fill: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in median.items()),
+                    flush=True,
+                )
+            blobs = [
+                (m.colour, m.area, round(m.fill_ratio, 2)) if m else None for m in _blobs(out.recon)
+            ]
+            error = (out.recon - video).abs().mean().item()
+            print(f"step {step:4d}  L1 {error:.4f}  {blobs}", flush=True)
 
 
 if __name__ == "__main__":
