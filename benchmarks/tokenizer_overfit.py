@@ -27,6 +27,7 @@ unseen), the median fill ratio of a still small red square, circle and triangle 
 from __future__ import annotations
 
 import argparse
+import json
 import types
 
 import numpy as np
@@ -79,6 +80,13 @@ def main() -> None:
     parser.add_argument("--preset", default="shapes", help="tokenizer preset (default: shapes)")
     parser.add_argument("--groups", type=int, default=None, help="GroupNorm groups (shapes: 32)")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a model config field, e.g. decoder_blocks=2 or local_encoder=false (repeatable)",
+    )
+    parser.add_argument(
         "--fresh", type=int, default=0, metavar="B", help="learn the world, B fresh clips a step"
     )
     args = parser.parse_args()
@@ -86,6 +94,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     overrides = {} if args.groups is None else {"num_groups": args.groups}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=JSON, e.g. decoder_blocks=2")
+        overrides[key] = json.loads(value)
     model = VideoTokenizer(tokenizer_preset(args.preset, **overrides))
     if args.no_quantizer:
 
