@@ -21,7 +21,7 @@ unseen), the median fill ratio of a still small red square, circle and triangle 
 (scenes as in ``tokenizer_ceiling.py``'s ``shape_codes``), after the round trip:
 
     python benchmarks/tokenizer_overfit.py --loss l2 --frames 1 --fresh 16 --steps 1500 --every 250
-    # and the same with --no-quantizer
+    # and the same with --no-quantizer, or with --quantize-from 500 (continuous first)
 """
 
 from __future__ import annotations
@@ -89,6 +89,13 @@ def main() -> None:
     parser.add_argument(
         "--fresh", type=int, default=0, metavar="B", help="learn the world, B fresh clips a step"
     )
+    parser.add_argument(
+        "--quantize-from",
+        type=int,
+        default=0,
+        metavar="STEP",
+        help="train through the continuous latent until STEP, then through the quantizer",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,7 +107,7 @@ def main() -> None:
             parser.error(f"--set {item!r}: expected KEY=JSON, e.g. decoder_blocks=2")
         overrides[key] = json.loads(value)
     model = VideoTokenizer(tokenizer_preset(args.preset, **overrides))
-    if args.no_quantizer:
+    if args.no_quantizer or args.quantize_from:
 
         def identity(self: VideoTokenizer, z: torch.Tensor):
             return z, types.SimpleNamespace(indices=None, loss=z.new_zeros(()), stats={})
@@ -118,6 +125,9 @@ def main() -> None:
         batches = training_batches(data, {})
 
     for step in range(args.steps + 1):
+        if args.quantize_from and step == args.quantize_from:
+            del model.quantize  # the class's own quantizer from here on
+            print(f"step {step:4d}  the quantizer is on", flush=True)
         model.train()
         clips = video if batches is None else next(batches)
         out = model(clips)
