@@ -42,10 +42,15 @@ def reconstruction_loss(
         err = (recon - target).square()
     else:
         raise ValueError(f'reconstruction loss must be "l1" or "l2", got {kind!r}')
+    return _weighted_mean(err, weights)
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Σ w·v / Σ w with ``weights`` broadcast against ``values``; the plain mean without."""
     if weights is None:
-        return err.mean()
-    weights = weights.expand_as(err)
-    return (err * weights).sum() / weights.sum()
+        return values.mean()
+    weights = weights.expand_as(values)
+    return (values * weights).sum() / weights.sum()
 
 
 def edge_weights(target: torch.Tensor, strength: float) -> torch.Tensor:
@@ -73,11 +78,8 @@ def level_loss(
     levels to each value of ``target (B, C, T, H, W)``; with ``weights``, as in
     :func:`reconstruction_loss`, the weighted mean."""
     levels = video_to_levels(target, logits.shape[2])  # (B, C, T, H, W)
-    if weights is None:
-        return F.cross_entropy(logits.float().flatten(0, 1), levels.flatten(0, 1))
-    ce = F.cross_entropy(logits.float().flatten(0, 1), levels.flatten(0, 1), reduction="none")
-    weights = weights.expand_as(target).flatten(0, 1)  # (B·C, T, H, W)
-    return (ce * weights).sum() / weights.sum()
+    ce = F.cross_entropy(logits.float().transpose(1, 2), levels, reduction="none")
+    return _weighted_mean(ce, weights)  # ce: (B, C, T, H, W)
 
 
 def gradient_difference_loss(
