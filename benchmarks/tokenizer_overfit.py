@@ -22,6 +22,10 @@ unseen), the median fill ratio of a still small red square, circle and triangle 
 
     python benchmarks/tokenizer_overfit.py --loss l2 --frames 1 --fresh 16 --steps 1500 --every 250
     # and the same with --no-quantizer, or with --quantize-from 500 (continuous first)
+
+Each evaluation also prints the size of the encoder's latent on the stills (median and 99th
+percentile of |z|, before any quantizer). ``--no-rounding`` (FSQ only) passes FSQ's tanh-bounded
+latent to the decoder without rounding it, which separates the bound's share from the rounding's.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from loong.train.tokenizer_config import TokenizerDataConfig
 from loong.train.tokenizer_data import training_batches
 from loong.video_tokenizer.model import VideoTokenizer
 from loong.video_tokenizer.presets import tokenizer_preset
+from loong.video_tokenizer.quantize import FiniteScalarQuantizer, QuantizerOutput
 
 SHAPES = ("square", "circle", "triangle")
 
@@ -90,6 +95,11 @@ def main() -> None:
         "--fresh", type=int, default=0, metavar="B", help="learn the world, B fresh clips a step"
     )
     parser.add_argument(
+        "--no-rounding",
+        action="store_true",
+        help="FSQ only: pass its tanh-bounded latent to the decoder without rounding it",
+    )
+    parser.add_argument(
         "--quantize-from",
         type=int,
         default=0,
@@ -113,6 +123,19 @@ def main() -> None:
             return z, types.SimpleNamespace(indices=None, loss=z.new_zeros(()), stats={})
 
         model.quantize = types.MethodType(identity, model)
+    if args.no_rounding:
+        if not isinstance(model.quantizer, FiniteScalarQuantizer):
+            parser.error("--no-rounding needs an FSQ model: --set 'quantizer.kind=\"fsq\"'")
+
+        def bound_only(self: FiniteScalarQuantizer, z: torch.Tensor) -> QuantizerOutput:
+            bounded = self.bound(z.float())  # (N, D)
+            half_width = self.levels // 2
+            codes = (bounded / half_width).to(z.dtype)  # (N, D) in [−1, 1], not on the levels
+            level = bounded.round().clamp(-half_width, half_width - 1)
+            indices = ((level.long() + half_width) * self.basis).sum(-1)  # (N,)
+            return QuantizerOutput(codes, indices, z.new_zeros((), dtype=torch.float32), {})
+
+        model.quantizer.forward = types.MethodType(bound_only, model.quantizer)
     opt = torch.optim.Adam(model.parameters(), args.lr)
     video = _clips(list(CAPTIONS), args.frames, [1] * len(CAPTIONS))  # (4, C, T, H, W)
     # still small red shapes, 12 places; a scene's seed fixes the place, whatever the shape
@@ -142,6 +165,8 @@ def main() -> None:
                 with torch.no_grad():
                     out = model(video)
                     seen = _blobs(model(stills).recon)
+                    z = model.encode_latents(stills).abs().flatten()  # before any quantizer
+                    scale = f"|z| median {z.median():.2f}, 99% {z.quantile(0.99):.2f}"
                 fills = [m.fill_ratio if m else float("nan") for m in seen]
                 median = {
                     shape: float(np.nanmedian(fills[12 * k : 12 * (k + 1)]))
@@ -149,7 +174,8 @@ def main() -> None:
                 }
                 print(
                     f"step {step:4d}  stills' median fill: "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in median.items()),
+                    + ", ".join(f"{k} {v:.2f}" for k, v in median.items())
+                    + f"; the latent's {scale}",
                     flush=True,
                 )
             blobs = [
