@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,47 @@ def test_edge_weighted_pixel_loss_is_trained(tmp_path, train_config):
     # the same seed and data: step 1's loss is the same clip's error, weighted otherwise
     assert _records(tmp_path / "plain")[1]["rec"] != _records(tmp_path / "edges")[1]["rec"]
     assert any(not torch.equal(plain[k], edges[k]) for k in plain)
+
+
+def test_continuous_steps_decode_the_latent_then_the_quantizer_comes_on(
+    tmp_path, train_config, crash_after_checkpoint
+):
+    # Steps 1-4 decode the continuous latent: no quantizer loss, no code statistics; steps 5-6
+    # quantize (LFQ: a commitment term, codes in use). A crash at step 3 resumes across the switch as the uninterrupted run.
+    cfg = apply_overrides(train_config, {"continuous_steps": 4})
+    straight = train_tokenizer(cfg, tmp_path / "straight", progress=False)
+    records = _records(tmp_path / "straight")
+    for step in (1, 2, 3, 4):
+        assert records[step]["quant"] == 0.0 and "usage" not in records[step], step
+    for step in (5, 6):
+        assert records[step]["commitment"] > 0 and 0 < records[step]["usage"] <= 1, step
+    train_tokenizer(train_config, tmp_path / "plain", progress=False)
+    assert records[1]["rec"] != _records(tmp_path / "plain")[1]["rec"]  # same clips, other path
+
+    with crash_after_checkpoint(runtime, step=3):
+        train_tokenizer(cfg, tmp_path / "resumed", progress=False)
+    resumed = train_tokenizer(cfg, tmp_path / "resumed", progress=False)
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    a = VideoTokenizer.from_pretrained(straight).state_dict()
+    b = VideoTokenizer.from_pretrained(resumed).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_continuous_steps_are_checked(train_config, small_tokenizer_config):
+    with pytest.raises(ValueError, match=r"continuous_steps must be in \[0, steps=6\)"):
+        apply_overrides(train_config, {"continuous_steps": 6})
+    with pytest.raises(ValueError, match="set continuous_steps=0"):
+        apply_overrides(
+            train_config,
+            {"continuous_steps": 2, "trainable": "decoder", "init_from": "runs/tok/export"},
+        )
+    cvq = replace(train_config, model=small_tokenizer_config(**{"quantizer.kind": "cvq"}))
+    with pytest.raises(ValueError, match="CVQ codebook gets none"):
+        apply_overrides(cvq, {"continuous_steps": 2, "parallel.mode": "ddp"})
+    assert apply_overrides(cvq, {"continuous_steps": 2}).continuous_steps == 2
 
 
 def test_loss_config_rejects_bad_values():

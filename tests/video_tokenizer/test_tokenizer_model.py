@@ -122,6 +122,19 @@ def test_training_forward_backpropagates_to_encoder_and_decoder(
         assert "commitment" in out.stats
 
 
+def test_forward_without_quantizing_decodes_the_continuous_latent(make_small_tokenizer, make_video):
+    model = make_small_tokenizer().train()
+    video = make_video(frames=5)
+    out = model(video, quantize=False)
+    assert out.indices is None and out.stats == {} and out.quantizer_loss.item() == 0.0
+    z = model.encode_latents(video)  # (B, D, t, h, w), not on the ±1 codes
+    assert not torch.equal(z.abs(), torch.ones_like(z))
+    torch.testing.assert_close(out.recon, model.decoder(z, StreamCache()))
+    assert not torch.allclose(out.recon, model(video).recon)
+    out.recon.abs().mean().backward()
+    assert model.encoder.conv_in.conv.weight.grad.abs().sum() > 0
+
+
 # --- presets ---------------------------------------------------------------------------------
 
 

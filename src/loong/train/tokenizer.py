@@ -248,7 +248,7 @@ def train_tokenizer(
         for m, clips in enumerate(micro):
             with nullcontext() if m == len(micro) - 1 else no_gradient_sync(model):
                 with rt.autocast():
-                    out_ = model(clips)
+                    out_ = model(clips, quantize=step >= cfg.continuous_steps)
                 weights = (
                     edge_weights(clips, cfg.loss.edge_weight) if cfg.loss.edge_weight > 0 else None
                 )
@@ -325,7 +325,7 @@ def train_tokenizer(
         step += 1
 
         # 6. logs (means over micro-batches and ranks), evaluation, previews, checkpoints
-        logs = mean_over_ranks(logs | _mean(stat_logs))
+        logs = mean_over_ranks(logs | (_mean(stat_logs) if stat_logs[0] else {}))
         bar.update(1)
         bar.set_postfix(
             rec=f"{logs['rec']:.4f}", usage=f"{logs.get('usage', 0):.3f}", refresh=False

@@ -124,6 +124,12 @@ class TokenizerTrainConfig:
     init_from: str = ""
     """An exported tokenizer (``config.json`` + ``model.safetensors``) whose weights start the
     run; its model config must equal ``model``. Empty: random initialisation."""
+    continuous_steps: int = 0
+    """Steps at the start whose decoder reads the encoder's continuous latent, before the
+    quantizer comes on for the rest. Through a continuous latent the ``shapes`` model learns
+    outlines and corners within a few hundred steps, which it learns far more slowly through a
+    quantizer (BENCHMARKS.md); the quantizer then starts from an encoder that already carries
+    them. The held-out evaluations always quantize. 0: quantize from the first step."""
     trainable: str = "all"
     """"all", or "decoder": the encoder and quantizer stay frozen (in eval mode) and only the
     decoder learns. With ``init_from`` this fine-tunes how codes are drawn without changing a
@@ -152,6 +158,25 @@ class TokenizerTrainConfig:
             raise ValueError(
                 'trainable="decoder" freezes the encoder, which makes sense only for a trained '
                 "one: set init_from to an exported tokenizer directory"
+            )
+        if not 0 <= self.continuous_steps < self.steps:
+            raise ValueError(
+                f"continuous_steps must be in [0, steps={self.steps}), got "
+                f"{self.continuous_steps}: the quantizer has to train for some steps"
+            )
+        if self.continuous_steps and self.trainable == "decoder":
+            raise ValueError(
+                'continuous_steps trains the decoder on a latent that trainable="decoder" never '
+                "gives it: set continuous_steps=0"
+            )
+        if (
+            self.continuous_steps
+            and self.model.quantizer.kind == "cvq"
+            and (self.parallel.mode == "ddp")
+        ):
+            raise ValueError(
+                "DDP needs a gradient for every weight each step, and the CVQ codebook gets none "
+                'while continuous_steps run: use parallel.mode="fsdp", or an lfq or fsq quantizer'
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

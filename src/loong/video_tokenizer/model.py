@@ -384,8 +384,8 @@ class TokenizerOutput:
     """(B, C, T, H, W) reconstruction in [−1, 1] (not clamped)."""
     logits: torch.Tensor | None
     """(B, C, n, T, H, W) level logits when the decoder has ``output_levels``; else None."""
-    indices: torch.Tensor
-    """(B, t, h, w) token indices."""
+    indices: torch.Tensor | None
+    """(B, t, h, w) token indices; None when the latent was not quantized."""
     quantizer_loss: torch.Tensor
     """Scalar weighted quantizer loss."""
     stats: dict[str, torch.Tensor]
@@ -495,14 +495,21 @@ class VideoTokenizer(nn.Module):
             parts.append(rearrange(z, "(b n) d h w -> b d n h w", b=b))
         return torch.cat(parts, dim=2)
 
-    def forward(self, video: torch.Tensor) -> TokenizerOutput:
+    def forward(self, video: torch.Tensor, *, quantize: bool = True) -> TokenizerOutput:
+        """Encode, quantize and decode ``video`` (B, C, T, H, W). ``quantize=False`` decodes the
+        encoder's continuous latent instead (no indices, no quantizer loss): the warm start of
+        training's ``continuous_steps``."""
         self.check_video(video)
         z = self.encode_latents(video)  # (B, D, t, h, w)
-        quantized, q = self.quantize(z)
-        out = self.decoder(quantized, StreamCache())  # (B, C, T, H, W) or (B, C, n, T, H, W)
+        if quantize:
+            z, q = self.quantize(z)
+            indices, loss, stats = q.indices, q.loss, q.stats
+        else:
+            indices, loss, stats = None, z.new_zeros((), dtype=torch.float32), {}
+        out = self.decoder(z, StreamCache())  # (B, C, T, H, W) or (B, C, n, T, H, W)
         logits = out if self.config.output_levels else None
         recon = levels_to_video(out) if logits is not None else out
-        return TokenizerOutput(recon, logits, q.indices, q.loss, q.stats)
+        return TokenizerOutput(recon, logits, indices, loss, stats)
 
     # -- inference API
 
