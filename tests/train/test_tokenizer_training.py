@@ -66,15 +66,18 @@ def test_short_training_on_the_shapes_world_improves_psnr(tmp_path, train_config
     assert after > before + 3.0, (before, after)
 
 
+@pytest.mark.parametrize("continuous_steps", [0, 4])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
-    tmp_path, train_config, crash_after_checkpoint
+    tmp_path, train_config, crash_after_checkpoint, continuous_steps
 ):
-    # The GAN switches on at step 2 and EMA is on, so every piece of state must come back.
-    straight = train_tokenizer(train_config, tmp_path / "straight", progress=False)
+    # The GAN switches on at step 2 and EMA is on, so every piece of state must come back; with
+    # continuous_steps=4 the run also crosses the quantizer's start after the crash.
+    cfg = apply_overrides(train_config, {"continuous_steps": continuous_steps})
+    straight = train_tokenizer(cfg, tmp_path / "straight", progress=False)
 
     with crash_after_checkpoint(runtime, step=3):
-        train_tokenizer(train_config, tmp_path / "resumed", progress=False)
-    resumed = train_tokenizer(train_config, tmp_path / "resumed", progress=False)
+        train_tokenizer(cfg, tmp_path / "resumed", progress=False)
+    resumed = train_tokenizer(cfg, tmp_path / "resumed", progress=False)
 
     want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert want.keys() == got.keys() == set(range(1, 7))
@@ -179,31 +182,18 @@ def test_edge_weighted_pixel_loss_is_trained(tmp_path, train_config):
     assert any(not torch.equal(plain[k], edges[k]) for k in plain)
 
 
-def test_continuous_steps_decode_the_latent_then_the_quantizer_comes_on(
-    tmp_path, train_config, crash_after_checkpoint
-):
+def test_continuous_steps_decode_the_latent_then_the_quantizer_comes_on(tmp_path, train_config):
     # Steps 1-4 decode the continuous latent: no quantizer loss, no code statistics; steps 5-6
-    # quantize (LFQ: a commitment term, codes in use). A crash at step 3 resumes across the switch as the uninterrupted run.
+    # quantize (LFQ: a commitment term, codes in use). Resuming across the switch: above.
     cfg = apply_overrides(train_config, {"continuous_steps": 4})
-    straight = train_tokenizer(cfg, tmp_path / "straight", progress=False)
-    records = _records(tmp_path / "straight")
+    train_tokenizer(cfg, tmp_path / "warm", progress=False)
+    records = _records(tmp_path / "warm")
     for step in (1, 2, 3, 4):
         assert records[step]["quant"] == 0.0 and "usage" not in records[step], step
     for step in (5, 6):
         assert records[step]["commitment"] > 0 and 0 < records[step]["usage"] <= 1, step
     train_tokenizer(train_config, tmp_path / "plain", progress=False)
     assert records[1]["rec"] != _records(tmp_path / "plain")[1]["rec"]  # same clips, other path
-
-    with crash_after_checkpoint(runtime, step=3):
-        train_tokenizer(cfg, tmp_path / "resumed", progress=False)
-    resumed = train_tokenizer(cfg, tmp_path / "resumed", progress=False)
-    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
-    for step in range(4, 7):
-        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
-    a = VideoTokenizer.from_pretrained(straight).state_dict()
-    b = VideoTokenizer.from_pretrained(resumed).state_dict()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
 
 
 def test_continuous_steps_are_checked(train_config, small_tokenizer_config):
