@@ -117,12 +117,6 @@ def main() -> None:
             parser.error(f"--set {item!r}: expected KEY=JSON, e.g. decoder_blocks=2")
         overrides[key] = json.loads(value)
     model = VideoTokenizer(tokenizer_preset(args.preset, **overrides))
-    if args.no_quantizer or args.quantize_from:
-
-        def identity(self: VideoTokenizer, z: torch.Tensor):
-            return z, types.SimpleNamespace(indices=None, loss=z.new_zeros(()), stats={})
-
-        model.quantize = types.MethodType(identity, model)
     if args.no_rounding:
         if not isinstance(model.quantizer, FiniteScalarQuantizer):
             parser.error("--no-rounding needs an FSQ model: --set 'quantizer.kind=\"fsq\"'")
@@ -148,12 +142,12 @@ def main() -> None:
         batches = training_batches(data, {})
 
     for step in range(args.steps + 1):
+        quantize = not args.no_quantizer and step >= args.quantize_from
         if args.quantize_from and step == args.quantize_from:
-            del model.quantize  # the class's own quantizer from here on
             print(f"step {step:4d}  the quantizer is on", flush=True)
         model.train()
         clips = video if batches is None else next(batches)
-        out = model(clips)
+        out = model(clips, quantize=quantize)
         error = out.recon - clips
         rec = error.abs().mean() if args.loss == "l1" else error.pow(2).mean()
         opt.zero_grad()
@@ -163,8 +157,8 @@ def main() -> None:
             if batches is not None:
                 model.eval()
                 with torch.no_grad():
-                    out = model(video)
-                    seen = _blobs(model(stills).recon)
+                    out = model(video, quantize=quantize)
+                    seen = _blobs(model(stills, quantize=quantize).recon)
                     z = model.encode_latents(stills).abs().flatten()  # before any quantizer
                     scale = f"|z| median {z.median():.2f}, 99% {z.quantile(0.99):.2f}"
                 fills = [m.fill_ratio if m else float("nan") for m in seen]

@@ -169,11 +169,8 @@ class TokenizerTrainConfig:
                 'continuous_steps trains the decoder on a latent that trainable="decoder" never '
                 "gives it: set continuous_steps=0"
             )
-        if (
-            self.continuous_steps
-            and self.model.quantizer.kind == "cvq"
-            and (self.parallel.mode == "ddp")
-        ):
+        cvq = self.model.quantizer.kind == "cvq"
+        if self.continuous_steps and cvq and self.parallel.mode == "ddp":
             raise ValueError(
                 "DDP needs a gradient for every weight each step, and the CVQ codebook gets none "
                 'while continuous_steps run: use parallel.mode="fsdp", or an lfq or fsq quantizer'
