@@ -327,9 +327,8 @@ def train_tokenizer(
         # 6. logs (means over micro-batches and ranks), evaluation, previews, checkpoints
         logs = mean_over_ranks(logs | (_mean(stat_logs) if stat_logs[0] else {}))
         bar.update(1)
-        bar.set_postfix(
-            rec=f"{logs['rec']:.4f}", usage=f"{logs.get('usage', 0):.3f}", refresh=False
-        )
+        usage = f"{logs['usage']:.3f}" if "usage" in logs else "-"  # "-": not quantized yet
+        bar.set_postfix(rec=f"{logs['rec']:.4f}", usage=usage, refresh=False)
         elapsed = time.monotonic() - started
         record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 1), **logs}
         done = step == cfg.steps or (
