@@ -12,7 +12,9 @@ export, so tokenizer experiments can be compared before any LM is trained on the
 Per prompt it also prints what the checks see in the reconstruction: the median fill ratio of the
 largest blob (> 0.9 reads as a square, 0.65–0.9 a circle, < 0.65 a triangle), its median area
 over the shape's true area (blur that spreads an object past the scorer's colour-distance
-threshold makes it larger), and the colour name most often measured.
+threshold makes it larger), the colour name most often measured, and the colour name of the
+reconstruction's mean inside the world's own object one pixel in from its edge: when that is right
+and the measured one is not, the colour was lost to the blur around the object, not inside it.
 
 Last, whether the codes tell the palette's colours apart at all: a still large square of each
 colour (world seed 0, the same place for all, black background) is encoded, and the ids of the
@@ -46,7 +48,7 @@ def report(
     n_frames = round(seconds * fps)
     print(f"{directory}: {len(CANONICAL_PROMPTS)} prompts × {n_frames} frames")
     header = f"{'prompt':52s} {'all':>5s} " + " ".join(f"{c:>8s}" for c in CHECKS)
-    print(header + f" {'fill':>5s} {'area×':>6s}  colour seen")
+    print(header + f" {'fill':>5s} {'area×':>6s}  colour seen / inside")
     windows = []
     for prompt in CANONICAL_PROMPTS:
         frames = reference_video(prompt, 0, n_frames, size, tokenizer)
@@ -58,11 +60,30 @@ def report(
         fill = np.median([m.fill_ratio for m in seen]) if seen else float("nan")
         area = np.median([m.area for m in seen]) / true_area if seen else float("nan")
         colour = Counter(m.colour for m in seen).most_common(1)[0][0] if seen else "-"
+        inside = interior_colour(frames, reference_video(prompt, 0, n_frames, size, None))
         shares = " ".join(f"{np.mean([w[c] for w in scored]):8.2f}" for c in CHECKS)
         all_share = np.mean([w["all"] for w in scored])
-        print(f"{prompt:52s} {all_share:5.2f} {shares} {fill:5.2f} {area:6.2f}  {colour}")
+        measured = f"{fill:5.2f} {area:6.2f}  {colour} / {inside}"
+        print(f"{prompt:52s} {all_share:5.2f} {shares} {measured}")
     shares = " ".join(f"{np.mean([w[c] for w in windows]):8.2f}" for c in CHECKS)
     print(f"{'all prompts':52s} {np.mean([w['all'] for w in windows]):5.2f} {shares}")
+
+
+def interior_colour(frames: np.ndarray, world: np.ndarray) -> str:
+    """The palette name nearest the mean of ``frames`` (T, H, W, 3) over the pixels of the
+    ``world``'s (T, H, W, 3) objects that are one pixel or more inside their edge."""
+    inside = (world != world[:, :1, :1]).any(-1)  # (T, H, W); the corner is background
+    core = inside.copy()
+    core[:, 1:] &= inside[:, :-1]
+    core[:, :-1] &= inside[:, 1:]
+    core[:, :, 1:] &= inside[:, :, :-1]
+    core[:, :, :-1] &= inside[:, :, 1:]
+    if not core.any():
+        return "-"
+    mean = frames[core].astype(np.float64).mean(axis=0)  # (3,)
+    names = list(PALETTE)
+    rgb = np.array([PALETTE[n] for n in names], dtype=np.float64)  # (8, 3)
+    return names[int(np.argmin(((rgb - mean) ** 2).sum(axis=1)))]
 
 
 def still_video(frame: np.ndarray) -> torch.Tensor:
