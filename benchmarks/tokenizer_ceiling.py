@@ -38,7 +38,7 @@ import torch
 
 from loong.data.shapes import PALETTE, half_extent, parse_caption, render, shape_mask
 from loong.evaluate.bench import CANONICAL_PROMPTS, reference_video
-from loong.evaluate.fidelity import CHECKS, measure_frame, score_video
+from loong.evaluate.fidelity import CHECKS, measure_frame, nearest_colour, score_video
 from loong.video_tokenizer.model import VideoTokenizer
 
 
@@ -80,10 +80,7 @@ def interior_colour(frames: np.ndarray, world: np.ndarray) -> str:
     core[:, :, :-1] &= inside[:, :, 1:]
     if not core.any():
         return "-"
-    mean = frames[core].astype(np.float64).mean(axis=0)  # (3,)
-    names = list(PALETTE)
-    rgb = np.array([PALETTE[n] for n in names], dtype=np.float64)  # (8, 3)
-    return names[int(np.argmin(((rgb - mean) ** 2).sum(axis=1)))]
+    return nearest_colour(frames[core].astype(np.float64).mean(axis=0))
 
 
 def still_video(frame: np.ndarray) -> torch.Tensor:

@@ -105,6 +105,11 @@ def _label_runs(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: i
             parent = grand
 
 
+def nearest_colour(rgb: np.ndarray) -> str:
+    """The palette name nearest (Euclidean, RGB) to a mean colour ``rgb`` (3,)."""
+    return _PALETTE_NAMES[int(np.argmin(((_PALETTE_RGB - rgb) ** 2).sum(axis=1)))]
+
+
 def measure_frame(frame: np.ndarray) -> FrameMeasure | None:
     """Measure the largest object blob of a frame uint8 (H, W, 3); None when nothing differs."""
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -138,10 +143,9 @@ def measure_frame(frame: np.ndarray) -> FrameMeasure | None:
     np.cumsum(rgb[rows], axis=1, out=prefix[:, 1:])
     run = np.arange(len(rows))
     mean = (prefix[run, ends] - prefix[run, starts]).sum(axis=0) / area  # (3,)
-    nearest = int(np.argmin(((_PALETTE_RGB - mean) ** 2).sum(axis=1)))
     shape = "square" if fill > 0.9 else "circle" if fill >= 0.65 else "triangle"
     return FrameMeasure(
-        colour=_PALETTE_NAMES[nearest],
+        colour=nearest_colour(mean),
         mean_rgb=(float(mean[0]), float(mean[1]), float(mean[2])),
         shape=shape,
         fill_ratio=fill,
