@@ -36,7 +36,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from loong.data.shapes import PALETTE, half_extent, parse_caption, render, shape_mask
+from loong.data.shapes import BACKGROUNDS, PALETTE, half_extent, parse_caption, render, shape_mask
 from loong.evaluate.bench import CANONICAL_PROMPTS, reference_video
 from loong.evaluate.fidelity import CHECKS, measure_frame, nearest_colour, score_video
 from loong.video_tokenizer.model import VideoTokenizer
@@ -54,13 +54,15 @@ def report(
         frames = reference_video(prompt, 0, n_frames, size, tokenizer)
         scored = score_video(frames, prompt, fps=fps)
         windows += scored
-        obj = parse_caption(prompt).objects[0]
+        scene = parse_caption(prompt)
+        obj = scene.objects[0]
         true_area = int(shape_mask(obj.shape, half_extent(obj.size, size)).sum())
         seen = [m for m in (measure_frame(f) for f in frames) if m is not None]
         fill = np.median([m.fill_ratio for m in seen]) if seen else float("nan")
         area = np.median([m.area for m in seen]) / true_area if seen else float("nan")
         colour = Counter(m.colour for m in seen).most_common(1)[0][0] if seen else "-"
-        inside = interior_colour(frames, reference_video(prompt, 0, n_frames, size, None))
+        world = reference_video(prompt, 0, n_frames, size, None)
+        inside = interior_colour(frames, world, BACKGROUNDS[scene.background])
         shares = " ".join(f"{np.mean([w[c] for w in scored]):8.2f}" for c in CHECKS)
         all_share = np.mean([w["all"] for w in scored])
         measured = f"{fill:5.2f} {area:6.2f}  {colour} / {inside}"
@@ -69,10 +71,11 @@ def report(
     print(f"{'all prompts':52s} {np.mean([w['all'] for w in windows]):5.2f} {shares}")
 
 
-def interior_colour(frames: np.ndarray, world: np.ndarray) -> str:
+def interior_colour(frames: np.ndarray, world: np.ndarray, background: tuple[int, int, int]) -> str:
     """The palette name nearest the mean of ``frames`` (T, H, W, 3) over the pixels of the
-    ``world``'s (T, H, W, 3) objects that are one pixel or more inside their edge."""
-    inside = (world != world[:, :1, :1]).any(-1)  # (T, H, W); the corner is background
+    ``world``'s (T, H, W, 3) objects, drawn on ``background``, one pixel or more inside their
+    edge."""
+    inside = (world != np.array(background, dtype=world.dtype)).any(-1)  # (T, H, W)
     core = inside.copy()
     core[:, 1:] &= inside[:, :-1]
     core[:, :-1] &= inside[:, 1:]
