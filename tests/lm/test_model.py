@@ -421,3 +421,62 @@ def test_video_context_reports_a_full_cache_clearly(make_lm):
     cache = new_cache(model, 1, 4)
     with pytest.raises(ValueError, match="does not fit a KV cache of 4 slots"):
         model(random_ids(model, 1, 6), cache=cache, input_pos=torch.arange(6))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_video_code_bits_fold_into_an_ordinary_model(make_lm, tmp_path, tied):
+    """The bit terms are a reparametrisation: the folded model (and its export) computes the
+    same logits with plain tables, and its config no longer asks for them."""
+    model = make_lm(video_grid=(2, 2), video_context_dim=4, video_code_bits=6, tie_embeddings=tied)
+    vocab = Vocabulary(model.config.vocab)
+    ids = vocab.layout([1, 2, 3], torch.randint(0, 64, (3, 2, 2)), eov=False).token_ids[None]
+    plain = model.folded()
+    assert plain.config.video_code_bits == 0 and plain.code_embedding is None
+    assert not any(name.startswith("code_") for name in plain.state_dict())
+    model.save_pretrained(tmp_path)
+    loaded = VideoLM.from_pretrained(tmp_path)
+    assert loaded.config == plain.config
+    with torch.no_grad():
+        want = model(ids)
+        torch.testing.assert_close(plain(ids), want, atol=ATOL, rtol=0)
+        torch.testing.assert_close(loaded(ids), want, atol=ATOL, rtol=0)
+        # without the bit terms the logits differ: the fold carries them, not a no-op
+        stripped = make_lm(video_grid=(2, 2), video_context_dim=4, tie_embeddings=tied)
+        stripped.load_state_dict(
+            {k: v for k, v in model.state_dict().items() if not k.startswith("code_")}
+        )
+        assert (stripped(ids) - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("bits", [0, 6])
+def test_video_code_bits_teach_ids_never_seen(make_lm, bits):
+    """Training on a few video ids moves the rows of ids one bit away from them only when the
+    bit terms are on: the shared term is what an unseen id learns through."""
+    model = make_lm(seed=2, video_code_bits=bits).train()
+    vocab = model.config.vocab
+    lo = vocab.text_vocab_size
+    seen = torch.tensor([0b000000, 0b000011, 0b001100, 0b110000]) + lo
+    unseen = torch.tensor([0b000001, 0b000100, 0b100000]) + lo  # one bit from a seen id
+    g = torch.Generator().manual_seed(0)
+    ids = seen[torch.randint(0, len(seen), (4, 16), generator=g)]
+    before = model.folded().tok_embeddings.weight[unseen].detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = (model.folded().tok_embeddings.weight[unseen] - before).abs().amax(dim=1)  # (3,)
+    if bits:
+        assert (moved > 1e-3).all()
+    else:
+        assert (moved == 0).all()
+
+
+def test_video_code_bits_are_validated():
+    with pytest.raises(ValueError, match="video_code_bits"):
+        VideoLMConfig(vocab=VocabConfig(video_vocab_size=1000), video_code_bits=10)
+    with pytest.raises(ValueError, match="video_code_bits"):
+        VideoLMConfig(video_code_bits=-1)
+    assert VideoLMConfig(vocab=VocabConfig(video_vocab_size=4096), video_code_bits=12)

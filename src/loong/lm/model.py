@@ -22,12 +22,21 @@ transformers:
   autoregressive models (PixelCNN) are built from. It is causal: every neighbour comes before
   the predicted token in raster order.
 
+And one for training only: ``video_code_bits = K`` treats video id v as the LFQ code it stands
+for, the ±1 pattern of its K bits, and gives every table indexed by video ids (input embedding,
+output head, local-context embedding) a second, shared term: a learned linear function of those
+bits. Ids one bit apart then start alike and learn together, so a rare id borrows what its
+common neighbours learned. It is a reparametrisation, not a new function class:
+:meth:`VideoLM.save_pretrained` folds the bit terms into the plain tables, so an export is an
+ordinary model and sampling costs nothing extra.
+
 Axes: B batch, L sequence (new tokens), S key positions (the KV cache's slots), D model width,
 N heads, M key/value heads, E head width, F feed-forward width, V vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +88,11 @@ class VideoLMConfig:
     at this width, concatenated and projected to ``dim``. The token a cell gets is mostly a
     function of that neighbourhood (an object moves at most one cell a latent frame); with it
     in the input the model need not learn to find it by attention first."""
+    video_code_bits: int = 0
+    """Training-time reparametrisation for LFQ video ids (0: off; else K = log2 of
+    ``video_vocab_size``): each table row of video id v also gets a learned linear function of
+    v's bits as ±1, shared by all ids (see the module docstring). ``save_pretrained`` folds it
+    away and writes 0 here."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vocab, dict):
@@ -93,6 +107,14 @@ class VideoLMConfig:
             raise ValueError(
                 f"video_context_dim must be 0 (off) or positive with video_grid set, got "
                 f"{self.video_context_dim} with video_grid={self.video_grid}"
+            )
+        bits = self.video_code_bits
+        if bits < 0 or (bits and 2**bits != self.vocab.video_vocab_size):
+            raise ValueError(
+                f"video_code_bits must be 0 (off) or log2(video_vocab_size) for LFQ ids, got "
+                f"{bits} with video_vocab_size={self.vocab.video_vocab_size}: set it to "
+                f"{max(self.vocab.video_vocab_size.bit_length() - 1, 0)} for a 2^K-code LFQ "
+                f"tokenizer, or 0 for any other"
             )
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
             raise ValueError(
@@ -349,6 +371,12 @@ class VideoLM(nn.Module):
         self.context_proj = (
             nn.Linear(len(CONTEXT_OFFSETS) * width, config.dim, bias=False) if width else None
         )
+        # video_code_bits: each (K → table width) map adds to the rows of the video ids
+        bits = config.video_code_bits
+        self.code_embedding = nn.Linear(bits, config.dim, bias=False) if bits else None
+        untied = bits and not config.tie_embeddings
+        self.code_head = nn.Linear(bits, config.dim, bias=False) if untied else None
+        self.code_context = nn.Linear(bits, width, bias=False) if bits and width else None
         self._offsets: dict[torch.device, torch.Tensor] = {}
         if not self.tok_embeddings.weight.is_meta:  # meta tensors hold no values to draw
             self.init_weights()
@@ -369,6 +397,9 @@ class VideoLM(nn.Module):
                 nn.init.normal_(
                     proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers)
                 )
+        for code in (self.code_embedding, self.code_head, self.code_context):
+            if code is not None:  # a sum of K ±1 terms: as wide a spread as one table row
+                nn.init.normal_(code.weight, mean=0.0, std=std / math.sqrt(code.in_features))
 
     def forward(
         self,
@@ -411,7 +442,7 @@ class VideoLM(nn.Module):
             )
         if cache is not None and cache.batch_size != b:
             raise ValueError(f"the KV cache holds {cache.batch_size} rows, got {b}")
-        x = self.tok_embeddings(token_ids)  # (B, L, D)
+        x = F.embedding(token_ids, self._embedding_table())  # (B, L, D)
         if self.cell_embeddings is not None:  # before cache.mark: it reads the previous write
             x = x + self._cell_embedding(token_ids, input_pos, cache)
         if cache is not None:
@@ -425,13 +456,65 @@ class VideoLM(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
         x = self.norm(x)
-        head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (V, D)
+        head = self._head_weight()  # (V, D)
         if id_range is not None:
             lo, hi = id_range
             if not 0 <= lo < hi <= head.shape[0]:
                 raise ValueError(f"id_range {id_range} is empty or outside [0, {head.shape[0]})")
             head = head[lo:hi]
         return F.linear(x, head)  # (B, L, V) or (B, L, hi − lo)
+
+    # -- tables indexed by ids (with video_code_bits: plain rows + the shared bit terms)
+
+    def _video_codes(self, like: torch.Tensor) -> torch.Tensor:
+        """Video id v's LFQ code, bit k of v as ±1: ``(V_video, K)`` in ``like``'s dtype."""
+        ids = torch.arange(self.config.vocab.video_vocab_size, device=like.device)
+        bits = torch.arange(self.config.video_code_bits, device=like.device)
+        return (((ids[:, None] >> bits) & 1) * 2 - 1).to(like.dtype)
+
+    def _with_code_terms(
+        self, table: torch.Tensor, code: nn.Linear | None, lo: int
+    ) -> torch.Tensor:
+        """``table`` ``(V', W)`` with ``code``'s bit term added to the video ids' rows, which
+        start at row ``lo``."""
+        if code is None:
+            return table
+        hi = lo + self.config.vocab.video_vocab_size
+        extra = F.linear(self._video_codes(code.weight), code.weight)  # (V_video, W)
+        return torch.cat([table[:lo], table[lo:hi] + extra.to(table.dtype), table[hi:]])
+
+    def _embedding_table(self) -> torch.Tensor:
+        """The input embedding ``(V, D)``."""
+        lo = self.config.vocab.text_vocab_size
+        return self._with_code_terms(self.tok_embeddings.weight, self.code_embedding, lo)
+
+    def _head_weight(self) -> torch.Tensor:
+        """The output head ``(V, D)``: the embedding table when tied."""
+        if self.output is None:
+            return self._embedding_table()
+        lo = self.config.vocab.text_vocab_size
+        return self._with_code_terms(self.output.weight, self.code_head, lo)
+
+    def _context_table(self) -> torch.Tensor:
+        """The local-context embedding ``(V_video + 1, C)``; its last row is "no cell"."""
+        return self._with_code_terms(self.context_embeddings.weight, self.code_context, 0)
+
+    def folded(self) -> VideoLM:
+        """This model without ``video_code_bits``: the same function, the bit terms summed into
+        the plain tables (a model without them is returned as is)."""
+        if not self.config.video_code_bits:
+            return self
+        with torch.no_grad():
+            state = {k: v for k, v in self.state_dict().items() if not k.startswith("code_")}
+            state["tok_embeddings.weight"] = self._embedding_table().detach().clone()
+            if self.output is not None:
+                state["output.weight"] = self._head_weight().detach().clone()
+            if self.context_embeddings is not None:
+                state["context_embeddings.weight"] = self._context_table().detach().clone()
+        with torch.device("meta"):
+            plain = VideoLM(dataclasses.replace(self.config, video_code_bits=0))
+        plain.load_state_dict(state, assign=True)
+        return plain.train(self.training)
 
     def _cell_embedding(
         self, token_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None
@@ -467,7 +550,7 @@ class VideoLM(nn.Module):
         """The embedded local video context of the token each position predicts: ``(B, L, D)``,
         zero before each row's BOV."""
         index, active = self.video_context_index(token_ids, input_pos, cache)  # (B, L, K), (B, L)
-        context = self.context_embeddings(index).flatten(2)  # (B, L, K·C)
+        context = F.embedding(index, self._context_table()).flatten(2)  # (B, L, K·C)
         return self.context_proj(context) * active[..., None].to(context.dtype)  # (B, L, D)
 
     def video_context_index(
@@ -577,7 +660,8 @@ class VideoLM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         from loong.pretrained import save_pretrained
 
-        save_pretrained(self, self.config, directory, kind="video_lm")
+        model = self.folded()  # an export never holds training-only parameters
+        save_pretrained(model, model.config, directory, kind="video_lm")
 
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         """Parameter count; ``exclude_embeddings`` leaves out the input embedding table."""
