@@ -21,6 +21,7 @@ TOY = {
     "tokenizer.model.quantizer.latent_dim": 6,
     "tokenizer.model.quantizer.entropy_group_bits": 6,
     "tokenizer.steps": 2,
+    "tokenizer.continuous_steps": 1,  # the recipe's warm start, then one quantized step
     "tokenizer.eval_every": 2,
     "tokenizer.eval_clips": 2,
     "tokenizer.preview_every": 1000,
@@ -38,6 +39,7 @@ TOY = {
     "lm.model.n_kv_heads": 1,
     "lm.model.vocab.text_vocab_size": 300,
     "lm.model.vocab.video_vocab_size": 64,
+    "lm.model.video_code_bits": 6,  # trained with the bit terms, bundled without them
     "lm.model.max_seq_len": 512,
     "lm.batch_size": 2,
     "lm.eval_items": 2,
@@ -98,6 +100,7 @@ def test_bundle_is_float16_self_contained_and_generates(recipe_dir, tmp_path):
         frames, _ = read_video(out)
         assert frames.shape == (24, 64, 64, 3)  # past the 9-frame clips by sliding windows
         assert next(pipe.lm.parameters()).dtype == torch.float32  # float16 on disk, cast back
+        assert pipe.lm.config.video_code_bits == 0 and pipe.lm.code_embedding is None
     finally:
         moved.rename(bundle)
 
@@ -126,6 +129,13 @@ def test_tokenizer_from_reuses_an_export_instead_of_training(recipe_dir, tmp_pat
         ids = sorted((recipe_dir / name).glob("*.npy"))
         assert ids and [p.name for p in ids] == sorted(p.name for p in (out / name).glob("*.npy"))
         assert all(np.array_equal(np.load(p), np.load(out / name / p.name)) for p in ids)
+
+
+def test_code_bits_need_an_lfq_tokenizer(tmp_path, capsys):
+    args = ["recipe", "shapes", "--out", str(tmp_path / "r"), *_sets(TOY)]
+    assert main([*args, "--set", 'tokenizer.model.quantizer.kind="cvq"']) == 2
+    err = capsys.readouterr().err
+    assert "video_code_bits" in err and "'cvq'" in err and "video_code_bits=0" in err
 
 
 def test_tokenizer_from_must_be_an_export(tmp_path, capsys):

@@ -36,7 +36,8 @@ def shapes() -> VideoLMConfig:
     """The bundled shapes-world model: ``tiny`` with a 512-id text vocabulary (the captions use
     about 60 words), room for 9 latent frames of 8×8 ids and a caption, and the local video
     context of each predicted cell (``video_context_dim``; it does not convert to
-    transformers' LLaMA). 5.8M params."""
+    transformers' LLaMA), and, in training, each video id's rows tied to its 12 LFQ code bits
+    (``video_code_bits``; folded away on export). 5.8M params."""
     return VideoLMConfig(
         dim=256,
         n_layers=4,
@@ -46,6 +47,7 @@ def shapes() -> VideoLMConfig:
         vocab=VocabConfig(text_vocab_size=512, video_vocab_size=4096, n_special=10),
         video_grid=(8, 8),
         video_context_dim=32,
+        video_code_bits=12,
     )
 
 
