@@ -88,7 +88,7 @@ def recipe_tokenizer() -> TokenizerTrainConfig:
 
 @dataclass(kw_only=True)
 class ShapesRecipeConfig:
-    tokenizer: TokenizerTrainConfig = field(default_factory=lambda: recipe_tokenizer())
+    tokenizer: TokenizerTrainConfig = field(default_factory=recipe_tokenizer)
     """Video tokenizer training (preset ``shapes``, warm-started; see :func:`recipe_tokenizer`)."""
     tokenizer_from: str = ""
     """A video tokenizer export (config.json + model.safetensors) to use instead of training one:

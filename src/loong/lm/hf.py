@@ -54,6 +54,7 @@ def to_hf_llama(model: VideoLM) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` (float32, eval mode) with ``model``'s weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    model = model.folded()  # video_code_bits' terms, if any, into the plain tables
     cfg = model.config
     if cfg.video_grid is not None:
         raise ValueError(

@@ -467,7 +467,8 @@ class VideoLM(nn.Module):
     # -- tables indexed by ids (with video_code_bits: plain rows + the shared bit terms)
 
     def _video_codes(self, like: torch.Tensor) -> torch.Tensor:
-        """Video id v's LFQ code, bit k of v as ±1: ``(V_video, K)`` in ``like``'s dtype."""
+        """Video id v's LFQ code, bit k of v as ±1 (as the tokenizer's ``LFQ.indices_to_codes``
+        gives it): ``(V_video, K)`` in ``like``'s dtype."""
         ids = torch.arange(self.config.vocab.video_vocab_size, device=like.device)
         bits = torch.arange(self.config.video_code_bits, device=like.device)
         return (((ids[:, None] >> bits) & 1) * 2 - 1).to(like.dtype)
