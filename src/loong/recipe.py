@@ -113,11 +113,12 @@ class ShapesRecipeConfig:
                 "config.json in it): give the directory `loong tokenizer train` exports to, "
                 "e.g. RUN/export, or leave it empty to train one"
             )
-        if self.lm.model.video_code_bits and self._quantizer_kind() != "lfq":
+        kind = self._quantizer_kind()
+        if self.lm.model.video_code_bits and kind != "lfq":
             raise ValueError(
                 f"lm.model.video_code_bits={self.lm.model.video_code_bits} reads video ids as "
-                f"LFQ codes, but the video tokenizer's quantizer is "
-                f"{self._quantizer_kind()!r}: add --set lm.model.video_code_bits=0"
+                f"LFQ codes, but the video tokenizer's quantizer is {kind!r}: add --set "
+                f"lm.model.video_code_bits=0"
             )
         if self.bundle_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(

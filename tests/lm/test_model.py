@@ -186,18 +186,23 @@ def test_config_validation_and_derived_sizes():
     assert config.vocab_size == 40_202
 
 
-def test_a_few_steps_lower_the_loss(make_lm):
-    model = make_lm(seed=1).train()
-    ids = random_ids(model, 2, 16)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+def train_steps(model: VideoLM, ids: torch.Tensor, opt: torch.optim.Optimizer, n: int) -> list:
+    """``n`` next-token steps on ``ids`` (B, L); the loss before each step."""
     losses = []
-    for _ in range(8):
+    for _ in range(n):
         logits = model(ids)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_a_few_steps_lower_the_loss(make_lm):
+    model = make_lm(seed=1).train()
+    ids = random_ids(model, 2, 16)
+    losses = train_steps(model, ids, torch.optim.Adam(model.parameters(), lr=3e-3), 8)
     assert losses[-1] < 0.8 * losses[0]
 
 
@@ -460,13 +465,7 @@ def test_video_code_bits_teach_ids_never_seen(make_lm, bits):
     g = torch.Generator().manual_seed(0)
     ids = seen[torch.randint(0, len(seen), (4, 16), generator=g)]
     before = model.folded().tok_embeddings.weight[unseen].detach().clone()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        logits = model(ids)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(model, ids, torch.optim.SGD(model.parameters(), lr=0.1), 3)
     moved = (model.folded().tok_embeddings.weight[unseen] - before).abs().amax(dim=1)  # (3,)
     if bits:
         assert (moved > 1e-3).all()
