@@ -27,6 +27,8 @@ TOY = {
     "tokenizer.preview_every": 1000,
     "tokenizer.data.batch_size": 2,
     "tokenizer.data.n_frames": 5,
+    "tokenizer_long.steps": 1,  # then one step on clips as long as the shards'
+    "tokenizer_long.n_frames": 9,
     # shards: a few 9-frame clips
     "shards.n_clips": 12,
     "shards.n_frames": 9,
@@ -67,7 +69,7 @@ def recipe_dir(tmp_path_factory):
 
 def test_recipe_runs_every_step_and_records_it(recipe_dir):
     state = json.loads((recipe_dir / "recipe.json").read_text())
-    assert list(state) == ["tokenizer", "shards", "lm", "bundle"]
+    assert list(state) == ["tokenizer", "tokenizer_long", "shards", "lm", "bundle"]
     assert all(step["seconds"] >= 0 for step in state.values())
     assert np.isfinite(state["lm"]["loss"]) and np.isfinite(state["tokenizer"]["eval_psnr"])
     assert 0 < state["bundle"]["megabytes"] < 1
@@ -110,15 +112,31 @@ def test_a_second_run_skips_the_finished_steps(recipe_dir, caplog):
     with caplog.at_level("INFO", logger="loong"):
         assert main(["recipe", "shapes", "--out", str(recipe_dir), *_sets(TOY)]) == 0
     assert (recipe_dir / "recipe.json").read_text() == before
-    assert sum("skipped" in r.message for r in caplog.records) == 4
+    assert sum("skipped" in r.message for r in caplog.records) == 5
+
+
+def test_the_long_clip_run_starts_from_the_first_and_is_what_ships(recipe_dir):
+    state = json.loads((recipe_dir / "recipe.json").read_text())
+    assert np.isfinite(state["tokenizer_long"]["eval_psnr"])
+    run = json.loads((recipe_dir / "tokenizer_long" / "config.json").read_text())
+    first = json.loads((recipe_dir / "tokenizer" / "config.json").read_text())
+    assert run["init_from"] == str(recipe_dir / "tokenizer" / "export")
+    assert (run["steps"], run["continuous_steps"], run["data"]["n_frames"]) == (1, 0, 9)
+    assert run["model"] == first["model"] and first["data"]["n_frames"] == 5
+    long = load_file(recipe_dir / "tokenizer_long" / "export" / "model.safetensors")
+    short = load_file(recipe_dir / "tokenizer" / "export" / "model.safetensors")
+    shipped = load_file(recipe_dir / "bundle" / "tokenizer" / "model.safetensors")
+    assert all(torch.equal(shipped[k], long[k].half()) for k in long)
+    assert not all(torch.equal(long[k], short[k]) for k in long)  # the step trained
 
 
 def test_tokenizer_from_reuses_an_export_instead_of_training(recipe_dir, tmp_path):
-    source = recipe_dir / "tokenizer" / "export"
+    source = recipe_dir / "tokenizer_long" / "export"
     out = tmp_path / "reuse"
-    sets = [*_sets(TOY), "--set", f'tokenizer_from="{source}"']
+    sets = [*_sets(TOY), "--set", f'tokenizer_from="{source}"', "--set", "tokenizer_long.steps=0"]
     assert main(["recipe", "shapes", "--out", str(out), *sets]) == 0
     assert not (out / "tokenizer" / "checkpoints").exists()  # nothing was trained
+    assert not (out / "tokenizer_long").exists()
     assert "eval_psnr" not in json.loads((out / "recipe.json").read_text())["tokenizer"]
     copied = load_file(out / "tokenizer" / "export" / "model.safetensors")
     original = load_file(source / "model.safetensors")
@@ -136,6 +154,12 @@ def test_code_bits_need_an_lfq_tokenizer(tmp_path, capsys):
     assert main([*args, "--set", 'tokenizer.model.quantizer.kind="cvq"']) == 2
     err = capsys.readouterr().err
     assert "video_code_bits" in err and "'cvq'" in err and "video_code_bits=0" in err
+
+
+def test_negative_long_clip_steps_are_refused(tmp_path, capsys):
+    args = ["recipe", "shapes", "--out", str(tmp_path / "r"), *_sets(TOY)]
+    assert main([*args, "--set", "tokenizer_long.steps=-1"]) == 2
+    assert "tokenizer_long.steps" in capsys.readouterr().err
 
 
 def test_tokenizer_from_must_be_an_export(tmp_path, capsys):

@@ -5,12 +5,15 @@ One command runs the whole pipeline on the shapes world (``specs/shapes-world.md
 1. **tokenizer** — train the ``shapes`` video tokenizer
    (:func:`~loong.train.tokenizer.train_tokenizer`), or copy an existing export
    (``tokenizer_from``);
-2. **shards** — tokenize shapes-world clips of 33 frames and stills into token shards, and train
+2. **tokenizer_long** — train it a few hundred steps more on clips as long as the LM's
+   (:class:`LongClipsConfig`), so that it encodes and decodes the same way past its training
+   clips' length;
+3. **shards** — tokenize shapes-world clips of 33 frames and stills into token shards, and train
    the BPE text tokenizer on their captions (:func:`~loong.data.shards.tokenize_dataset`); and
    a few hundred clips of other seeds as held-out shards, on which the LM's evaluation runs;
-3. **lm** — train the ``shapes`` language model with Loong's progressive short-to-long stages
+4. **lm** — train the ``shapes`` language model with Loong's progressive short-to-long stages
    and loss re-weighting (:func:`~loong.train.lm.train_lm`);
-4. **bundle** — write both models in float16 as one directory that ``loong generate`` loads
+5. **bundle** — write both models in float16 as one directory that ``loong generate`` loads
    (:func:`write_bundle`): ``lm/`` (with ``generation.json`` pointing at ``../tokenizer``) and
    ``tokenizer/``.
 
@@ -21,7 +24,7 @@ losses). Run directory::
     OUT/
       recipe.json        steps done, seconds each, final losses
       config.json        the recipe's config
-      tokenizer/ shards/ eval_shards/ lm/   the runs
+      tokenizer/ tokenizer_long/ shards/ eval_shards/ lm/   the runs
       bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
 """
 
@@ -48,12 +51,14 @@ from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
 from loong.train.tokenizer import train_tokenizer
 from loong.train.tokenizer_config import TokenizerTrainConfig, tokenizer_train_preset
-from loong.video_tokenizer.model import VideoTokenizer
+from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
 
 log = logging.getLogger("loong")
 
 RECIPE_FILE = "recipe.json"
-STEPS = ("tokenizer", "shards", "lm", "bundle")
+STEPS = ("tokenizer", "tokenizer_long", "shards", "lm", "bundle")
+TOKENIZER_METRICS = ("rec", "eval_psnr", "eval_ssim", "eval_codebook_usage", "elapsed_s")
+"""What ``recipe.json`` records of a tokenizer run: its last values in ``metrics.jsonl``."""
 EVAL_SEED = 1_000_003
 """Seed offset of the held-out clips: shapes-world item i of seed s is drawn from (s, i), so
 another seed gives other scenes."""
@@ -87,13 +92,60 @@ def recipe_tokenizer() -> TokenizerTrainConfig:
 
 
 @dataclass(kw_only=True)
+class LongClipsConfig:
+    """The recipe's second tokenizer run: the first's export trained further on long clips.
+
+    The tokenizer's causal convolutions see more past frames than its 9-frame training clips
+    hold, so on longer videos (the LM's 33-frame clips, a minute's decoding) they meet histories
+    they never trained on. One 7,200-step run drew a red and a green circle orange in much of an
+    81-frame video after frame 16, and right when the same frames came as fresh 9-frame clips;
+    400 steps on 33-frame clips brought every colour back (BENCHMARKS.md, "Long clips for the
+    tokenizer"). The run
+    copies the tokenizer step's training config with these changes, from its weights (a fresh
+    optimizer and EMA), and without a GAN phase."""
+
+    steps: int = 400
+    """Steps on long clips; 0 skips the step, and the first run's export is used as it is."""
+    n_frames: int = 33
+    """Frames a clip (1 + 4k): the LM's clips are 33 frames."""
+    lr: float = 5e-4
+    """Peak learning rate (warm-up and decay as the tokenizer step's)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"tokenizer_long.steps must be >= 0 (0 skips it), got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"tokenizer_long.lr must be > 0, got {self.lr}")
+
+    def train_config(
+        self, base: TokenizerTrainConfig, model: VideoTokenizerConfig, init_from: Path
+    ) -> TokenizerTrainConfig:
+        """``base`` (the tokenizer step's config) as this long-clip run of ``model``'s weights at
+        ``init_from``."""
+        return dataclasses.replace(
+            base,
+            model=model,
+            init_from=str(init_from),
+            steps=self.steps,
+            continuous_steps=0,
+            eval_every=self.steps,
+            data=dataclasses.replace(base.data, n_frames=self.n_frames),
+            optim=dataclasses.replace(base.optim, lr=self.lr),
+            loss=dataclasses.replace(base.loss, disc_start_step=self.steps),
+        )
+
+
+@dataclass(kw_only=True)
 class ShapesRecipeConfig:
     tokenizer: TokenizerTrainConfig = field(default_factory=recipe_tokenizer)
     """Video tokenizer training (preset ``shapes``, warm-started; see :func:`recipe_tokenizer`)."""
     tokenizer_from: str = ""
     """A video tokenizer export (config.json + model.safetensors) to use instead of training one:
     the tokenizer step copies it to ``OUT/tokenizer/export``, so an LM experiment can reuse the
-    bundled tokenizer (``src/loong/models/shapes/tokenizer``) or another run's."""
+    bundled tokenizer (``src/loong/models/shapes/tokenizer``) or another run's. The long-clip
+    step still runs on it unless ``tokenizer_long.steps=0`` (the bundled one has had it)."""
+    tokenizer_long: LongClipsConfig = field(default_factory=LongClipsConfig)
+    """The tokenizer trained further on the LM's clip length (after ``tokenizer_from`` too)."""
     shards: TokenizeConfig = field(default_factory=shapes_shards)
     """What is tokenized for the LM; ``video_tokenizer`` is filled in by the recipe."""
     eval_clips: int = 256
@@ -198,13 +250,28 @@ def run_shapes_recipe(
             log.info("recipe: tokenizer from %s, not trained", cfg.tokenizer_from)
             return {}
         train_tokenizer(cfg.tokenizer, out / "tokenizer", progress=progress)
-        keys = ("rec", "eval_psnr", "eval_ssim", "eval_codebook_usage", "elapsed_s")
-        return _last_metrics(out / "tokenizer" / "metrics.jsonl", keys)
+        return _last_metrics(out / "tokenizer" / "metrics.jsonl", TOKENIZER_METRICS)
+
+    def tokenizer_long() -> dict[str, float]:
+        if cfg.tokenizer_long.steps == 0:
+            log.info("recipe: tokenizer_long.steps=0, the tokenizer stays as trained")
+            return {}
+        if "shards" in state:  # a run from before this step: its shards are the first export's
+            log.info("recipe: shards were made before tokenizer_long existed; not run")
+            return {}
+        first = out / "tokenizer" / "export"
+        model = VideoTokenizer.from_pretrained(first).config
+        train = cfg.tokenizer_long.train_config(cfg.tokenizer, model, first)
+        train_tokenizer(train, out / "tokenizer_long", progress=progress)
+        return _last_metrics(out / "tokenizer_long" / "metrics.jsonl", TOKENIZER_METRICS)
+
+    def video_tokenizer() -> Path:
+        """The export the shards and the bundle use: the long-clip run's when there is one."""
+        long = out / "tokenizer_long" / "export"
+        return long if (long / "config.json").is_file() else out / "tokenizer" / "export"
 
     def shards() -> None:
-        tokenize = dataclasses.replace(
-            cfg.shards, video_tokenizer=str(out / "tokenizer" / "export")
-        )
+        tokenize = dataclasses.replace(cfg.shards, video_tokenizer=str(video_tokenizer()))
         tokenize_dataset(tokenize, out / "shards", progress=progress)
         if cfg.eval_clips:
             held_out = dataclasses.replace(
@@ -224,14 +291,14 @@ def run_shapes_recipe(
     def bundle() -> dict[str, float]:
         lm_dir = write_bundle(
             out / "lm" / "export",
-            out / "tokenizer" / "export",
+            video_tokenizer(),
             out / "bundle",
             dtype=getattr(torch, cfg.bundle_dtype),
         )
         size = sum(f.stat().st_size for f in lm_dir.parent.rglob("*") if f.is_file())
         return {"megabytes": round(size / 2**20, 2)}
 
-    for name, run in zip(STEPS, (tokenizer, shards, lm, bundle), strict=True):
+    for name, run in zip(STEPS, (tokenizer, tokenizer_long, shards, lm, bundle), strict=True):
         step(name, run)
     total = sum(state[name]["seconds"] for name in STEPS)
     log.info("recipe: done in %.1f min; bundle %s", total / 60, out / "bundle")
