@@ -259,8 +259,8 @@ def run_shapes_recipe(
         if cfg.tokenizer_long.steps == 0:
             log.info("recipe: tokenizer_long.steps=0, the tokenizer stays as trained")
             return {}
-        if "shards" in state:  # a run from before this step: its shards are the first export's
-            log.info("recipe: shards were made before tokenizer_long existed; not run")
+        if "shards" in state:  # the shards were made from the first export: keep them as they are
+            log.info("recipe: shards made without tokenizer_long; not run (use a new --out)")
             return {}
         first = out / "tokenizer" / "export"
         model = VideoTokenizer.from_pretrained(first).config
