@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from loong.data.shapes import parse_caption, render
-from loong.evaluate.bench import CANONICAL_PROMPTS, tensor_to_frames
+from loong.data.video import frames_to_tensor, tensor_to_frames
+from loong.evaluate.bench import CANONICAL_PROMPTS
 from loong.evaluate.fidelity import measure_frame
 from loong.video_tokenizer.model import VideoTokenizer
 
@@ -44,9 +45,10 @@ def report(directory: str, tokenizer: VideoTokenizer, n_frames: int, clip: int) 
     print(f"{'prompt':52s} {'colour, one pass':>16s} {'colour, clips':>14s} {'same ids':>9s}")
     totals = []
     for prompt in CANONICAL_PROMPTS:
-        colour = parse_caption(prompt).objects[0].colour
-        frames = render(parse_caption(prompt), seed=0, n_frames=n_frames, height=64, width=64)
-        video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        scene = parse_caption(prompt)
+        colour = scene.objects[0].colour
+        frames = render(scene, seed=0, n_frames=n_frames, height=64, width=64)
+        video = frames_to_tensor(frames)[None]  # (1, C, T, H, W)
         with torch.no_grad():
             ids = tokenizer.encode(video)  # (1, t, h, w)
             whole = tensor_to_frames(tokenizer.decode(ids)[0])
