@@ -113,6 +113,30 @@ def test_unknown_set_keys_are_rejected_before_training(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+        ("steps=1.5", "steps must be an integer, got 1.5"),
+        ("model.local_encoder=maybe", "model.local_encoder must be true or false, got 'maybe'"),
+        ("loss.reconstruction=1", "loss.reconstruction must be a string, got 1"),
+    ],
+)
+def test_set_values_of_the_wrong_type_are_rejected_by_name(tmp_path, capsys, setting, message):
+    args = ["tokenizer", "train", "--preset", "shapes", "--set", setting]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_rejects_a_sampling_setting_of_the_wrong_type(tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    args = ["generate", "a red circle moves right", "--seconds", "1", "--out", str(out)]
+    assert main([*args, "--set", "reencode=maybe"]) == 2
+    assert "reencode must be true or false, got 'maybe'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_info_prints_the_parameter_count_of_the_paper_preset(capsys):
     assert main(["tokenizer", "info", "--preset", "loong-246m"]) == 0
     count = re.search(r"([\d,]+) parameters", capsys.readouterr().out).group(1)

@@ -1,14 +1,16 @@
 """Typed configs: dataclasses ↔ dicts, TOML files and ``--set a.b=1`` overrides.
 
 A run's config is resolved as preset → optional TOML file → ``--set`` overrides. Every step
-rebuilds the dataclasses, so each ``__post_init__`` validates the final values, and unknown keys
-are errors that list the keys that exist.
+rebuilds the dataclasses, so each ``__post_init__`` validates the final values, unknown keys
+are errors that list the keys that exist, and a value of the wrong plain type (``reencode=maybe``
+for a bool, ``steps=1.5`` for an int) is an error that names the key and the type it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +33,30 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+_PLAIN = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _plain_type_error(hint: Any, value: Any) -> str | None:
+    """What a value of a plain field (bool, int, float, str, or one of them or None) must be,
+    when ``value`` is not that; None when it fits or the field is not plain."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if typing.get_origin(hint) is typing.Union:
+        options = typing.get_args(hint)
+    plain = [t for t in options if t is not type(None)]
+    if len(plain) != 1 or plain[0] not in _PLAIN:
+        return None
+    kind, optional = plain[0], len(options) == 2
+    if value is None and optional:
+        return None
+    fits = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    return None if fits else _PLAIN[kind]
+
+
 def config_from_dict(cls: type[C], data: dict[str, Any], *, where: str = "") -> C:
     """Build dataclass ``cls`` from ``data``, recursing into nested configs; unknown keys raise."""
     hints = typing.get_type_hints(cls)
@@ -48,6 +74,8 @@ def config_from_dict(cls: type[C], data: dict[str, Any], *, where: str = "") -> 
             value = config_from_dict(hint, value, where=f"{where}{name}.")
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
+        elif (need := _plain_type_error(hint, value)) is not None:
+            raise ValueError(f"{where}{name} must be {need}, got {value!r}")
         kwargs[name] = value
     return cls(**kwargs)
 
