@@ -124,6 +124,31 @@ def test_first_window_is_what_generate_video_tokens_samples(pipe):
         assert torch.equal(torch.cat(list(frames)), reference)
 
 
+def test_the_model_says_whether_windows_reencode_and_the_config_overrides_it(
+    model_dir, monkeypatch
+):
+    path = model_dir / "generation.json"
+    meta = json.loads(path.read_text())
+    del meta["reencode"]
+    path.write_text(json.dumps(meta))
+    assert TextToVideo.from_pretrained(model_dir).reencode is True  # absent: Loong's way
+    path.write_text(json.dumps(meta | {"reencode": False}))
+    pipe = TextToVideo.from_pretrained(model_dir)
+    assert pipe.reencode is False
+    encoded = []
+    original_encode = pipe.video_tokenizer.encode
+    monkeypatch.setattr(
+        pipe.video_tokenizer, "encode", lambda v: encoded.append(v) or original_encode(v)
+    )
+    cfg = config(seconds=25 / FPS, window_latents=2, new_latents_per_window=1)
+    assert cfg.reencode is None
+    by_default = pipe(PROMPT, cfg)
+    assert not encoded
+    assert np.array_equal(by_default, pipe(PROMPT, dataclasses.replace(cfg, reencode=False)))
+    pipe(PROMPT, dataclasses.replace(cfg, reencode=True))
+    assert len(encoded) == 4  # one fresh clip per window after the first
+
+
 class TextLovingLM(VideoLM):
     """Logits that favour text and special ids by a wide margin."""
 

@@ -92,6 +92,7 @@ def test_bundle_is_float16_self_contained_and_generates(recipe_dir, tmp_path):
         assert {str(w.dtype) for w in weights.values()} == {"torch.float16"}
     meta = json.loads((bundle / "lm" / "generation.json").read_text())
     assert meta["video_tokenizer"] == "../tokenizer" and meta["clip_latents"] == 3
+    assert meta["reencode"] is False  # the recipe's measured default (ShapesRecipeConfig)
     moved = tmp_path / "elsewhere"
     bundle.rename(moved)  # the bundle names nothing outside itself
     try:
@@ -172,11 +173,11 @@ def test_bench_fidelity_on_the_toy_bundle_writes_table_json_and_plot(recipe_dir,
     out = tmp_path / "bench"
     args = ["bench", "fidelity", "--model", str(recipe_dir / "bundle" / "lm"), "--out", str(out)]
     args += ["--prompt", "a red circle moves right", "--seconds", "4", "--seeds", "0", "1"]
-    args += ["--set", "span_seconds=2.0", "--set", "generate.reencode=false"]
+    args += ["--set", "span_seconds=2.0", "--set", "generate.reencode=true"]  # bundle: off
     assert main(args) == 0
     result = json.loads((out / "fidelity.json").read_text())
     assert len(result["videos"]) == 2 and len(result["mean_spans"]) == 2
-    assert result["config"]["generate"]["reencode"] is False
+    assert result["config"]["generate"]["reencode"] is True
     assert all(0.0 <= x <= 1.0 for x in result["mean_spans"])
     assert (out / "fidelity.png").stat().st_size > 1000
     assert "a red circle moves right (1)" in capsys.readouterr().out

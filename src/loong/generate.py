@@ -19,7 +19,9 @@ the prefix sees 1 frame, not 4, of the oldest generated latent (3 frames of cont
 decoded frames are re-encoded as floats, before rounding to uint8. The prefix is LM context only:
 the streaming decoder keeps decoding the *generated* latent frames, so the output is one
 continuous decode. With ``reencode=False`` the generated ids of the last ``n`` latents are the
-prefix as they are.
+prefix as they are. Which is better depends on the model: ``GenerateConfig.reencode=None`` (the
+default) takes the model's own ``reencode`` from ``generation.json`` (on when absent); the bundled
+shapes model keeps its objects better over a minute without it (BENCHMARKS.md).
 
 **generation.json** (written by the training side next to the LM export; see
 :class:`GenerationMetadata`, whose :meth:`~GenerationMetadata.write` produces it)::
@@ -33,8 +35,10 @@ prefix as they are.
         "latent_grid": [16, 16],                    required: tokens per latent frame (h, w)
         "clip_latents": 17,                         required: trained clip length, latent frames
         "fps": 6.5,                                 optional: frame rate of the training clips
-        "frame_size": [128, 128]                    optional: (H, W) of the training clips;
-      }                                              checked against latent_grid × compression
+        "frame_size": [128, 128],                   optional: (H, W) of the training clips;
+                                                    checked against latent_grid × compression
+        "reencode": true                            optional: the model's default for
+      }                                              GenerateConfig.reencode (absent: true)
 
 Unknown keys are errors. Length: a video of ``seconds`` at ``fps`` has exactly
 ``round(seconds · fps)`` frames; the model samples at its trained rate ``1 + 4(t − 1)`` frames
@@ -112,6 +116,10 @@ class GenerationMetadata:
     """Frame rate of the training clips; None leaves it to ``GenerateConfig.fps``."""
     frame_size: tuple[int, int] | None = None
     """``(H, W)`` of the training clips; None derives it from the grid and the tokenizer."""
+    reencode: bool = True
+    """Whether a sliding window re-encodes its context by default with this model
+    (``GenerateConfig.reencode=None``): Loong's way is on; a model whose minutes measure better
+    without it says so here."""
 
     def __post_init__(self) -> None:
         self.latent_grid = tuple(self.latent_grid)
@@ -171,8 +179,9 @@ class GenerateConfig:
     or half the trained length when window_latents is None too."""
     window_latents: int | None = None
     """Latent frames of context a sliding window keeps; None: trained length − new latents."""
-    reencode: bool = True
-    """Re-encode the window's context frames as a fresh clip (Loong); False reuses the ids."""
+    reencode: bool | None = None
+    """Re-encode the window's context frames as a fresh clip (Loong); False reuses the ids;
+    None: the model's default (``generation.json`` ``reencode``, on when absent)."""
     speculate: int = 64
     """Most draft ids per decode step, copied from the latent frame before (speculative
     decoding: the same distribution as plain sampling, faster where frames repeat); 0 is off."""
@@ -338,6 +347,7 @@ class TextToVideo:
         grid: tuple[int, int],
         trained_latents: int,
         fps: float | None = None,
+        reencode: bool = True,
     ) -> None:
         vocab_cfg = lm.config.vocab
         if vocab_cfg.video_vocab_size != video_tokenizer.config.vocab_size:
@@ -368,6 +378,8 @@ class TextToVideo:
         self.grid = (h, w)
         self.trained_latents = trained_latents
         self.fps = fps
+        self.reencode = reencode
+        """What ``GenerateConfig.reencode=None`` means for this model."""
 
     @classmethod
     def from_pretrained(
@@ -418,6 +430,7 @@ class TextToVideo:
             grid=meta.latent_grid,
             trained_latents=meta.clip_latents,
             fps=meta.fps,
+            reencode=meta.reencode,
         )
 
     @property
@@ -521,6 +534,7 @@ class TextToVideo:
         # 1. check the prompt and the length; plan the windows
         text_ids = self.encode_prompt(prompt, config)
         plan = self.plan(config)
+        reencode = self.reencode if config.reencode is None else config.reencode
 
         # 2. prompts: [BOS] text [BOV], and the empty caption [BOS] [BOV] for guidance
         cond = self.vocab.layout(text_ids, None).token_ids.to(device)  # (L,)
@@ -558,7 +572,7 @@ class TextToVideo:
                     del recent_ids[: -plan.window_latents]
                     indices = self.vocab.ids_to_video(ids, (h, w))[None]  # (1, 1, h, w)
                     video = decoder(indices)  # (1, C, 1 or 4, H, W)
-                    if config.reencode and plan.n_latents > plan.first_window:
+                    if reencode and plan.n_latents > plan.first_window:
                         recent_video = (
                             video
                             if recent_video is None

@@ -158,6 +158,11 @@ class ShapesRecipeConfig:
     """Language model training (preset ``shapes``); ``data.shards`` is filled in by the recipe."""
     bundle_dtype: str = "float16"
     """Weight dtype of the bundle: "float16", "bfloat16" or "float32"."""
+    reencode: bool = False
+    """The bundle's default for the sliding window's video-token re-encoding (its
+    ``generation.json``). Off: with the preset's LM, windows of one-minute videos passed all
+    checks about twice as often without it, as its objects grew with it (BENCHMARKS.md, "Prompt
+    fidelity"); ``loong generate --set reencode=true`` turns it on for one run."""
 
     def __post_init__(self) -> None:
         if self.eval_clips < 0:
@@ -194,11 +199,13 @@ def write_bundle(
     out: str | Path,
     *,
     dtype: torch.dtype = torch.float16,
+    reencode: bool | None = None,
 ) -> Path:
     """An LM export and its video tokenizer as one self-contained directory ``out``.
 
     ``out/lm`` holds the LM (weights cast to ``dtype``), its ``tokenizer.json`` and a
-    ``generation.json`` whose ``video_tokenizer`` is ``../tokenizer``; ``out/tokenizer`` holds the
+    ``generation.json`` whose ``video_tokenizer`` is ``../tokenizer`` (and whose ``reencode`` is
+    ``reencode``, unless None keeps the export's); ``out/tokenizer`` holds the
     video tokenizer. Loading casts the weights back to float32. Returns ``out/lm``, the
     directory ``loong generate --model`` takes.
     """
@@ -210,6 +217,8 @@ def write_bundle(
     VideoTokenizer.from_pretrained(tokenizer_dir).to(dtype).save_pretrained(tmp / "tokenizer")
     shutil.copyfile(lm_dir / TOKENIZER_FILE, tmp / "lm" / TOKENIZER_FILE)
     meta.video_tokenizer = "../tokenizer"
+    if reencode is not None:
+        meta.reencode = reencode
     meta.write(tmp / "lm")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the bundle appears whole or not at all
@@ -297,6 +306,7 @@ def run_shapes_recipe(
             video_tokenizer(),
             out / "bundle",
             dtype=getattr(torch, cfg.bundle_dtype),
+            reencode=cfg.reencode,
         )
         size = sum(f.stat().st_size for f in lm_dir.parent.rglob("*") if f.is_file())
         return {"megabytes": round(size / 2**20, 2)}

@@ -125,6 +125,10 @@ def run_fidelity_bench(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.source != "world" and pipe is None:
         raise ValueError(f"source {cfg.source!r} needs a model: pass pipe=TextToVideo(...)")
+    if pipe is not None and cfg.generate.reencode is None:  # the JSON says what ran
+        cfg = dataclasses.replace(
+            cfg, generate=dataclasses.replace(cfg.generate, reencode=pipe.reencode)
+        )
     fps = pipe.plan(dataclasses.replace(cfg.generate, seconds=cfg.seconds)).fps if pipe else 8.0
     size = pipe.grid[1] * pipe.video_tokenizer.config.spatial_compression if pipe else 64
     n_frames = round(cfg.seconds * fps)
