@@ -161,8 +161,9 @@ class ShapesRecipeConfig:
     reencode: bool = False
     """The bundle's default for the sliding window's video-token re-encoding (its
     ``generation.json``). Off: with the preset's LM, windows of one-minute videos passed all
-    checks about twice as often without it, as its objects grew with it (BENCHMARKS.md, "Prompt
-    fidelity"); ``loong generate --set reencode=true`` turns it on for one run."""
+    checks about twice as often without it, as its objects grew with it (BENCHMARKS.md, "The
+    recipe with a 5,000-step last LM stage"); ``loong generate --set reencode=true`` turns it
+    on for one run."""
 
     def __post_init__(self) -> None:
         if self.eval_clips < 0:
