@@ -132,6 +132,9 @@ def test_the_model_says_whether_windows_reencode_and_the_config_overrides_it(
     del meta["reencode"]
     path.write_text(json.dumps(meta))
     assert TextToVideo.from_pretrained(model_dir).reencode is True  # absent: Loong's way
+    path.write_text(json.dumps(meta | {"reencode": "no"}))
+    with pytest.raises(ValueError, match=r"generation\.json: reencode must be true or false"):
+        TextToVideo.from_pretrained(model_dir)
     path.write_text(json.dumps(meta | {"reencode": False}))
     pipe = TextToVideo.from_pretrained(model_dir)
     assert pipe.reencode is False

@@ -39,9 +39,8 @@ _PLAIN = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 def _plain_type_error(hint: Any, value: Any) -> str | None:
     """What a value of a plain field (bool, int, float, str, or one of them or None) must be,
     when ``value`` is not that; None when it fits or the field is not plain."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if typing.get_origin(hint) is typing.Union:
-        options = typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
     plain = [t for t in options if t is not type(None)]
     if len(plain) != 1 or plain[0] not in _PLAIN:
         return None
