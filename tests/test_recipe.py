@@ -183,6 +183,15 @@ def test_bench_fidelity_on_the_toy_bundle_writes_table_json_and_plot(recipe_dir,
     assert "a red circle moves right (1)" in capsys.readouterr().out
 
 
+def test_bench_fidelity_records_the_models_own_reencode_setting(recipe_dir, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", "fidelity", "--model", str(recipe_dir / "bundle" / "lm"), "--out", str(out)]
+    args += ["--prompt", "a red circle moves right", "--seconds", "2", "--seeds", "0"]
+    assert main(args) == 0  # no generate.reencode: the bundle's generation.json decides
+    result = json.loads((out / "fidelity.json").read_text())
+    assert result["config"]["generate"]["reencode"] is False
+
+
 def test_bench_fidelity_scores_the_worlds_own_videos_one(tmp_path, capsys):
     out = tmp_path / "world"
     args = ["bench", "fidelity", "--source", "world", "--seconds", "20", "--out", str(out)]
