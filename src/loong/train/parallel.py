@@ -5,7 +5,9 @@ The models stay pure ``nn.Module`` files; a training loop builds one, then calls
 
 1. activation checkpointing: each block is wrapped so that its activations are recomputed in the
    backward pass instead of stored (the wrapper keeps state-dict keys unchanged);
-2. compilation: ``block.compile()``, in place, so no ``_orig_mod.`` appears in any key;
+2. compilation: ``block.compile()``, in place, so no ``_orig_mod.`` appears in any key; on a
+   CPU only where inductor can build its C++ kernels (:func:`cpu_can_compile`), else eager with
+   a warning, so that a run asked to compile never fails on a machine without a compiler;
 3. FSDP2: ``fully_shard`` on each block, then on the root, with bf16 parameters and fp32 gradient
    reduction when asked for on a GPU; or DDP around the whole model.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,8 @@ from loong.train.dist import is_distributed, world_size
 from loong.video_tokenizer.causal_conv import CausalConv3d, StreamCache
 from loong.video_tokenizer.discriminator import Discriminator3D
 from loong.video_tokenizer.model import VideoTokenizer
+
+log = logging.getLogger("loong")
 
 MODES = ("none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "fp32")
@@ -53,6 +58,23 @@ def cpu_has_bf16() -> bool:
     return any(f is not None and f() for f in check)
 
 
+@functools.cache
+def cpu_can_compile() -> bool:
+    """Whether inductor builds and runs a CPU kernel here (it needs a C++ compiler); tried once,
+    on a two-element tensor, a few seconds the first time (then inductor's cache answers)."""
+    try:
+        out = torch.compile(lambda x: torch.relu(x) * 2 + 1, fullgraph=True)(torch.ones(2))
+    except Exception as error:  # any failure of the toolchain means: run eager
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning(
+            "parallel.compile: torch.compile cannot build CPU kernels here (%s); the model "
+            "trains eager. Install a C++ compiler (or set CXX) to compile it.",
+            reason,
+        )
+        return False
+    return bool(torch.equal(out, torch.full((2,), 3.0)))
+
+
 @dataclass(kw_only=True)
 class ParallelConfig:
     mode: str = "none"
@@ -61,7 +83,8 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them."""
     compile: bool = False
-    """torch.compile each block (in place; state-dict keys do not change)."""
+    """torch.compile each block (in place; state-dict keys do not change). On a CPU without a
+    working C++ toolchain (:func:`cpu_can_compile`) the blocks stay eager, with a warning."""
     mixed_precision: str = "bf16"
     """"bf16": bf16 compute with fp32 weights and gradient reduction, on CUDA only (FSDP2's
     parameter casts under "fsdp", :func:`autocast` otherwise); "fp32": none. CPU runs follow
@@ -110,7 +133,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
             parent[i] = _checkpointed(parent[i])
 
     # 2. compilation, block by block and in place
-    if cfg.compile:
+    if cfg.compile and (device.type != "cpu" or cpu_can_compile()):
         for parent, i in blocks:
             parent[i].compile()
 
