@@ -4,6 +4,9 @@ with the same global batch; activation checkpointing changes neither loss nor gr
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import run_ranks, tiny_lm
 
+from loong.train import parallel
 from loong.train.dist import all_reduce_mean, rank
 from loong.train.parallel import (
     ParallelConfig,
@@ -170,7 +174,8 @@ def test_discriminator_blocks_are_checkpointed_with_the_same_gradients():
 # --- keys, wrappers, errors -----------------------------------------------------------------
 
 
-def test_checkpointed_and_compiled_model_saves_under_the_plain_keys():
+def test_checkpointed_and_compiled_model_saves_under_the_plain_keys(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_can_compile", lambda: True)
     plain = tiny_lm().state_dict()
     cfg = ParallelConfig(activation_checkpointing=True, compile=True)
     model = parallelize(tiny_lm(seed=1), cfg, CPU)  # compiled lazily: nothing runs here
@@ -228,6 +233,34 @@ def test_cpu_mixed_precision_computes_the_forward_in_bf16_with_fp32_gradients():
         g16 = grads["bf16"][name]
         assert g16.dtype == torch.float32
         assert (g16 - g32).norm() <= 0.05 * g32.norm() + 1e-6, name
+
+
+def test_compile_stays_eager_on_a_cpu_that_cannot_build_kernels(monkeypatch):
+    monkeypatch.setattr(parallel, "cpu_can_compile", lambda: False)
+    model = parallelize(tiny_lm(), ParallelConfig(compile=True), CPU)
+    assert all(layer._compiled_call_impl is None for layer in model.layers)
+    ids = batch(0, 0, model.config.vocab_size)
+    assert torch.isfinite(lm_loss(model, ids))
+
+
+def test_cpu_can_compile_says_no_and_why_without_a_cxx_compiler(tmp_path):
+    """A fresh process with CXX pointing nowhere and an empty inductor cache (a cached kernel
+    would need no compiler)."""
+    code = (
+        "import logging; logging.basicConfig();"
+        "from loong.train.parallel import cpu_can_compile; print('answer', cpu_can_compile())"
+    )
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-c++"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "answer False" in done.stdout
+    assert "parallel.compile" in done.stderr and "trains eager" in done.stderr
 
 
 @pytest.mark.slow
