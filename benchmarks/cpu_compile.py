@@ -1,0 +1,132 @@
+"""CPU training speed of the ``shapes`` LM with its blocks compiled (``parallel.compile``) or eager.
+
+One process, the same threads, weights and inputs: two copies of the ``shapes`` LM preset from
+the same seed, one through ``parallelize`` with ``compile=True`` and one without, both under the
+preset's ``cpu_mixed_precision="auto"`` (bf16 on CPUs with native bf16). A step is forward +
+backward + AdamW on a batch ``(B, 16 + 64·t)`` of random ids (a caption and t latent frames of
+8×8 ids), for each t of the recipe's last stage (1, 5, 9). The first two steps of each length
+are untimed (inductor compiles there; their wall time is reported as ``compile_s``); then
+eager and compiled steps alternate, the order flipped every round, so that both share the
+machine's noise. Medians per length, and the mean over the last stage's length mixture
+(weights 1, 2, 4), are printed with the ratio eager / compiled (> 1: compiled is faster).
+
+    .venv/bin/python benchmarks/cpu_compile.py --json runs/cpu_compile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import block_network, cpu_model
+from loong.lm.model import VideoLM
+from loong.train.parallel import ParallelConfig, autocast, cpu_can_compile, parallelize
+
+CPU = torch.device("cpu")
+LAST_STAGE = {1: 1, 5: 2, 9: 4}
+"""The ``shapes`` preset's last stage: latent lengths and their weights."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--batch", type=int, default=8, help="the preset's batch size")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def lm_step(compile_blocks: bool) -> Callable[[torch.Tensor], float]:
+    """A training step of the ``shapes`` LM on ``ids``; returns the loss."""
+    torch.manual_seed(0)
+    cfg = ParallelConfig(cpu_mixed_precision="auto", compile=compile_blocks)
+    model = parallelize(VideoLM.from_preset("shapes"), cfg, CPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids: torch.Tensor) -> float:
+        with autocast(cfg, CPU):
+            logits = model(ids)  # (B, L, V)
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    block_network("cpu_compile")
+    if not cpu_can_compile():
+        raise SystemExit("cpu_compile: inductor cannot build CPU kernels here (see the warning)")
+    result: dict[str, object] = {
+        "date": dt.datetime.now().isoformat(timespec="minutes"),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    print(f"{result['cpu']}, {result['threads']} threads, torch {result['torch']}")
+    steps = {"eager": lm_step(False), "compiled": lm_step(True)}
+    vocab = VideoLM.from_preset("shapes").config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    batches = {
+        t: torch.randint(vocab, (args.batch, 16 + 64 * t), generator=gen) for t in LAST_STAGE
+    }
+    per_length: dict[int, dict[str, float]] = {}
+    for t, ids in batches.items():
+        first: dict[str, float] = {}
+        warm: dict[str, float] = {}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            first[name] = step(ids)
+            step(ids)
+            warm[name] = time.perf_counter() - start
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for r in range(args.repeats):
+            for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+                start = time.perf_counter()
+                steps[name](ids)
+                times[name].append(time.perf_counter() - start)
+        eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
+        per_length[t] = {
+            "eager_s": eager,
+            "compiled_s": compiled,
+            "ratio": eager / compiled,
+            "compile_s": warm["compiled"] - 2 * compiled,
+            "first_loss_eager": first["eager"],
+            "first_loss_compiled": first["compiled"],
+        }
+        print(
+            f"t={t} L={ids.shape[1]:4d}  eager {eager:.3f} s  compiled {compiled:.3f} s  "
+            f"eager/compiled {eager / compiled:.2f}x  first two compiled steps "
+            f"{warm['compiled']:.1f} s  first loss {first['eager']:.4f} / {first['compiled']:.4f}"
+        )
+    weight = sum(LAST_STAGE.values())
+    mix = {
+        name: sum(LAST_STAGE[t] * per_length[t][f"{name}_s"] for t in LAST_STAGE) / weight
+        for name in ("eager", "compiled")
+    }
+    print(
+        f"last stage mixture (t 1/5/9, weights 1/2/4): eager {mix['eager']:.3f} s  "
+        f"compiled {mix['compiled']:.3f} s  eager/compiled {mix['eager'] / mix['compiled']:.2f}x"
+    )
+    result["lengths"] = {str(t): v for t, v in per_length.items()}
+    result["last_stage"] = {**mix, "ratio": mix["eager"] / mix["compiled"]}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
