@@ -68,7 +68,10 @@ def shapes_shards() -> TokenizeConfig:
     """Shapes-world clips of 33 frames (t = 9): 4 s at 8 fps, cropped to t = 5 and 1 in training.
 
     8,000 clips: the LM sees each about three times. With 3,000 (about nine times each) its
-    loss on fresh clips was 14% above that on its training clips (BENCHMARKS.md)."""
+    loss on fresh clips was 14% above that on its training clips (BENCHMARKS.md). One clip at a
+    time: on a CPU the encoder is bound by memory traffic (padding, SiLU and norms over whole
+    batches), and with 16 clips at once the step took 10.4 min instead of 4.9, for the same ids
+    (all but one of about 4.2 million; BENCHMARKS.md)."""
     return TokenizeConfig(
         source="shapes",
         n_clips=8000,
@@ -78,6 +81,7 @@ def shapes_shards() -> TokenizeConfig:
         still_share=0.1,
         n_paraphrases=2,
         text_vocab_size=512,
+        batch_size=1,
     )
 
 

@@ -213,19 +213,20 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         # in half the videos. Wiping object cells (data.context_erase) made them grow instead;
         # spilling object ids into the background (data.context_spill) kept their size but
         # made them jitter; see BENCHMARKS.md. bf16 on CPUs that compute in it natively:
-        # the same held-out losses, about 1.3× faster (compiled blocks: 1.14× on a lone step,
-        # no faster over a whole run; BENCHMARKS.md). A long last stage
-        # (5,000 steps): with 2,000 the held-out loss was still falling, and 3,000 more lifted
-        # the windows passing all checks by 40% in the first ten seconds and 50% over the
-        # minute (BENCHMARKS.md).
+        # the same held-out losses, about 1.3× faster. Compiled blocks: 1.14× a step alone, no
+        # gain shown over a whole run, and the bundle was trained so (eager where inductor has
+        # no C++ compiler). A long last stage (6,500 steps): with 2,000 the held-out loss was
+        # still falling; 5,000 lifted the windows passing all checks by 40% in the first ten
+        # seconds and 50% over the minute, and two runs of 6,500 lifted them again, by 11-13%
+        # in the first ten seconds and 11-25% over the minute (BENCHMARKS.md).
         return LMTrainConfig(
             model=model,
             data=LMDataConfig(alternate_caption_prob=0.2, context_noise=0.2),
-            parallel=ParallelConfig(cpu_mixed_precision="auto"),
+            parallel=ParallelConfig(cpu_mixed_precision="auto", compile=True),
             stages=(
                 StageConfig(name="image", steps=400, lengths=(1,)),
                 StageConfig(name="short", steps=900, lengths=(1, 5), weights=(1, 3)),
-                StageConfig(name="long", steps=5000, lengths=(1, 5, 9), weights=(1, 2, 4)),
+                StageConfig(name="long", steps=6500, lengths=(1, 5, 9), weights=(1, 2, 4)),
             ),
             loss=LossWeightConfig(short_frames=5),
             optim=OptimConfig(lr=1e-3, warmup_steps=100, weight_decay=0.0),
