@@ -25,13 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import block_network, cpu_model
+from cpu_precision import CPU, lm_train_step
 from loong.lm.model import VideoLM
-from loong.train.parallel import ParallelConfig, autocast, cpu_can_compile, parallelize
+from loong.train.parallel import ParallelConfig, cpu_can_compile, parallelize
 
-CPU = torch.device("cpu")
 LAST_STAGE = {1: 1, 5: 2, 9: 4}
 """The ``shapes`` preset's last stage: latent lengths and their weights."""
 
@@ -50,17 +49,7 @@ def lm_step(compile_blocks: bool) -> Callable[[torch.Tensor], float]:
     cfg = ParallelConfig(cpu_mixed_precision="auto", compile=compile_blocks)
     model = parallelize(VideoLM.from_preset("shapes"), cfg, CPU)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step(ids: torch.Tensor) -> float:
-        with autocast(cfg, CPU):
-            logits = model(ids)  # (B, L, V)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return lambda ids: lm_train_step(model, opt, cfg, ids)
 
 
 def main(argv: list[str] | None = None) -> int:

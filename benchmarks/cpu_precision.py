@@ -60,23 +60,27 @@ def precision(bf16: bool) -> ParallelConfig:
     return ParallelConfig(cpu_mixed_precision="bf16" if bf16 else "fp32")
 
 
+def lm_train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: ParallelConfig, ids: torch.Tensor
+) -> float:
+    """Forward under ``cfg``'s autocast, next-token cross-entropy on the logits in fp32, backward,
+    AdamW; returns the loss. ``ids``: ``(B, L)``."""
+    with autocast(cfg, CPU):
+        logits = model(ids)  # (B, L, V)
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def lm_step(batch: int, length: int) -> Callable[[bool], float]:
     """A training step of the ``shapes`` LM; returns the loss."""
     torch.manual_seed(0)
     model = VideoLM.from_preset("shapes")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(model.config.vocab_size, (batch, length))
-
-    def step(bf16: bool) -> float:
-        with autocast(precision(bf16), CPU):
-            logits = model(ids)  # (B, L, V)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return lambda bf16: lm_train_step(model, opt, precision(bf16), ids)
 
 
 def tokenizer_step(batch: int, frames: int) -> Callable[[bool], float]:
