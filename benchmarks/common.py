@@ -1,7 +1,10 @@
-"""Helpers the benchmark scripts share: the machine's CPU name, and a network guard."""
+"""Helpers the benchmark scripts share: the machine's CPU name and versions, a JSON writer and
+a network guard."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import platform
 import socket
 from pathlib import Path
@@ -26,3 +29,23 @@ def block_network(name: str) -> None:
     socket.socket.connect = refuse  # type: ignore[method-assign]
     socket.socket.connect_ex = refuse  # type: ignore[method-assign]
     socket.create_connection = refuse  # type: ignore[assignment]
+
+
+def machine() -> dict[str, object]:
+    """When and where a benchmark ran: date, CPU, torch's threads, torch and Python versions."""
+    import torch
+
+    return {
+        "date": dt.datetime.now().isoformat(timespec="minutes"),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_json(path: Path | None, result: dict[str, object]) -> None:
+    """Write ``result`` to ``path`` (its folder made), if a path was given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,9 +16,6 @@ machine's noise. Medians per length, and the mean over the last stage's length m
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import block_network, cpu_model
+from common import block_network, machine, write_json
 from cpu_precision import CPU, lm_train_step
 from loong.lm.model import VideoLM
 from loong.train.parallel import ParallelConfig, cpu_can_compile, parallelize
@@ -57,13 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     block_network("cpu_compile")
     if not cpu_can_compile():
         raise SystemExit("cpu_compile: inductor cannot build CPU kernels here (see the warning)")
-    result: dict[str, object] = {
-        "date": dt.datetime.now().isoformat(timespec="minutes"),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    result: dict[str, object] = machine()
     print(f"{result['cpu']}, {result['threads']} threads, torch {result['torch']}")
     steps = {"eager": lm_step(False), "compiled": lm_step(True)}
     vocab = VideoLM.from_preset("shapes").config.vocab_size
@@ -111,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result["lengths"] = {str(t): v for t, v in per_length.items()}
     result["last_stage"] = {**mix, "ratio": mix["eager"] / mix["compiled"]}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -23,9 +23,6 @@ weights, are printed too.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import block_network, cpu_model
+from common import block_network, machine, write_json
 from loong.lm.model import VideoLM
 from loong.train.parallel import ParallelConfig, autocast, cpu_has_bf16
 from loong.video_tokenizer.model import VideoTokenizer
@@ -125,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     block_network("cpu_precision")
     result: dict[str, object] = {
-        "date": dt.datetime.now().isoformat(timespec="minutes"),
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **machine(),
         "native_bf16": cpu_has_bf16(),
     }
     print(f"{result['cpu']}, {result['threads']} threads, native bf16: {result['native_bf16']}")
@@ -151,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             f"fp32/bf16 {timing['ratio']:.2f}x  first loss {losses['fp32']:.4f} / "
             f"{losses['bf16']:.4f}"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -64,15 +64,18 @@ def cpu_can_compile() -> bool:
     on a two-element tensor, a few seconds the first time (then inductor's cache answers)."""
     try:
         out = torch.compile(lambda x: torch.relu(x) * 2 + 1, fullgraph=True)(torch.ones(2))
+        works = bool(torch.equal(out, torch.full((2,), 3.0)))
+        reason = "" if works else "a compiled test kernel gave a wrong result"
     except Exception as error:  # any failure of the toolchain means: run eager
+        works = False
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not works:
         log.warning(
             "parallel.compile: torch.compile cannot build CPU kernels here (%s); the model "
             "trains eager. Install a C++ compiler (or set CXX) to compile it.",
             reason,
         )
-        return False
-    return bool(torch.equal(out, torch.full((2,), 3.0)))
+    return works
 
 
 @dataclass(kw_only=True)
