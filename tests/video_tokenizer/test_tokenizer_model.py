@@ -122,6 +122,31 @@ def test_training_forward_backpropagates_to_encoder_and_decoder(
         assert "commitment" in out.stats
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"quantizer.kind": "cvq", "quantizer.codebook_size": 32}],
+    ids=["lfq", "cvq-cosine"],
+)
+def test_the_quantizer_computes_in_fp32_under_bf16_autocast(make_small_tokenizer, overrides):
+    # Under CPU autocast a matmul of fp32 inputs runs in bf16; the quantizer opts out, so its
+    # codes, entropy and losses are the fp32 ones, and its output keeps the latent's dtype.
+    torch.manual_seed(0)
+    z = torch.randn(2, 6, 2, 4, 4)  # (B, D, t, h, w), small_tokenizer's latent_dim
+    plain = make_small_tokenizer(**overrides).train()
+    quantized, out = plain.quantize(z)
+    mixed = make_small_tokenizer(**overrides).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantized_bf16, out_bf16 = mixed.quantize(z)
+        _, out_half_latent = mixed.quantize(z.bfloat16())
+    assert torch.equal(out_bf16.indices, out.indices)
+    torch.testing.assert_close(quantized_bf16, quantized)
+    torch.testing.assert_close(out_bf16.loss, out.loss, rtol=1e-6, atol=1e-7)
+    for key, value in out.stats.items():
+        torch.testing.assert_close(out_bf16.stats[key], value, rtol=1e-6, atol=1e-7)
+    assert out_half_latent.quantized.dtype == torch.float32  # the quantizer's own output
+    assert mixed.quantize(z.bfloat16())[0].dtype == torch.bfloat16
+
+
 def test_forward_without_quantizing_decodes_the_continuous_latent(make_small_tokenizer, make_video):
     model = make_small_tokenizer().train()
     video = make_video(frames=5)

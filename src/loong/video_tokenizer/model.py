@@ -461,10 +461,15 @@ class VideoTokenizer(nn.Module):
     # -- training path
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
-        """Latent ``(B, D, t, h, w)`` → the quantized latent (same shape) and quantizer output."""
+        """Latent ``(B, D, t, h, w)`` → the quantized latent (same shape and dtype) and quantizer
+        output. The quantizer runs in fp32 even under autocast: LFQ's entropy logits are
+        latents over a temperature of 0.01, and CVQ's nearest code a difference of distances,
+        both of which bf16 rounds away."""
         b, _, t, h, w = z.shape
-        out = self.quantizer(rearrange(z, "b d t h w -> (b t h w) d"))
+        with torch.autocast(z.device.type, enabled=False):
+            out = self.quantizer(rearrange(z.float(), "b d t h w -> (b t h w) d"))
         quantized = rearrange(out.quantized, "(b t h w) d -> b d t h w", b=b, t=t, h=h, w=w)
+        quantized = quantized.to(z.dtype)
         out.indices = out.indices.view(b, t, h, w)
         return quantized, out
 
