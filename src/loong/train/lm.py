@@ -261,8 +261,10 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             acc[0], acc[1] = acc[0] + sums[key][0], acc[1] + sums[key][1]
         bar.update(1)
         bar.set_postfix(stage=stage.name, loss=f"{sums['loss'][0]:.4f}", refresh=False)
+        elapsed = time.monotonic() - started  # this process's seconds, as the tokenizer logs
         record = {
             "step": step,
+            "elapsed_s": round(elapsed, 1),
             "stage": stage.name,
             "lengths": [p.length for p in plans],
             "lr": lr,
@@ -270,9 +272,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             "loss_unweighted": sums["ce"][0] / sums["ce"][1],
             "grad_norm": grad_norm.item(),
         }
-        done = step == total or (
-            cfg.max_minutes > 0 and rt.agree(time.monotonic() - started > 60 * cfg.max_minutes)
-        )
+        done = step == total or (cfg.max_minutes > 0 and rt.agree(elapsed > 60 * cfg.max_minutes))
         if step % cfg.log_every == 0 or done:
             record |= frame_means(window)
             window = {}
