@@ -95,7 +95,7 @@ class ParallelConfig:
     cpu_mixed_precision: str = "fp32"
     """On CPU: "bf16" autocasts the forward pass to bf16 (weights, gradients and optimizer state
     stay fp32); "auto" does so only on a CPU with native bf16 instructions (:func:`cpu_has_bf16`),
-    where the ``shapes`` LM trains about 1.3× faster and the ``shapes`` tokenizer 1.2× (its
+    where the ``shapes`` LM trains about 1.3× faster and the ``shapes`` tokenizer 1.2–1.4× (its
     quantizer stays fp32; BENCHMARKS.md); "fp32": never."""
 
     def __post_init__(self) -> None:

@@ -203,7 +203,7 @@ def tokenizer_train_preset(name: str) -> TokenizerTrainConfig:
                 lr=2e-3 if name == "shapes" else 1e-3, betas=(0.9, 0.99), warmup_steps=50
             ),
             # shapes: bf16 where the CPU computes in it natively (the quantizer stays fp32):
-            # the same held-out PSNR as fp32 in 0.83 of the time (BENCHMARKS.md)
+            # the same held-out PSNR as fp32, 1.2–1.4× faster (BENCHMARKS.md)
             parallel=ParallelConfig(cpu_mixed_precision="auto" if name == "shapes" else "fp32"),
             # shapes: see BENCHMARKS.md for its time and held-out PSNR on 2 cores
             steps=4000 if name == "tiny" else 3600,
