@@ -125,6 +125,28 @@ def test_last_only_and_id_range_slice_the_full_logits(make_lm):
         model(ids, id_range=(5, 5))
 
 
+def test_output_mask_gives_the_full_logits_rows_and_their_gradients(make_lm):
+    model = make_lm()
+    ids = random_ids(model, 2, 10)
+    keep = torch.rand(2, 10, generator=torch.Generator().manual_seed(2)) < 0.5
+    full = model(ids)
+    part = model(ids, output_mask=keep)
+    assert part.shape == (int(keep.sum()), full.shape[-1])
+    torch.testing.assert_close(part, full[keep], atol=ATOL, rtol=0)
+    weights = torch.randn_like(part)
+    params = [model.output.weight, model.norm.weight, model.layers[0].attention.wq.weight]
+    for want, got in zip(
+        torch.autograd.grad((full[keep] * weights).sum(), params),
+        torch.autograd.grad((part * weights).sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_mask must be a bool"):
+        model(ids, output_mask=keep[:, :5])
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, output_mask=keep, last_only=True)
+
+
 def test_reset_cache_prefills_again(make_lm):
     model = make_lm()
     ids = random_ids(model, 1, 10)

@@ -33,6 +33,7 @@ from loong.train.lm_batches import (
     loss_targets,
     make_eval_batches,
     noisy_inputs,
+    target_positions,
     weighted_loss,
 )
 from loong.train.lm_config import (
@@ -44,6 +45,7 @@ from loong.train.lm_config import (
     stage_at,
 )
 from loong.train.optim import OptimConfig
+from loong.train.parallel import cpu_can_compile
 from loong.video_tokenizer.model import VideoTokenizer
 
 
@@ -206,6 +208,25 @@ def test_equal_weights_give_the_plain_mean_cross_entropy_at_any_scale():
     for w in (1.0, 7.0):
         cfg = LossWeightConfig(first_frame=w, short_clip=w, rest=w)
         assert weighted_loss(logits, batch, vocab, cfg)[0].item() == pytest.approx(plain.item())
+
+
+def test_the_targets_rows_and_the_fused_loss_give_the_full_logits_loss():
+    vocab, batch, logits = _hand_batch()
+    cfg = LossWeightConfig(first_frame=2.0, rest=0.5, short_frames=2)
+    logits.requires_grad_(True)
+    loss, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg)
+    (want_grad,) = torch.autograd.grad(loss, logits)
+    fused = [False, True] if cpu_can_compile() else [False]
+    for f in fused:
+        rows = logits[target_positions(batch, vocab)]  # (N, V), as the model's output_mask gives
+        got = weighted_loss(rows, batch, vocab, cfg, fused=f)
+        torch.testing.assert_close(got[0], loss, atol=1e-6, rtol=1e-6)
+        for a, b in zip(got[1:], (ce, frames, is_eov), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        (grad,) = torch.autograd.grad(got[0], logits)
+        torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="target_positions"):
+        weighted_loss(rows[1:], batch, vocab, cfg)
 
 
 def test_per_frame_losses_are_unweighted_means_keyed_by_frame():

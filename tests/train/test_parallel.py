@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import run_ranks, tiny_lm
 
+from loong.lm.model import rope_cos_sin
 from loong.train import parallel
 from loong.train.dist import all_reduce_mean, rank
 from loong.train.parallel import (
@@ -274,3 +275,21 @@ def test_compiled_checkpointed_blocks_keep_loss_and_gradients():
         _loss_and_grads(plain, lm_loss(plain, ids)),
         _loss_and_grads(compiled, lm_loss(compiled, ids)),
     )
+
+
+@pytest.mark.skipif(not parallel.cpu_can_compile(), reason="inductor cannot build CPU kernels")
+def test_a_block_compiles_whole_without_autograd():
+    """Without autograd a block stacks its weights (``fused_weight``); compiled, that must stay
+    in the graph: a break there made a frame per block, and past eight blocks' worth of
+    frames (the shapes preset's evaluations) inductor's recompile limit warned and gave up."""
+    model = tiny_lm()
+    cfg = model.config
+    length = 8
+    x = torch.randn(2, length, cfg.dim, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(length)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+    block = model.layers[0]
+    with torch.no_grad():
+        want = block(x, cos, sin, None, None, pos)
+        got = torch.compile(block, fullgraph=True)(x, cos, sin, None, None, pos)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -217,8 +217,12 @@ def fused_weight(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> torch.Tenso
     """The weights of ``layers`` stacked along their outputs, for one matmul instead of several.
 
     Used only without autograd (generation): the stack is kept on ``owner`` and rebuilt when any
-    weight changes (new storage or an in-place update), so it never serves stale values.
+    weight changes (new storage or an in-place update), so it never serves stale values. Inside a
+    compiled block (an evaluation during training) it is built in the graph instead: a guard on
+    the weights' versions would recompile the block after every optimizer step.
     """
+    if torch.compiler.is_compiling():
+        return torch.cat([w.weight for w in layers])
     key = tuple((w.weight.data_ptr(), w.weight._version) for w in layers)
     cached = owner.__dict__.get("_fused")
     if cached is None or cached[0] != key:
@@ -409,6 +413,7 @@ class VideoLM(nn.Module):
         input_pos: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        output_mask: torch.Tensor | None = None,
         id_range: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, L, V)`` for ``token_ids`` ``(B, L)``.
@@ -421,6 +426,9 @@ class VideoLM(nn.Module):
           unequal length: RoPE attention depends only on position differences, so a row
           shifted right by its padding gets the logits it would get alone.
         - ``last_only``: logits of the last position only, ``(B, 1, V)`` (sampling).
+        - ``output_mask`` (B, L) bool: logits of the True positions only, ``(N, V)`` in row-major
+          order (training: the positions whose next token is a target). The head, the widest
+          matrix product, is never applied to the other positions.
         - ``id_range`` ``(lo, hi)``: logits of ids ``lo .. hi − 1`` only, ``(B, L, hi − lo)``:
           the head's other rows are never multiplied (sampling video ids).
         """
@@ -442,6 +450,14 @@ class VideoLM(nn.Module):
             )
         if cache is not None and cache.batch_size != b:
             raise ValueError(f"the KV cache holds {cache.batch_size} rows, got {b}")
+        if output_mask is not None:
+            if last_only:
+                raise ValueError("pass last_only or output_mask, not both")
+            if output_mask.shape != (b, length) or output_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"output_mask must be a bool ({b}, {length}) like token_ids, got "
+                    f"{output_mask.dtype} {tuple(output_mask.shape)}"
+                )
         x = F.embedding(token_ids, self._embedding_table())  # (B, L, D)
         if self.cell_embeddings is not None:  # before cache.mark: it reads the previous write
             x = x + self._cell_embedding(token_ids, input_pos, cache)
@@ -455,6 +471,8 @@ class VideoLM(nn.Module):
             x = layer(x, cos, sin, mask, cache, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
+        elif output_mask is not None:
+            x = x[output_mask]  # (N, D)
         x = self.norm(x)
         head = self._head_weight()  # (V, D)
         if id_range is not None:
@@ -462,7 +480,7 @@ class VideoLM(nn.Module):
             if not 0 <= lo < hi <= head.shape[0]:
                 raise ValueError(f"id_range {id_range} is empty or outside [0, {head.shape[0]})")
             head = head[lo:hi]
-        return F.linear(x, head)  # (B, L, V) or (B, L, hi − lo)
+        return F.linear(x, head)  # (B, L, V), (N, V) or (…, hi − lo)
 
     # -- tables indexed by ids (with video_code_bits: plain rows + the shared bit terms)
 

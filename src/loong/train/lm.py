@@ -40,11 +40,12 @@ from loong.train.lm_batches import (
     make_batch,
     make_eval_batches,
     noisy_inputs,
+    target_positions,
     to_device,
     weighted_loss,
 )
 from loong.train.lm_config import LMTrainConfig, LossWeightConfig, stage_at
-from loong.train.parallel import clip_grad_norm_, no_gradient_sync, unwrap
+from loong.train.parallel import clip_grad_norm_, compiles, no_gradient_sync, unwrap
 from loong.train.runtime import (
     MetricsLog,
     load_state,
@@ -68,7 +69,7 @@ def evaluate_lm(
     total, count = 0.0, 0
     for batch in batches:
         batch = to_device(batch, device)
-        logits = model(batch.token_ids)  # (B, L, V)
+        logits = model(batch.token_ids, output_mask=target_positions(batch, vocab))  # (N, V)
         _, ce, frames, is_eov = weighted_loss(logits, batch, vocab, LossWeightConfig())
         total, count = total + ce.sum().item(), count + len(ce)
         add_frame_losses(window, ce.cpu(), frames.cpu(), is_eov.cpu())
@@ -182,6 +183,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         sizes,
     )
     model = rt.wrap(model)
+    fused = compiles(cfg.parallel, device)  # the loss compiled with the blocks
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -239,8 +241,10 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             )
             with nullcontext() if m == len(batches) - 1 else no_gradient_sync(model):
                 with rt.autocast():
-                    logits = model(inputs)  # (B, L, V)
-                loss, ce, frames, is_eov = weighted_loss(logits, batch, vocab, cfg.loss, norm)
+                    logits = model(inputs, output_mask=target_positions(batch, vocab))  # (N, V)
+                loss, ce, frames, is_eov = weighted_loss(
+                    logits, batch, vocab, cfg.loss, norm, fused=fused
+                )
                 (loss * rt.world_size).backward()
             loss_sum += loss.item()
             ce_sum, n_targets = ce_sum + ce.sum().item(), n_targets + len(ce)

@@ -14,10 +14,17 @@ target token has the weight of its group, ``first_frame`` (latent frame 0), ``sh
 loss is the weighted mean Σ w·ce / Σ w over all targets of all micro-batches, so weights are
 relative (scaling all of them changes nothing) and equal weights give the plain mean. The mean
 *unweighted* loss of each latent frame is logged (``loss_frame_k``) to show the imbalance.
+
+Speed: the model is asked for the targets' logits only (``VideoLM(..., output_mask=...)`` with
+:func:`target_positions`), and with ``parallel.compile`` the cross-entropy is compiled
+(:func:`token_cross_entropy` with ``fused=True``): its fp32 cast, log-softmax and gradient then
+run as one pass over the ``(N, V)`` logits. On 2 CPU cores with the ``shapes`` preset the head
+and loss were the larger part of a step's time outside the blocks (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -237,20 +244,58 @@ def batch_weight(batch: Batch, vocab: Vocabulary, cfg: LossWeightConfig) -> torc
     return token_weights(frames[mask], cfg).sum()
 
 
+def target_positions(batch: Batch, vocab: Vocabulary) -> torch.Tensor:
+    """``(B, L)`` bool: the positions whose logits predict a target (``loss_targets``' mask, whose
+    column i is token i + 1, moved to the predicting position i). Pass it to the model as
+    ``output_mask`` to get just the rows :func:`weighted_loss` reads."""
+    mask, _, _ = loss_targets(batch, vocab)
+    return F.pad(mask, (0, 1), value=False)
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, fused: bool = False
+) -> torch.Tensor:
+    """Cross-entropy ``(N,)`` of logits ``(N, V)`` (any float dtype, computed in fp32) at
+    ``targets`` ``(N,)``. ``fused``: the same through ``torch.compile`` (one graph for every N)."""
+    if fused:
+        return _compiled_cross_entropy()(logits, targets)
+    return _cross_entropy(logits, targets)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@functools.cache
+def _compiled_cross_entropy():
+    return torch.compile(_cross_entropy, dynamic=True)
+
+
 def weighted_loss(
     logits: torch.Tensor,
     batch: Batch,
     vocab: Vocabulary,
     cfg: LossWeightConfig,
     normaliser: torch.Tensor | None = None,
+    *,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Σ w·ce / normaliser (default Σ w of this batch) for logits ``(B, L, V)``.
+    """Σ w·ce / normaliser (default Σ w of this batch) for the batch's logits: all of them
+    ``(B, L, V)``, or the targets' rows ``(N, V)`` (the model's output at
+    :func:`target_positions`). ``fused``: see :func:`token_cross_entropy`.
 
     Also returns, per target (N,): the unweighted ce (detached), latent frame and EOV flag.
     """
     mask, frames, is_eov = loss_targets(batch, vocab)
     targets = batch.token_ids[:, 1:][mask]  # (N,)
-    ce = F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none")  # (N,)
+    if logits.ndim == 3:
+        logits = logits[:, :-1][mask]  # (N, V)
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"logits hold {logits.shape[0]} rows but the batch has {targets.shape[0]} targets: "
+            "pass the logits of every position or those at target_positions(batch, vocab)"
+        )
+    ce = token_cross_entropy(logits, targets, fused=fused)  # (N,)
     w = token_weights(frames[mask], cfg)
     norm = (w.sum() if normaliser is None else normaliser).clamp_min(1e-12)  # all weights 0
     return (w * ce).sum() / norm, ce.detach(), frames[mask], is_eov[mask]

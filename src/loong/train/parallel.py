@@ -113,6 +113,11 @@ class ParallelConfig:
             )
 
 
+def compiles(cfg: ParallelConfig, device: torch.device) -> bool:
+    """Whether ``cfg`` compiles on ``device``: asked to, and on a CPU able to build kernels."""
+    return cfg.compile and (device.type != "cpu" or cpu_can_compile())
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
     """Apply ``cfg`` to ``model`` (a VideoLM, VideoTokenizer or Discriminator3D); return the
     module to train: ``model`` itself, changed in place, or a DDP wrapper around it.
@@ -137,7 +142,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
             parent[i] = _checkpointed(parent[i])
 
     # 2. compilation, block by block and in place
-    if cfg.compile and (device.type != "cpu" or cpu_can_compile()):
+    if compiles(cfg, device):
         for parent, i in blocks:
             parent[i].compile()
 
