@@ -218,8 +218,9 @@ def fused_weight(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> torch.Tenso
 
     Used only without autograd (generation): the stack is kept on ``owner`` and rebuilt when any
     weight changes (new storage or an in-place update), so it never serves stale values. Inside a
-    compiled block (an evaluation during training) it is built in the graph instead: a guard on
-    the weights' versions would recompile the block after every optimizer step.
+    compiled block (an evaluation during training) it is built in the graph instead: dynamo
+    cannot trace the cache's data-pointer check, and the graph break left a frame per module that
+    ran into its recompile limit.
     """
     if torch.compiler.is_compiling():
         return torch.cat([w.weight for w in layers])
