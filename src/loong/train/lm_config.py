@@ -215,7 +215,7 @@ def lm_train_preset(name: str) -> LMTrainConfig:
         # made them jitter; see BENCHMARKS.md. bf16 on CPUs that compute in it natively:
         # the same held-out losses, about 1.3× faster. Compiled blocks (eager where inductor
         # has no C++ compiler), and with them a compiled loss on the targets' logits only:
-        # 1.3× a step alone, 1.4-1.5× in the training loop. A long last stage (6,500 steps):
+        # 1.3-1.4× a step alone, 1.4-1.5× in the training loop. A long last stage (6,500 steps):
         # with 2,000 the held-out loss was still falling; 5,000 lifted the windows passing all
         # checks by 40% in the first ten seconds and 50% over the minute, and two runs of 6,500
         # lifted them again, by 11-13% in the first ten seconds and 11-25% over the minute; one
