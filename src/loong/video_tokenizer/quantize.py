@@ -4,10 +4,13 @@
   its index is ``Σ_i 2^i·[z_i > 0]``, so the vocabulary is ``2^K`` with no codebook to look up.
   The entropy penalty (eq. 5) is ``E[H(q(c|z))] − γ·H(E[q(c|z)])`` with
   ``q(c|z) ∝ exp(−‖z − c‖² / τ)``. Because ``‖z − c‖² = ‖z‖² + K − 2 z·c``, ``q`` factorises over
-  bits, so the per-sample term is an exact sum of K binary entropies. The batch term does not
-  factorise; it is computed per group of ``entropy_group_bits`` bits (a ``2^g``-wide softmax per
-  group), exact when the group holds all bits and the factorised bound used by Open-MAGVIT2
-  otherwise, so ``2^18`` codes never need a ``2^18``-wide softmax.
+  bits, so the per-sample term is an exact sum of K binary entropies. The batch mean of ``q`` does
+  not factorise, but each sample's ``q`` is the outer product of its distributions over two
+  halves of the bits, so the batch mean over ``2^g`` codes is one matrix product of two
+  ``(N, 2^(g/2))`` tables, ``q_hi^T q_lo / N``: exact, without the ``(N, 2^g)`` softmax (memory
+  ``N·2^(g/2) + 2^g`` instead of ``N·2^g``). Bits beyond ``entropy_group_bits`` are split into
+  groups whose entropies add up: the factorised bound Open-MAGVIT2 uses, exact when one group
+  holds all bits.
 - CVQ (Zheng & Vedaldi 2023, "Online Clustered Codebook"; Loong's tokenizer): nearest code by
   cosine or L2 distance with a straight-through gradient; every code keeps a running usage
   ``N_k ← γ N_k + (1 − γ) n_k / B`` and moves toward its closest feature in the batch
@@ -50,8 +53,9 @@ class QuantizerConfig:
     """LFQ only: γ, weight of the batch entropy inside the penalty."""
     entropy_temperature: float = 0.01
     """LFQ only: τ in q(c|z) ∝ exp(−‖z − c‖²/τ)."""
-    entropy_group_bits: int = 12
-    """LFQ only: bits per group for the batch entropy (a 2^g-wide softmax per group)."""
+    entropy_group_bits: int = 18
+    """LFQ only: most bits per group of the batch entropy, exact within a group (its batch mean
+    of q costs N·2^g multiply-adds and 2^g floats); groups of a larger K add up to a bound."""
     cvq_distance: str = "cosine"
     """CVQ only: "cosine" (codes and latents on the unit sphere) or "l2"."""
     cvq_decay: float = 0.99
@@ -122,8 +126,10 @@ def code_stats(indices: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor
     return {"perplexity": entropy.exp(), "usage": counts.new_tensor(len(counts) / vocab_size)}
 
 
-def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return -(p * torch.log(p.clamp(min=1e-5))).sum(dim)
+def _entropy(p: torch.Tensor, dim: int = -1, floor: float = 1e-5) -> torch.Tensor:
+    """Entropy of distributions ``p`` along ``dim``, nats; probabilities under ``floor`` enter
+    the log as ``floor`` (the per-sample terms' 1e-5 is vector-quantize-pytorch's)."""
+    return -(p * torch.log(p.clamp(min=floor))).sum(dim)
 
 
 class LookupFreeQuantizer(nn.Module):
@@ -154,12 +160,32 @@ class LookupFreeQuantizer(nn.Module):
         # Batch: the mean of q over the batch, one 2^g-wide distribution per group of bits.
         batch = z.new_zeros(())
         for zg in z.split(cfg.entropy_group_bits, dim=-1):  # (N, g)
-            g = zg.shape[-1]
-            codes = self.indices_to_codes(torch.arange(2**g, device=z.device))[:, :g]  # (2^g, g)
-            logits = 2 * zg @ codes.T / cfg.entropy_temperature  # (N, 2^g)
-            mean_q = all_reduce_mean(logits.softmax(-1).mean(0))  # (2^g,)
-            batch = batch + _entropy(mean_q)
+            mean_q = all_reduce_mean(self.mean_code_distribution(zg))  # (2^g,)
+            # No 1e-5 floor here: 2^18 codes average 4e-6 each, and a floor would count them as
+            # more common than they are (0.1 nats too little for an even spread).
+            batch = batch + _entropy(mean_q, floor=torch.finfo(mean_q.dtype).tiny)
         return per_sample, batch
+
+    def code_distribution(self, z: torch.Tensor) -> torch.Tensor:
+        """``q(c|z)`` over the ``2^g`` codes of ``z (N, g)``'s bits: ``(N, 2^g)``, index order."""
+        codes = self.indices_to_codes(torch.arange(2 ** z.shape[-1], device=z.device))
+        codes = codes[:, : z.shape[-1]].to(z.dtype)  # (2^g, g)
+        return (2 * z @ codes.T / self.config.entropy_temperature).softmax(-1)
+
+    def mean_code_distribution(self, z: torch.Tensor) -> torch.Tensor:
+        """The batch mean of ``q(c|z)`` over the ``2^g`` codes of ``z (N, g)``: ``(2^g,)``.
+
+        A code's logit is a sum over its bits, so a sample's ``q`` over all g bits is the outer
+        product of its ``q`` over the low half (``2^a`` codes) and over the high half (``2^b``);
+        the batch mean is then ``q_hi^T q_lo / N``, whose entry ``[hi, lo]`` is code
+        ``lo + 2^a·hi``. Equal to ``code_distribution(z).mean(0)``.
+        """
+        a = (z.shape[-1] + 1) // 2
+        q_lo = self.code_distribution(z[:, :a])  # (N, 2^a)
+        if a == z.shape[-1]:
+            return q_lo.mean(0)
+        q_hi = self.code_distribution(z[:, a:])  # (N, 2^b)
+        return (q_hi.T @ q_lo).flatten() / z.shape[0]  # (2^b · 2^a,)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         # z: (N, K)
