@@ -45,6 +45,7 @@ from loong.train.lm_batches import (
     weighted_loss,
 )
 from loong.train.lm_config import LMTrainConfig, LossWeightConfig, stage_at
+from loong.train.optim import adamw
 from loong.train.parallel import clip_grad_norm_, compiles, no_gradient_sync, unwrap
 from loong.train.runtime import (
     MetricsLog,
@@ -186,10 +187,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     fused = compiles(cfg.parallel, device)  # the loss compiled with the blocks
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
+    opt = adamw(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay}],
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
+        cfg.optim,
         weight_decay=0.0,
     )
     step, window = 0, {}

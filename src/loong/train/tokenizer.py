@@ -25,6 +25,7 @@ from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
 from loong.train.dist import barrier
+from loong.train.optim import adamw
 from loong.train.parallel import (
     ParallelConfig,
     clip_grad_norm_,
@@ -186,18 +187,8 @@ def train_tokenizer(
     if ema is not None:  # sharded like the model under FSDP, so the update is shard by shard
         plain = ParallelConfig(mode="fsdp" if rt.sharded else "none")
         ema = parallelize(ema, plain, device)
-    opt_g = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    opt_d = torch.optim.AdamW(
-        disc.parameters(),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-    )
+    opt_g = adamw([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    opt_d = adamw(disc.parameters(), cfg.optim)
     perceptual = None
     if cfg.loss.perceptual_weights:
         perceptual = PerceptualLoss(cfg.loss.perceptual_weights).to(device)
