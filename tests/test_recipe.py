@@ -206,3 +206,23 @@ def test_bench_rejects_two_object_prompts(tmp_path, capsys):
     args += ["--prompt", "a red circle moves right and a blue square moves up"]
     assert main(args) == 2
     assert "single-object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_the_recipe_warns_on_a_cpu_without_native_bf16(native_bf16, monkeypatch, caplog):
+    import loong.recipe as recipe
+
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = recipe.ShapesRecipeConfig().lm
+    with caplog.at_level("WARNING", logger="loong"):
+        recipe._warn_if_fp32_cpu(lm)
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native_bf16 else 1)
+    # fp32 asked for explicitly: the user knows, no warning
+    caplog.clear()
+    fp32 = recipe.ShapesRecipeConfig().lm
+    fp32.parallel.cpu_mixed_precision = "fp32"
+    with caplog.at_level("WARNING", logger="loong"):
+        recipe._warn_if_fp32_cpu(fp32)
+    assert not [r for r in caplog.records if "no native bf16" in r.getMessage()]

@@ -49,6 +49,7 @@ from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
+from loong.train.parallel import cpu_has_bf16
 from loong.train.tokenizer import train_tokenizer
 from loong.train.tokenizer_config import TokenizerTrainConfig, tokenizer_train_preset
 from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
@@ -240,6 +241,19 @@ def _last_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
     return found
 
 
+def _warn_if_fp32_cpu(lm: LMTrainConfig) -> None:
+    """Say so when the LM, the recipe's longest step, will train on a CPU without native bf16,
+    where its "auto" precision stays fp32 and the recipe takes far longer than the README says."""
+    on_cpu = lm.device == "cpu" or (lm.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and lm.parallel.cpu_mixed_precision == "auto" and not cpu_has_bf16():
+        log.warning(
+            "recipe: this CPU has no native bf16 (AVX-512 BF16 or AMX), so the recipe trains in "
+            "fp32: the preset's steps take about 2.8 hours on 2 cores (projected), against 1 "
+            'hour with bf16 (BENCHMARKS.md, "The recipe on a CPU without AVX-512"); every step '
+            "resumes if stopped"
+        )
+
+
 def run_shapes_recipe(
     cfg: ShapesRecipeConfig, out_dir: str | Path, *, progress: bool = True
 ) -> Path:
@@ -247,6 +261,7 @@ def run_shapes_recipe(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", config_json(cfg))
+    _warn_if_fp32_cpu(cfg.lm)
     state_path = out / RECIPE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
 
