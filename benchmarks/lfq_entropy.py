@@ -71,7 +71,7 @@ def run_case(n: int, bits: int, path: str, repeats: int) -> dict[str, float]:
             (_, _, _), parts = peer(
                 z.flip(-1)[None], inv_temperature=1 / TAU, return_loss_breakdown=True
             )
-            parts.batch_entropy.backward(retain_graph=False)
+            parts.batch_entropy.backward()
             return parts.batch_entropy
 
     else:

@@ -217,7 +217,9 @@ def fused_weight(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> torch.Tenso
     """The weights of ``layers`` stacked along their outputs, for one matmul instead of several.
 
     Used only without autograd (generation): the stack is kept on ``owner`` and rebuilt when any
-    weight changes (new storage or an in-place update), so it never serves stale values. Inside a
+    weight changes (new storage or an in-place update, seen by the weights' version counters;
+    a writer that leaves those alone, such as torch's fused optimizers, must move them, as
+    ``loong.train.optim.adamw`` does), so it never serves stale values. Inside a
     compiled block (an evaluation during training) it is built in the graph instead: dynamo
     cannot trace the cache's data-pointer check, and the graph break left a frame per module that
     ran into its recompile limit.
