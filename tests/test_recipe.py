@@ -15,6 +15,7 @@ from loong.data.video import read_video
 from loong.generate import TextToVideo
 
 TOY = {
+    "minutes": 0,  # no calibration (tests/test_recipe_budget.py has it)
     # tokenizer: the shapes preset's layout at a fraction of its width, two steps
     "tokenizer.model.base_width": 8,
     "tokenizer.model.num_groups": 4,

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--out", default="runs/recipe", help="run directory (default: runs/recipe)")
     shapes.add_argument("--config", help="TOML file overriding the recipe")
     shapes.add_argument(
+        "--minutes",
+        type=float,
+        help="wall-time budget (default 90): fewer steps of everything when this machine is "
+        "slower; 0: every configured step (sets minutes)",
+    )
+    shapes.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. lm.batch_size=4"
     )
     shapes.add_argument(
@@ -365,7 +371,8 @@ def _recipe(args: argparse.Namespace) -> int:
     from loong.generate import BUNDLED_MODEL
     from loong.recipe import ShapesRecipeConfig, run_shapes_recipe
 
-    cfg = resolve_config(ShapesRecipeConfig(), args.config, args.set)
+    sets = [*args.set, *([f"minutes={args.minutes}"] if args.minutes is not None else [])]
+    cfg = resolve_config(ShapesRecipeConfig(), args.config, sets)
     lm_dir = run_shapes_recipe(cfg, args.out)
     print(f"bundle written to {lm_dir.parent}; run: loong generate PROMPT --model {lm_dir} ...")
     if args.install:

@@ -17,12 +17,17 @@ One command runs the whole pipeline on the shapes world (``specs/shapes-world.md
    (:func:`write_bundle`): ``lm/`` (with ``generation.json`` pointing at ``../tokenizer``) and
    ``tokenizer/``.
 
+With a time budget (``minutes``, 90 by default) a calibration comes first: a few real steps
+of each phase are timed on this machine, and when the configured steps would not fit in the
+budget every step count is scaled down by one factor so that they do (:mod:`loong.recipe_budget`);
+on a machine fast enough nothing changes.
+
 Every step resumes: the training steps from their checkpoints, tokenizing from its finished
 shards, and a finished step is skipped (``recipe.json`` records it with its wall time and final
-losses). Run directory::
+losses, and the budget's factor, which a resumed run keeps). Run directory::
 
     OUT/
-      recipe.json        steps done, seconds each, final losses
+      recipe.json        budget (calibrated costs, factor), steps done, seconds each, final losses
       config.json        the recipe's config
       tokenizer/ tokenizer_long/ shards/ eval_shards/ lm/   the runs
       bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
@@ -46,6 +51,7 @@ from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.generate import GenerationMetadata
 from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
+from loong.recipe_budget import calibrate, factor, project, scale
 from loong.text_tokenizer import TOKENIZER_FILE
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
@@ -163,6 +169,10 @@ class ShapesRecipeConfig:
     """Language model training (preset ``shapes``); ``data.shards`` is filled in by the recipe."""
     bundle_dtype: str = "float16"
     """Weight dtype of the bundle: "float16", "bfloat16" or "float32"."""
+    minutes: float = 90.0
+    """Wall-time budget of the whole recipe, calibration included: when this machine would take
+    longer for the configured steps, every step count is scaled down to fit (see
+    :mod:`loong.recipe_budget`); never up. 0: no budget, every configured step runs."""
     reencode: bool = False
     """The bundle's default for the sliding window's video-token re-encoding (its
     ``generation.json``). Off: with the preset's LM, windows of one-minute videos passed all
@@ -173,6 +183,8 @@ class ShapesRecipeConfig:
     def __post_init__(self) -> None:
         if self.eval_clips < 0:
             raise ValueError(f"eval_clips must be >= 0, got {self.eval_clips}")
+        if self.minutes < 0:
+            raise ValueError(f"minutes must be >= 0 (0: no time budget), got {self.minutes}")
         if self.tokenizer_from and not (Path(self.tokenizer_from) / "config.json").is_file():
             raise ValueError(
                 f"tokenizer_from={self.tokenizer_from!r} is not a video tokenizer export (no "
@@ -241,17 +253,64 @@ def _last_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
     return found
 
 
-def _warn_if_fp32_cpu(lm: LMTrainConfig) -> None:
+def _warn_if_fp32_cpu(lm: LMTrainConfig, minutes: float = 0.0) -> None:
     """Say so when the LM, the recipe's longest step, will train on a CPU without native bf16,
-    where its "auto" precision stays fp32 and the recipe takes far longer than the README says."""
+    where its "auto" precision stays fp32 and the configured steps take far longer than the
+    README says."""
     on_cpu = lm.device == "cpu" or (lm.device == "auto" and not torch.cuda.is_available())
     if on_cpu and lm.parallel.cpu_mixed_precision == "auto" and not cpu_has_bf16():
+        fit = (
+            f"within --minutes {minutes:g} it trains on fewer steps, a weaker model; --minutes 0 "
+            "runs them all"
+            if minutes > 0
+            else "every step resumes if stopped"
+        )
         log.warning(
             "recipe: this CPU has no native bf16 (AVX-512 BF16 or AMX), so the recipe trains in "
             "fp32: the preset's steps take about 2.8 hours on 2 cores (projected), against 1 "
-            'hour with bf16 (BENCHMARKS.md, "The recipe on a CPU without AVX-512"); every step '
-            "resumes if stopped"
+            'hour with bf16 (BENCHMARKS.md, "The recipe on a CPU without AVX-512"); %s',
+            fit,
         )
+
+
+def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> ShapesRecipeConfig:
+    """``cfg`` scaled to its time budget: calibrated on a first run and recorded in ``state``
+    (the caller writes it), the recorded factor on a resumed one."""
+    if "budget" in state:
+        share = state["budget"]["factor"]
+        log.info("recipe: the budget's factor %.3f, from this run's calibration", share)
+        return scale(cfg, share)
+    if cfg.minutes <= 0:
+        return cfg
+    if any(name in state for name in STEPS):
+        log.info("recipe: started without a time budget; its steps stay as configured")
+        return cfg
+    log.info("recipe: calibrating: a few steps of each phase, to fit %g min", cfg.minutes)
+    costs = calibrate(cfg, out / "calibration")
+    share = factor(cfg, costs, cfg.minutes)
+    variable, fixed = project(cfg, costs)
+    full = (costs.seconds + fixed + variable) / 60
+    fitted = (costs.seconds + fixed + share * variable) / 60
+    state["budget"] = {
+        "minutes": cfg.minutes,
+        "factor": share,
+        "projected_min": round(full, 1),
+        "fitted_min": round(fitted, 1),
+        "costs": dataclasses.asdict(costs),
+    }
+    if share < 1:
+        log.warning(
+            "recipe: the configured steps would take %.1f min here (projected), over the budget "
+            "of %g: every step count is scaled by %.2f (projected %.1f min); --minutes 0 runs "
+            "them all",
+            full,
+            cfg.minutes,
+            share,
+            fitted,
+        )
+    else:
+        log.info("recipe: projected %.1f min, within the budget of %g", full, cfg.minutes)
+    return scale(cfg, share)
 
 
 def run_shapes_recipe(
@@ -261,9 +320,11 @@ def run_shapes_recipe(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", config_json(cfg))
-    _warn_if_fp32_cpu(cfg.lm)
+    _warn_if_fp32_cpu(cfg.lm, cfg.minutes)
     state_path = out / RECIPE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    cfg = _fit_budget(cfg, out, state)
+    atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
 
     def step(name: str, run) -> None:
         if name in state:
@@ -334,5 +395,6 @@ def run_shapes_recipe(
     for name, run in zip(STEPS, (tokenizer, tokenizer_long, shards, lm, bundle), strict=True):
         step(name, run)
     total = sum(state[name]["seconds"] for name in STEPS)
+    total += state.get("budget", {}).get("costs", {}).get("seconds", 0.0)
     log.info("recipe: done in %.1f min; bundle %s", total / 60, out / "bundle")
     return out / "bundle" / "lm"

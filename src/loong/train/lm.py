@@ -268,7 +268,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         elapsed = time.monotonic() - started  # this process's seconds, as the tokenizer logs
         record = {
             "step": step,
-            "elapsed_s": round(elapsed, 1),
+            "elapsed_s": round(elapsed, 3),
             "stage": stage.name,
             "lengths": [p.length for p in plans],
             "lr": lr,

@@ -321,7 +321,7 @@ def train_tokenizer(
         usage = f"{logs['usage']:.3f}" if "usage" in logs else "-"  # "-": not quantized yet
         bar.set_postfix(rec=f"{logs['rec']:.4f}", usage=usage, refresh=False)
         elapsed = time.monotonic() - started
-        record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 1), **logs}
+        record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 3), **logs}
         done = step == cfg.steps or (
             cfg.max_minutes > 0 and rt.agree(elapsed > 60 * cfg.max_minutes)
         )

@@ -1,0 +1,261 @@
+"""Fit ``loong recipe shapes`` into a wall-time budget.
+
+The recipe's step counts were set on a 2-core CPU with native bf16, where the whole recipe takes
+about an hour; on a 2-core CPU without it the same steps take about 2.8 hours (BENCHMARKS.md).
+With a budget (``ShapesRecipeConfig.minutes``, 90 by default) the recipe first times a few real
+steps of every phase on this machine (:func:`calibrate`: the training loops themselves, in a
+scratch directory), projects the whole run from them (:func:`project`), and when the projection
+is over the budget scales every count that buys time by one factor (:func:`scale`):
+
+- tokenizer: its steps and the steps its phases start at (continuous latent, GAN), the long-clip
+  run's steps;
+- shards: the training clips (the LM then sees each clip as often as before);
+- language model: every stage's steps, in proportion.
+
+What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
+there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
+the configured recipe unchanged. A scaled recipe trains a weaker model: the budget buys a
+finished bundle on time, not the bundle's quality (BENCHMARKS.md has both on one CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loong.data.shards import tokenize_dataset
+from loong.train.lm import train_lm
+from loong.train.lm_config import StageConfig, scale_stages
+from loong.train.tokenizer import train_tokenizer
+
+if TYPE_CHECKING:
+    from loong.recipe import ShapesRecipeConfig
+
+log = logging.getLogger("loong")
+
+STEPS = 3
+"""Timed steps of each kind: the first of each is left out (allocation, compilation)."""
+CLIPS = (4, 44)
+"""Shard sizes tokenized: the time a clip is the slope between the two, free of the set-up, and
+the larger holds enough clips of every length for the LM's evaluation (32 items a length)."""
+MIN_FACTOR = 0.05
+"""Below this share of the configured steps the recipe trains nothing worth bundling."""
+NEVER = 10**9
+"""An interval no calibration run reaches."""
+
+
+@dataclass(kw_only=True)
+class Costs:
+    """Seconds of each unit of work of the recipe on this machine."""
+
+    tokenizer_step: float
+    """One tokenizer training step on the tokenizer's clips (quantized, no GAN)."""
+    tokenizer_gan_step: float
+    """One with the GAN on (the discriminator's update included)."""
+    tokenizer_event: float
+    """An evaluation with a preview and a checkpoint, on top of its step."""
+    clip: float
+    """Tokenizing one shard clip."""
+    lm_step: dict[int, float]
+    """One LM step by latent length t."""
+    lm_compile: float
+    """The LM steps' first-call overhead (compilation), all lengths."""
+    lm_event: float
+    """An LM evaluation with a checkpoint, on top of its step."""
+    seconds: float = 0.0
+    """Wall time the calibration took (spent from the budget)."""
+
+
+def _step_times(metrics: Path) -> list[float]:
+    """Each step's seconds from a run's metrics.jsonl (``elapsed_s`` of every step)."""
+    elapsed = [json.loads(line)["elapsed_s"] for line in metrics.read_text().splitlines()]
+    return [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+
+
+def _calibrate_tokenizer(cfg: ShapesRecipeConfig, scratch: Path) -> tuple[float, float, float]:
+    """(step, GAN step, event) seconds of the recipe's tokenizer; trains ``scratch/export``."""
+    tok = cfg.tokenizer
+    gan = tok.loss.gan_weight > 0 and tok.loss.disc_start_step < tok.steps
+    n = 2 * STEPS + 1  # plain steps; the event after step n - 1, so step n waits for it
+    run = dataclasses.replace(
+        tok,
+        steps=n + (STEPS + 1 if gan else 0),  # then GAN steps, the first a warm-up
+        continuous_steps=0,
+        loss=dataclasses.replace(tok.loss, disc_start_step=n if gan else NEVER),
+        eval_every=n - 1,
+        preview_every=n - 1,
+        checkpoint_every=n - 1,
+        log_every=1,
+        max_minutes=0.0,
+    )
+    times = _step_times(train_tokenizer(run, scratch, progress=False).parent / "metrics.jsonl")
+    step = statistics.median(times[1 : n - 1])
+    event = max(0.0, times[n - 1] - step)
+    gan_step = statistics.median(times[n + 1 :]) if gan else step
+    return step, gan_step, event
+
+
+def _calibrate_clips(cfg: ShapesRecipeConfig, tokenizer: Path, scratch: Path) -> tuple[float, Path]:
+    """Seconds a shard clip, and the larger of the two shard directories made."""
+    walls = []
+    for n in CLIPS:
+        started = time.monotonic()
+        shards = dataclasses.replace(cfg.shards, n_clips=n, video_tokenizer=str(tokenizer))
+        out = tokenize_dataset(shards, scratch / f"shards_{n}", progress=False)
+        walls.append(time.monotonic() - started)
+    return max(0.0, (walls[1] - walls[0]) / (CLIPS[1] - CLIPS[0])), out
+
+
+def _calibrate_lm(cfg: ShapesRecipeConfig, shards: Path, scratch: Path):
+    """({t: step seconds}, compile seconds, event seconds) of the recipe's LM.
+
+    Two passes over the stages' latent lengths, ``STEPS`` steps each, with an evaluation and a
+    checkpoint at the end of each pass: the first pass compiles (the blocks for each new shape
+    until they go dynamic, the evaluation's forward), the second is timed."""
+    lengths = sorted({t for stage in cfg.lm.stages for t in stage.lengths})
+    stages = [StageConfig(name=f"t{t}", steps=STEPS, lengths=(t,)) for t in lengths] * 2
+    stages[-1] = dataclasses.replace(stages[-1], steps=STEPS + 1)  # its last step waits
+    warm = STEPS * len(lengths)
+    lm = cfg.lm
+    run = dataclasses.replace(
+        lm,
+        stages=tuple(stages),
+        data=dataclasses.replace(lm.data, shards=(str(shards),), eval_shards=""),
+        eval_every=warm,  # after each pass
+        checkpoint_every=warm,
+        log_every=1,
+        max_minutes=0.0,
+        tensorboard=False,
+    )
+    times = _step_times(train_lm(run, scratch, progress=False).parent / "metrics.jsonl")
+    per_length = {}
+    for i, t in enumerate(lengths):
+        start = warm + i * STEPS
+        per_length[t] = statistics.median(times[start + 1 : start + STEPS])  # not the first
+    event = max(0.0, times[-1] - per_length[lengths[-1]])
+    first_pass = sum(times[: warm + 1]) - STEPS * sum(per_length.values()) - per_length[lengths[0]]
+    return per_length, max(0.0, first_pass - event), event
+
+
+def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
+    """Time a few steps of each of the recipe's phases on this machine, in ``scratch``
+    (removed after): the tokenizer's training loop (skipped with ``tokenizer_from``), the
+    shards' tokenizing, the LM's training loop on every latent length its stages use."""
+    scratch = Path(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    started = time.monotonic()
+    if cfg.tokenizer_from:
+        step = gan_step = event = 0.0
+        tokenizer = Path(cfg.tokenizer_from)
+    else:
+        step, gan_step, event = _calibrate_tokenizer(cfg, scratch / "tokenizer")
+        tokenizer = scratch / "tokenizer" / "export"
+    clip, shards = _calibrate_clips(cfg, tokenizer, scratch)
+    lm_step, lm_compile, lm_event = _calibrate_lm(cfg, shards, scratch / "lm")
+    shutil.rmtree(scratch, ignore_errors=True)
+    return Costs(
+        tokenizer_step=step,
+        tokenizer_gan_step=gan_step,
+        tokenizer_event=event,
+        clip=clip,
+        lm_step=lm_step,
+        lm_compile=lm_compile,
+        lm_event=lm_event,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _events(steps: int, *intervals: int) -> int:
+    """Steps 1..steps at which one of the intervals falls, and the last."""
+    hits = sum(1 for s in range(1, steps + 1) if any(s % i == 0 for i in intervals))
+    return hits + (0 if any(steps % i == 0 for i in intervals) else 1)
+
+
+def project(cfg: ShapesRecipeConfig, costs: Costs) -> tuple[float, float]:
+    """Seconds of ``cfg``'s run on the calibrated machine: (the part that scales with the step
+    counts, the part that does not)."""
+    tok, variable, fixed = cfg.tokenizer, 0.0, 0.0
+    if not cfg.tokenizer_from:
+        gan = tok.loss.gan_weight > 0
+        n_gan = max(0, tok.steps - tok.loss.disc_start_step) if gan else 0
+        variable += (tok.steps - n_gan) * costs.tokenizer_step + n_gan * costs.tokenizer_gan_step
+        intervals = (tok.eval_every, tok.preview_every, tok.checkpoint_every)
+        fixed += _events(tok.steps, *intervals) * costs.tokenizer_event
+    if cfg.tokenizer_long.steps:  # clips this many times longer: steps as many times slower
+        longer = cfg.tokenizer_long.n_frames / tok.data.n_frames
+        variable += cfg.tokenizer_long.steps * costs.tokenizer_step * longer
+        fixed += costs.tokenizer_event * longer
+    variable += cfg.shards.n_clips * costs.clip
+    fixed += cfg.eval_clips * costs.clip
+    for stage in cfg.lm.stages:
+        weights = stage.weights or (1.0,) * len(stage.lengths)
+        mean = sum(w * costs.lm_step[t] for w, t in zip(weights, stage.lengths, strict=True))
+        variable += stage.steps * mean / sum(weights)
+    lm = cfg.lm
+    fixed += costs.lm_compile + _events(lm.total_steps, lm.eval_every, lm.checkpoint_every) * (
+        costs.lm_event
+    )
+    return variable, fixed
+
+
+def factor(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> float:
+    """The share of the configured step counts that fits in ``minutes`` (the calibration's
+    seconds spent), at most 1."""
+    variable, fixed = project(cfg, costs)
+    left = 60 * minutes - costs.seconds - fixed
+    share = left / variable if variable > 0 else 1.0
+    if share < MIN_FACTOR:
+        need = (costs.seconds + fixed + MIN_FACTOR * variable) / 60
+        raise ValueError(
+            f"minutes={minutes:g} is too short for the recipe on this machine: its configured "
+            f"steps would take {(costs.seconds + fixed + variable) / 60:.1f} min, and even "
+            f"{MIN_FACTOR:.0%} of them {need:.1f} min; give --minutes {math.ceil(need)} or more, "
+            "or --minutes 0 to run every configured step"
+        )
+    return min(1.0, share)
+
+
+def _scaled(n: int, share: float, least: int = 1) -> int:
+    return max(least, round(n * share))
+
+
+def scale(cfg: ShapesRecipeConfig, share: float) -> ShapesRecipeConfig:
+    """``cfg`` with every step count that buys time times ``share`` (see the module docstring);
+    ``share`` = 1 returns ``cfg`` itself."""
+    if share >= 1.0:
+        return cfg
+    tok = cfg.tokenizer
+    tokenizer = dataclasses.replace(
+        tok,
+        steps=_scaled(tok.steps, share),
+        continuous_steps=_scaled(tok.continuous_steps, share, least=0),
+        loss=dataclasses.replace(
+            tok.loss, disc_start_step=_scaled(tok.loss.disc_start_step, share, least=0)
+        ),
+        eval_every=_scaled(tok.eval_every, share),
+        preview_every=_scaled(tok.preview_every, share),
+        checkpoint_every=_scaled(tok.checkpoint_every, share),
+    )
+    long = cfg.tokenizer_long
+    lm = scale_stages(cfg.lm, _scaled(cfg.lm.total_steps, share, least=len(cfg.lm.stages)))
+    return dataclasses.replace(
+        cfg,
+        tokenizer=tokenizer,
+        tokenizer_long=dataclasses.replace(
+            long, steps=_scaled(long.steps, share) if long.steps else 0
+        ),
+        shards=dataclasses.replace(cfg.shards, n_clips=_scaled(cfg.shards.n_clips, share)),
+        lm=dataclasses.replace(
+            lm,
+            eval_every=_scaled(lm.eval_every, share),
+            checkpoint_every=_scaled(lm.checkpoint_every, share),
+        ),
+    )
