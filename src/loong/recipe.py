@@ -51,7 +51,7 @@ from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.generate import GenerationMetadata
 from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
-from loong.recipe_budget import calibrate, factor, project, scale
+from loong.recipe_budget import calibrate, factor, minutes_of, scale
 from loong.text_tokenizer import TOKENIZER_FILE
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
@@ -288,9 +288,7 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
     log.info("recipe: calibrating: a few steps of each phase, to fit %g min", cfg.minutes)
     costs = calibrate(cfg, out / "calibration")
     share = factor(cfg, costs, cfg.minutes)
-    variable, fixed = project(cfg, costs)
-    full = (costs.seconds + fixed + variable) / 60
-    fitted = (costs.seconds + fixed + share * variable) / 60
+    full, fitted = minutes_of(cfg, costs), minutes_of(scale(cfg, share), costs)
     state["budget"] = {
         "minutes": cfg.minutes,
         "factor": share,

@@ -209,21 +209,36 @@ def project(cfg: ShapesRecipeConfig, costs: Costs) -> tuple[float, float]:
     return variable, fixed
 
 
-def factor(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> float:
-    """The share of the configured step counts that fits in ``minutes`` (the calibration's
-    seconds spent), at most 1."""
+def minutes_of(cfg: ShapesRecipeConfig, costs: Costs) -> float:
+    """Projected minutes of ``cfg``'s whole run, the calibration included."""
     variable, fixed = project(cfg, costs)
-    left = AIM * 60 * minutes - costs.seconds - fixed
-    share = left / variable if variable > 0 else 1.0
-    if share < MIN_FACTOR:
-        need = (costs.seconds + fixed + MIN_FACTOR * variable) / 60
+    return (costs.seconds + fixed + variable) / 60
+
+
+def factor(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> float:
+    """The largest share of the configured step counts, at most 1, whose projection fits in
+    ``AIM`` of ``minutes``.
+
+    Found by bisection on the projection of the scaled config itself, so that its rounded step
+    counts and intervals (which change how often evaluations and checkpoints coincide) are the
+    ones projected."""
+    aim = AIM * minutes
+    if minutes_of(cfg, costs) <= aim:
+        return 1.0
+    low, high = MIN_FACTOR, 1.0
+    if minutes_of(scale(cfg, low), costs) > aim:
+        need = minutes_of(scale(cfg, low), costs) / AIM
         raise ValueError(
             f"minutes={minutes:g} is too short for the recipe on this machine: its configured "
-            f"steps would take {(costs.seconds + fixed + variable) / 60:.1f} min, and even "
-            f"{MIN_FACTOR:.0%} of them {need:.1f} min; give --minutes {math.ceil(need)} or more, "
-            "or --minutes 0 to run every configured step"
+            f"steps would take {minutes_of(cfg, costs):.1f} min, and even {MIN_FACTOR:.0%} of "
+            f"them {need:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to "
+            "run every configured step"
         )
-    return min(1.0, share)
+    for _ in range(30):
+        middle = (low + high) / 2
+        fits = minutes_of(scale(cfg, middle), costs) <= aim
+        low, high = (middle, high) if fits else (low, middle)
+    return low
 
 
 def _scaled(n: int, share: float, least: int = 1) -> int:

@@ -1,0 +1,155 @@
+"""The recipe's time budget: every step count scales by one factor, the factor fits the
+calibrated projection to the budget, calibration times every phase, and a resumed run keeps
+the factor it started with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loong import recipe
+from loong.cli import main
+from loong.recipe import ShapesRecipeConfig
+from loong.recipe_budget import AIM, Costs, calibrate, factor, minutes_of, project, scale
+from test_recipe import TOY, _sets
+
+
+def _costs(**changes) -> Costs:
+    """Costs of the order of a 2-core CPU's (seconds)."""
+    values = dict(
+        tokenizer_step=0.6,
+        tokenizer_gan_step=2.0,
+        tokenizer_event=1.5,
+        clip=0.05,
+        lm_step={1: 0.2, 5: 0.8, 9: 1.6},
+        lm_compile=5.0,
+        lm_event=3.0,
+        seconds=40.0,
+    )
+    return Costs(**(values | changes))
+
+
+def test_scale_multiplies_every_step_count_and_keeps_the_rest():
+    cfg = ShapesRecipeConfig()
+    half = scale(cfg, 0.5)
+    tok, scaled = cfg.tokenizer, half.tokenizer
+    assert (scaled.steps, scaled.continuous_steps) == (tok.steps // 2, tok.continuous_steps // 2)
+    assert scaled.loss.disc_start_step == tok.loss.disc_start_step // 2  # still no GAN phase
+    for name in ("eval_every", "preview_every", "checkpoint_every"):  # as many of each
+        assert getattr(scaled, name) == getattr(tok, name) // 2
+    assert scaled.optim == tok.optim and scaled.model == tok.model  # lr, warm-up, the model
+    assert half.shards.n_clips == cfg.shards.n_clips // 2 and half.eval_clips == cfg.eval_clips
+    stages = [s.steps for s in half.lm.stages]
+    assert stages == [s.steps // 2 for s in cfg.lm.stages]  # the preset's are even
+    assert [s.lengths for s in half.lm.stages] == [s.lengths for s in cfg.lm.stages]
+    assert half.lm.eval_every == cfg.lm.eval_every // 2 and half.lm.optim == cfg.lm.optim
+    assert scale(cfg, 1.0) is cfg
+
+
+def test_the_factor_fits_the_projection_to_the_budget():
+    cfg, costs = ShapesRecipeConfig(), _costs()
+    full = minutes_of(cfg, costs)
+    for minutes in (0.6 * full, 0.9 * full):
+        share = factor(cfg, costs, minutes)
+        assert 0 < share < 1
+        fitted = minutes_of(scale(cfg, share), costs)  # whole steps: a few seconds under
+        assert AIM * minutes - 0.1 < fitted <= AIM * minutes
+    assert factor(cfg, costs, 2 * full) == 1.0  # never more steps than configured
+
+
+def test_a_budget_below_the_fixed_costs_is_refused_with_what_would_fit():
+    cfg = ShapesRecipeConfig()
+    with pytest.raises(ValueError, match="--minutes") as error:
+        factor(cfg, _costs(), 2.0)
+    assert "--minutes 0" in str(error.value)
+
+
+def test_gan_steps_and_long_clips_are_projected_at_their_own_cost():
+    cfg, costs = ShapesRecipeConfig(), _costs()
+    variable, _ = project(cfg, costs)
+    gan = ShapesRecipeConfig()
+    gan.tokenizer.loss.disc_start_step = gan.tokenizer.steps - 100
+    more, _ = project(gan, costs)
+    assert more - variable == pytest.approx(100 * (2.0 - 0.6))
+    long = ShapesRecipeConfig()
+    long.tokenizer_long.steps = 400  # 33-frame clips against the tokenizer's 9
+    more, _ = project(long, costs)
+    assert more - variable == pytest.approx(400 * 0.6 * 33 / 9)
+
+
+CALIBRATED = {  # a toy recipe, eager, small enough to calibrate in seconds
+    **{k: v for k, v in TOY.items() if k != "minutes"},
+    "lm.parallel.compile": "false",
+}
+
+
+def _toy(values: dict) -> ShapesRecipeConfig:
+    from loong.config import resolve_config
+
+    return resolve_config(ShapesRecipeConfig(), None, [f"{k}={v}" for k, v in values.items()])
+
+
+def test_calibration_times_every_phase_and_cleans_up(tmp_path):
+    costs = calibrate(_toy(CALIBRATED), tmp_path / "scratch")
+    assert costs.tokenizer_step > 0 and costs.clip > 0 and costs.seconds > 0
+    assert costs.tokenizer_gan_step == costs.tokenizer_step  # the toy has no GAN phase
+    assert sorted(costs.lm_step) == [1, 2, 3] and min(costs.lm_step.values()) > 0
+    assert costs.tokenizer_event >= 0 and costs.lm_event >= 0 and costs.lm_compile >= 0
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_a_budgeted_recipe_scales_its_steps_and_a_resumed_one_keeps_them(
+    tmp_path, monkeypatch, caplog
+):
+    values = {
+        **CALIBRATED,
+        "tokenizer.steps": 8,
+        "tokenizer.continuous_steps": 4,
+        "tokenizer.eval_every": 4,
+        "lm.stages": (
+            '[{name="image", steps=4, lengths=[1]}, {name="short", steps=4, lengths=[1, 2]},'
+            ' {name="long", steps=8, lengths=[1, 3], weights=[1, 3]}]'
+        ),
+    }
+    costs = _costs(lm_step={1: 0.2, 2: 0.4, 3: 0.6}, seconds=0.0)
+    minutes = minutes_of(scale(_toy(values), 0.5), costs) / AIM  # half the steps fit
+    monkeypatch.setattr(recipe, "calibrate", lambda cfg, scratch: costs)
+    out = tmp_path / "run"
+    args = ["recipe", "shapes", "--out", str(out), *_sets(values)]
+    assert main([*args, "--minutes", str(minutes)]) == 0
+    state = json.loads((out / "recipe.json").read_text())
+    assert state["budget"]["factor"] == pytest.approx(0.5, abs=0.05)
+    assert state["budget"]["fitted_min"] <= AIM * minutes
+    tok = json.loads((out / "tokenizer" / "config.json").read_text())
+    assert (tok["steps"], tok["continuous_steps"], tok["eval_every"]) == (4, 2, 2)
+    lm = json.loads((out / "lm" / "config.json").read_text())
+    assert [s["steps"] for s in lm["stages"]] == [2, 2, 4]
+    steps = [json.loads(line)["step"] for line in (out / "lm" / "metrics.jsonl").open()]
+    assert steps[-1] == 8
+    meta = json.loads((out / "shards" / "meta.json").read_text())
+    assert meta["params"]["n_clips"] == 6  # 12 halved
+
+    def no_calibration(cfg, scratch):
+        raise AssertionError("a resumed run calibrates again")
+
+    monkeypatch.setattr(recipe, "calibrate", no_calibration)
+    with caplog.at_level("INFO", logger="loong"):
+        assert main([*args, "--minutes", str(2 * minutes)]) == 0  # the recorded factor holds
+    assert sum("skipped" in r.message for r in caplog.records) == 5
+
+
+def test_a_run_started_without_a_budget_keeps_its_steps(tmp_path, monkeypatch):
+    def no_calibration(cfg, scratch):
+        raise AssertionError("calibrated a run whose steps have started")
+
+    monkeypatch.setattr(recipe, "calibrate", no_calibration)
+    cfg = ShapesRecipeConfig()
+    assert recipe._fit_budget(cfg, tmp_path, {"tokenizer": {"seconds": 1.0}}) is cfg
+    zero = ShapesRecipeConfig(minutes=0)
+    assert recipe._fit_budget(zero, tmp_path, {}) is zero
+
+
+def test_negative_minutes_are_refused(tmp_path, capsys):
+    assert main(["recipe", "shapes", "--out", str(tmp_path), "--minutes", "-1"]) == 2
+    assert "minutes must be >= 0" in capsys.readouterr().err
