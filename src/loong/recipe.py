@@ -27,8 +27,9 @@ shards, and a finished step is skipped (``recipe.json`` records it with its wall
 losses, and the budget's factor, which a resumed run keeps). Run directory::
 
     OUT/
-      recipe.json        budget (calibrated costs, factor), steps done, seconds each, final losses
-      config.json        the recipe's config
+      recipe.json        calibration (seconds of each unit of work), budget (factor), steps
+                         done, seconds each, final losses
+      config.json        the recipe's config, its step counts scaled to the budget
       tokenizer/ tokenizer_long/ shards/ eval_shards/ lm/   the runs
       bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -51,7 +53,7 @@ from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.generate import GenerationMetadata
 from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
-from loong.recipe_budget import calibrate, factor, minutes_of, scale
+from loong.recipe_budget import Costs, calibrate, factor, minutes_of, scale
 from loong.text_tokenizer import TOKENIZER_FILE
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
@@ -183,7 +185,7 @@ class ShapesRecipeConfig:
     def __post_init__(self) -> None:
         if self.eval_clips < 0:
             raise ValueError(f"eval_clips must be >= 0, got {self.eval_clips}")
-        if self.minutes < 0:
+        if not (math.isfinite(self.minutes) and self.minutes >= 0):
             raise ValueError(f"minutes must be >= 0 (0: no time budget), got {self.minutes}")
         if self.tokenizer_from and not (Path(self.tokenizer_from) / "config.json").is_file():
             raise ValueError(
@@ -277,16 +279,33 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
     """``cfg`` scaled to its time budget: calibrated on a first run and recorded in ``state``
     (the caller writes it), the recorded factor on a resumed one."""
     if "budget" in state:
-        share = state["budget"]["factor"]
-        log.info("recipe: the budget's factor %.3f, from this run's calibration", share)
-        return scale(cfg, share)
+        budget = state["budget"]
+        log.info("recipe: the budget's factor %.3f, from this run's calibration", budget["factor"])
+        if cfg.minutes != budget["minutes"]:
+            log.warning(
+                "recipe: this run started with a budget of %g min and keeps its step counts; "
+                "--minutes %g applies to a new --out",
+                budget["minutes"],
+                cfg.minutes,
+            )
+        return scale(cfg, budget["factor"])
     if cfg.minutes <= 0:
         return cfg
-    if any(name in state for name in STEPS):
-        log.info("recipe: started without a time budget; its steps stay as configured")
+    if any(name in state or (out / name).exists() for name in STEPS):
+        log.warning(
+            "recipe: this run started without a time budget, so its steps stay as configured; "
+            "--minutes %g applies to a new --out",
+            cfg.minutes,
+        )
         return cfg
-    log.info("recipe: calibrating: a few steps of each phase, to fit %g min", cfg.minutes)
-    costs = calibrate(cfg, out / "calibration")
+    if "calibration" in state:  # an earlier try's, refused as too short: the same machine
+        costs = Costs(**state["calibration"])
+        costs.lm_step = {int(t): s for t, s in costs.lm_step.items()}
+    else:
+        log.info("recipe: calibrating: a few steps of each phase, to fit %g min", cfg.minutes)
+        costs = calibrate(cfg, out / "calibration")
+        state["calibration"] = dataclasses.asdict(costs)
+        atomic_write_text(out / RECIPE_FILE, json.dumps(state, indent=2) + "\n")
     share = factor(cfg, costs, cfg.minutes)
     full, fitted = minutes_of(cfg, costs), minutes_of(scale(cfg, share), costs)
     state["budget"] = {
@@ -294,7 +313,6 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
         "factor": share,
         "projected_min": round(full, 1),
         "fitted_min": round(fitted, 1),
-        "costs": dataclasses.asdict(costs),
     }
     if share < 1:
         log.warning(
@@ -317,12 +335,12 @@ def run_shapes_recipe(
     """Run (or resume) the shapes recipe in ``out_dir``; returns the bundle's LM directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", config_json(cfg))
     _warn_if_fp32_cpu(cfg.lm, cfg.minutes)
     state_path = out / RECIPE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
     cfg = _fit_budget(cfg, out, state)
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+    atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
 
     def step(name: str, run) -> None:
         if name in state:
@@ -393,6 +411,6 @@ def run_shapes_recipe(
     for name, run in zip(STEPS, (tokenizer, tokenizer_long, shards, lm, bundle), strict=True):
         step(name, run)
     total = sum(state[name]["seconds"] for name in STEPS)
-    total += state.get("budget", {}).get("costs", {}).get("seconds", 0.0)
+    total += state.get("calibration", {}).get("seconds", 0.0)
     log.info("recipe: done in %.1f min; bundle %s", total / 60, out / "bundle")
     return out / "bundle" / "lm"

@@ -15,7 +15,8 @@ is over the budget scales every count that buys time by one factor (:func:`scale
 What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
 there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
 the configured recipe unchanged. A scaled recipe trains a weaker model: the budget buys a
-finished bundle on time, not the bundle's quality (BENCHMARKS.md has both on one CPU).
+finished bundle on time, not the bundle's quality (BENCHMARKS.md, "The recipe in 90 minutes on
+a CPU without AVX-512").
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from loong.data.shards import tokenize_dataset
 from loong.train.lm import train_lm
 from loong.train.lm_config import StageConfig, scale_stages
 from loong.train.tokenizer import train_tokenizer
+from loong.train.tokenizer_config import TokenizerTrainConfig
+from loong.video_tokenizer.model import VideoTokenizer
 
 if TYPE_CHECKING:
     from loong.recipe import ShapesRecipeConfig
@@ -42,15 +45,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("loong")
 
 STEPS = 3
-"""Timed steps of each kind: the first of each is left out (allocation, compilation)."""
-CLIPS = (4, 44)
-"""Shard sizes tokenized: the time a clip is the slope between the two, free of the set-up, and
-the larger holds enough clips of every length for the LM's evaluation (32 items a length)."""
+"""Timed steps of each kind: the first of each is left out (allocation, compilation). The
+calibration runs' event intervals assume at least 2."""
+CLIPS = (4, 4, 44)
+"""Shard sizes tokenized: the first pays the warm-up and is not used; the time a clip is the
+slope between the other two, and the set-up their intercept. The largest holds more than the
+LM evaluation's 32 items of every length t > 1 (t = 1 items come from the stills, about 4)."""
 MIN_FACTOR = 0.05
 """Below this share of the configured steps the recipe trains nothing worth bundling."""
-AIM = 0.95
-"""The share of the budget the projection is fitted to: step times on a shared machine vary by
-a few percent from the calibration's."""
+AIM = 0.92
+"""The share of the budget the projection is fitted to: step times vary by a few percent from
+the calibration's (the first budgeted recipe measured ran 4.7% over its projection)."""
 NEVER = 10**9
 """An interval no calibration run reaches."""
 
@@ -65,14 +70,20 @@ class Costs:
     """One with the GAN on (the discriminator's update included)."""
     tokenizer_event: float
     """An evaluation with a preview and a checkpoint, on top of its step."""
+    tokenizer_setup: float = 0.0
+    """A tokenizer run's start, first step's warm-up, last evaluation and export."""
     clip: float
     """Tokenizing one shard clip."""
+    shards_setup: float = 0.0
+    """A shards directory's set-up (model load, BPE), on top of its clips."""
     lm_step: dict[int, float]
     """One LM step by latent length t."""
     lm_compile: float
     """The LM steps' first-call overhead (compilation), all lengths."""
     lm_event: float
     """An LM evaluation with a checkpoint, on top of its step."""
+    lm_setup: float = 0.0
+    """The LM run's start (data, model), last evaluation and export."""
     seconds: float = 0.0
     """Wall time the calibration took (spent from the budget)."""
 
@@ -83,10 +94,12 @@ def _step_times(metrics: Path) -> list[float]:
     return [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
 
 
-def _calibrate_tokenizer(cfg: ShapesRecipeConfig, scratch: Path) -> tuple[float, float, float]:
-    """(step, GAN step, event) seconds of the recipe's tokenizer; trains ``scratch/export``."""
-    tok = cfg.tokenizer
-    gan = tok.loss.gan_weight > 0 and tok.loss.disc_start_step < tok.steps
+def _calibrate_tokenizer(
+    tok: TokenizerTrainConfig, scratch: Path, *, gan: bool
+) -> tuple[float, float, float, float]:
+    """(step, GAN step, event, set-up) seconds of the tokenizer run ``tok`` (its GAN steps
+    timed when ``gan``); exports ``scratch/export``."""
+    started = time.monotonic()
     n = 2 * STEPS + 1  # plain steps; the event after step n - 1, so step n waits for it
     run = dataclasses.replace(
         tok,
@@ -100,31 +113,37 @@ def _calibrate_tokenizer(cfg: ShapesRecipeConfig, scratch: Path) -> tuple[float,
         max_minutes=0.0,
     )
     times = _step_times(train_tokenizer(run, scratch, progress=False).parent / "metrics.jsonl")
+    wall = time.monotonic() - started
     step = statistics.median(times[1 : n - 1])
     event = max(0.0, times[n - 1] - step)
     gan_step = statistics.median(times[n + 1 :]) if gan else step
-    return step, gan_step, event
+    setup = wall - sum(times) + max(0.0, times[0] - step)
+    return step, gan_step, event, max(0.0, setup)
 
 
-def _calibrate_clips(cfg: ShapesRecipeConfig, tokenizer: Path, scratch: Path) -> tuple[float, Path]:
-    """Seconds a shard clip, and the larger of the two shard directories made."""
+def _calibrate_clips(
+    cfg: ShapesRecipeConfig, tokenizer: Path, scratch: Path
+) -> tuple[float, float, Path]:
+    """(seconds a shard clip, seconds of a shards directory's set-up, the largest made)."""
     walls = []
-    for n in CLIPS:
+    for i, n in enumerate(CLIPS):
         started = time.monotonic()
         shards = dataclasses.replace(cfg.shards, n_clips=n, video_tokenizer=str(tokenizer))
-        out = tokenize_dataset(shards, scratch / f"shards_{n}", progress=False)
+        out = tokenize_dataset(shards, scratch / f"shards_{i}", progress=False)
         walls.append(time.monotonic() - started)
-    return max(0.0, (walls[1] - walls[0]) / (CLIPS[1] - CLIPS[0])), out
+    clip = max(0.0, (walls[2] - walls[1]) / (CLIPS[2] - CLIPS[1]))
+    return clip, max(0.0, walls[1] - CLIPS[1] * clip), out
 
 
 def _calibrate_lm(cfg: ShapesRecipeConfig, shards: Path, scratch: Path):
-    """({t: step seconds}, compile seconds, event seconds) of the recipe's LM.
+    """({t: step seconds}, compile, event, set-up seconds) of the recipe's LM.
 
     Two passes over the stages' latent lengths, ``STEPS`` steps each, with an evaluation and a
     checkpoint at the end of each pass: the first pass compiles (the blocks for each new shape
     until they go dynamic, the evaluation's forward), the second is timed."""
     lengths = sorted({t for stage in cfg.lm.stages for t in stage.lengths})
-    stages = [StageConfig(name=f"t{t}", steps=STEPS, lengths=(t,)) for t in lengths] * 2
+    stages = [StageConfig(name=f"calibration t={t}", steps=STEPS, lengths=(t,)) for t in lengths]
+    stages *= 2
     stages[-1] = dataclasses.replace(stages[-1], steps=STEPS + 1)  # its last step waits
     warm = STEPS * len(lengths)
     lm = cfg.lm
@@ -138,40 +157,51 @@ def _calibrate_lm(cfg: ShapesRecipeConfig, shards: Path, scratch: Path):
         max_minutes=0.0,
         tensorboard=False,
     )
+    started = time.monotonic()
     times = _step_times(train_lm(run, scratch, progress=False).parent / "metrics.jsonl")
+    setup = max(0.0, time.monotonic() - started - sum(times))
     per_length = {}
     for i, t in enumerate(lengths):
         start = warm + i * STEPS
         per_length[t] = statistics.median(times[start + 1 : start + STEPS])  # not the first
     event = max(0.0, times[-1] - per_length[lengths[-1]])
     first_pass = sum(times[: warm + 1]) - STEPS * sum(per_length.values()) - per_length[lengths[0]]
-    return per_length, max(0.0, first_pass - event), event
+    return per_length, max(0.0, first_pass - event), event, setup
 
 
 def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
     """Time a few steps of each of the recipe's phases on this machine, in ``scratch``
-    (removed after): the tokenizer's training loop (skipped with ``tokenizer_from``), the
-    shards' tokenizing, the LM's training loop on every latent length its stages use."""
+    (removed after): the tokenizer's training loop (skipped with ``tokenizer_from`` unless the
+    long-clip run trains it), the shards' tokenizing, the LM's training loop on every latent
+    length its stages use."""
     scratch = Path(scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     started = time.monotonic()
-    if cfg.tokenizer_from:
-        step = gan_step = event = 0.0
+    tok, tokenizer = cfg.tokenizer, scratch / "tokenizer" / "export"
+    if cfg.tokenizer_from:  # not trained: timed only for the long-clip run, on its weights
         tokenizer = Path(cfg.tokenizer_from)
-    else:
-        step, gan_step, event = _calibrate_tokenizer(cfg, scratch / "tokenizer")
-        tokenizer = scratch / "tokenizer" / "export"
-    clip, shards = _calibrate_clips(cfg, tokenizer, scratch)
-    lm_step, lm_compile, lm_event = _calibrate_lm(cfg, shards, scratch / "lm")
+        model = VideoTokenizer.from_pretrained(tokenizer).config
+        tok = dataclasses.replace(tok, model=model, init_from=str(tokenizer))
+    step = gan_step = event = setup = 0.0
+    if not cfg.tokenizer_from or cfg.tokenizer_long.steps:
+        # the long-clip run has no GAN phase
+        gan = not cfg.tokenizer_from and tok.loss.gan_weight > 0
+        gan = gan and tok.loss.disc_start_step < tok.steps
+        step, gan_step, event, setup = _calibrate_tokenizer(tok, scratch / "tokenizer", gan=gan)
+    clip, shards_setup, shards = _calibrate_clips(cfg, tokenizer, scratch)
+    lm_step, lm_compile, lm_event, lm_setup = _calibrate_lm(cfg, shards, scratch / "lm")
     shutil.rmtree(scratch, ignore_errors=True)
     return Costs(
         tokenizer_step=step,
         tokenizer_gan_step=gan_step,
         tokenizer_event=event,
+        tokenizer_setup=setup,
         clip=clip,
+        shards_setup=shards_setup,
         lm_step=lm_step,
         lm_compile=lm_compile,
         lm_event=lm_event,
+        lm_setup=lm_setup,
         seconds=time.monotonic() - started,
     )
 
@@ -191,21 +221,22 @@ def project(cfg: ShapesRecipeConfig, costs: Costs) -> tuple[float, float]:
         n_gan = max(0, tok.steps - tok.loss.disc_start_step) if gan else 0
         variable += (tok.steps - n_gan) * costs.tokenizer_step + n_gan * costs.tokenizer_gan_step
         intervals = (tok.eval_every, tok.preview_every, tok.checkpoint_every)
-        fixed += _events(tok.steps, *intervals) * costs.tokenizer_event
-    if cfg.tokenizer_long.steps:  # clips this many times longer: steps as many times slower
-        longer = cfg.tokenizer_long.n_frames / tok.data.n_frames
-        variable += cfg.tokenizer_long.steps * costs.tokenizer_step * longer
-        fixed += costs.tokenizer_event * longer
+        fixed += _events(tok.steps, *intervals) * costs.tokenizer_event + costs.tokenizer_setup
+    long = cfg.tokenizer_long
+    if long.steps:  # clips this many times longer: steps as many times slower
+        longer = long.n_frames / tok.data.n_frames
+        variable += long.steps * costs.tokenizer_step * longer
+        events = _events(long.steps, long.steps, tok.preview_every, tok.checkpoint_every)
+        fixed += (events * costs.tokenizer_event + costs.tokenizer_setup) * longer
     variable += cfg.shards.n_clips * costs.clip
-    fixed += cfg.eval_clips * costs.clip
+    fixed += cfg.eval_clips * costs.clip + (2 if cfg.eval_clips else 1) * costs.shards_setup
     for stage in cfg.lm.stages:
         weights = stage.weights or (1.0,) * len(stage.lengths)
         mean = sum(w * costs.lm_step[t] for w, t in zip(weights, stage.lengths, strict=True))
         variable += stage.steps * mean / sum(weights)
     lm = cfg.lm
-    fixed += costs.lm_compile + _events(lm.total_steps, lm.eval_every, lm.checkpoint_every) * (
-        costs.lm_event
-    )
+    events = _events(lm.total_steps, lm.eval_every, lm.checkpoint_every)
+    fixed += costs.lm_setup + costs.lm_compile + events * costs.lm_event
     return variable, fixed
 
 
@@ -251,13 +282,16 @@ def scale(cfg: ShapesRecipeConfig, share: float) -> ShapesRecipeConfig:
     if share >= 1.0:
         return cfg
     tok = cfg.tokenizer
+    steps = _scaled(tok.steps, share)
+    continuous = min(_scaled(tok.continuous_steps, share, least=0), steps - 1)
+    disc_start = _scaled(tok.loss.disc_start_step, share, least=0)
+    if tok.loss.disc_start_step < tok.steps:  # a GAN phase configured stays
+        disc_start = min(disc_start, steps - 1)
     tokenizer = dataclasses.replace(
         tok,
-        steps=_scaled(tok.steps, share),
-        continuous_steps=_scaled(tok.continuous_steps, share, least=0),
-        loss=dataclasses.replace(
-            tok.loss, disc_start_step=_scaled(tok.loss.disc_start_step, share, least=0)
-        ),
+        steps=steps,
+        continuous_steps=continuous,
+        loss=dataclasses.replace(tok.loss, disc_start_step=disc_start),
         eval_every=_scaled(tok.eval_every, share),
         preview_every=_scaled(tok.preview_every, share),
         checkpoint_every=_scaled(tok.checkpoint_every, share),
