@@ -34,10 +34,13 @@ def _costs(**changes) -> Costs:
         tokenizer_step=0.6,
         tokenizer_gan_step=2.0,
         tokenizer_event=1.5,
+        tokenizer_setup=5.0,
         clip=0.05,
+        shards_setup=2.0,
         lm_step={1: 0.2, 5: 0.8, 9: 1.6},
         lm_compile=5.0,
         lm_event=3.0,
+        lm_setup=8.0,
         seconds=40.0,
     )
     return Costs(**(values | changes))

@@ -269,7 +269,7 @@ def _warn_if_fp32_cpu(lm: LMTrainConfig, minutes: float = 0.0) -> None:
         )
         log.warning(
             "recipe: this CPU has no native bf16 (AVX-512 BF16 or AMX), so the recipe trains in "
-            "fp32: the preset's steps take about 2.8 hours on 2 cores (projected), against 1 "
+            "fp32: the preset's steps take about 3 hours on 2 cores (projected), against 1 "
             'hour with bf16 (BENCHMARKS.md, "The recipe on a CPU without AVX-512"); %s',
             fit,
         )
