@@ -16,7 +16,10 @@ What stays: learning rates and warm-ups, evaluations and checkpoints (their inte
 there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
 the configured recipe unchanged. A scaled recipe trains a weaker model: the budget buys a
 finished bundle on time, not the bundle's quality (BENCHMARKS.md, "The recipe in 90 minutes on
-a CPU without AVX-512").
+a CPU without AVX-512"). The factor follows the speed measured, which on a shared machine moves
+from one minute to the next (0.38–0.45 in four calibrations on one CPU), so two budgeted runs
+may train different step counts; ``minutes = 0`` runs the configured recipe, the same on every
+run of one machine, and a resumed run keeps the factor it started with.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loong")
 
-STEPS = 3
+STEPS = 5
 """Timed steps of each kind: the first of each is left out (allocation, compilation). The
 calibration runs' event intervals assume at least 2."""
 CLIPS = (4, 4, 44)
