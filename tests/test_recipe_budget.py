@@ -25,6 +25,7 @@ from loong.recipe_budget import (
     project,
     scale,
 )
+from loong.video_tokenizer.model import VideoTokenizer
 from test_recipe import TOY, _sets
 
 
@@ -163,6 +164,39 @@ def test_gan_steps_and_long_clips_are_projected_at_their_own_cost():
     long.tokenizer_long.steps = 400  # 33-frame clips against the tokenizer's 9
     more, _ = project(long, costs)
     assert more - variable == pytest.approx(400 * 0.6 * 33 / 9)
+
+
+@pytest.mark.parametrize("long_steps", [0, 400])
+def test_an_existing_tokenizer_is_timed_only_for_the_long_clip_run(
+    tmp_path, monkeypatch, long_steps
+):
+    export = tmp_path / "export"
+    VideoTokenizer.from_preset("tiny").save_pretrained(export)
+    runs = []
+
+    def tokenizer(run, out, progress):
+        runs.append(run)
+        n = run.eval_every + 1
+        return _write_times(out, [1.0] + [0.5] * (n - 2) + [2.0] + [3.0] * (run.steps - n))
+
+    def lm(run, out, progress):
+        return _write_times(out, [0.1] * sum(s.steps for s in run.stages))
+
+    monkeypatch.setattr(recipe_budget, "train_tokenizer", tokenizer)
+    monkeypatch.setattr(recipe_budget, "train_lm", lm)
+    monkeypatch.setattr(recipe_budget, "_calibrate_clips", lambda *a: (0.05, 1.0, tmp_path))
+    cfg = ShapesRecipeConfig(tokenizer_from=str(export))
+    cfg.tokenizer.loss.disc_start_step = 100  # a GAN phase the long-clip run does not have
+    cfg.tokenizer_long.steps = long_steps
+    costs = calibrate(cfg, tmp_path / "scratch")
+    if not long_steps:
+        assert not runs and costs.tokenizer_step == 0.0
+        return
+    (run,) = runs
+    assert run.init_from == str(export)
+    assert run.model == VideoTokenizer.from_pretrained(export).config
+    assert run.loss.disc_start_step >= run.steps  # no GAN steps timed
+    assert costs.tokenizer_step == pytest.approx(0.5)
 
 
 CALIBRATED = {  # a toy recipe, eager, small enough to calibrate in seconds
