@@ -282,3 +282,23 @@ def test_a_run_started_without_a_budget_keeps_its_steps(tmp_path, monkeypatch):
 def test_negative_or_infinite_minutes_are_refused(tmp_path, capsys, minutes):
     assert main(["recipe", "shapes", "--out", str(tmp_path), "--minutes", minutes]) == 2
     assert "minutes must be >= 0" in capsys.readouterr().err
+
+
+def test_a_refused_budget_keeps_its_calibration_for_the_next_try(tmp_path, monkeypatch):
+    costs = _costs()
+    monkeypatch.setattr(recipe, "calibrate", lambda cfg, scratch: costs)
+    state: dict = {}
+    with pytest.raises(ValueError, match="too short"):
+        recipe._fit_budget(ShapesRecipeConfig(minutes=2), tmp_path, state)
+    stored = json.loads((tmp_path / recipe.RECIPE_FILE).read_text())["calibration"]
+    assert Costs.from_record(stored) == costs  # through JSON, lengths back to ints
+
+    def no_calibration(cfg, scratch):
+        raise AssertionError("calibrated again on the same machine")
+
+    monkeypatch.setattr(recipe, "calibrate", no_calibration)
+    cfg = ShapesRecipeConfig(minutes=0.6 * minutes_of(ShapesRecipeConfig(), costs))
+    retry = {"calibration": stored}
+    scaled = recipe._fit_budget(cfg, tmp_path, retry)
+    assert 0 < retry["budget"]["factor"] < 1
+    assert scaled.tokenizer.steps < cfg.tokenizer.steps

@@ -299,8 +299,7 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
         )
         return cfg
     if "calibration" in state:  # an earlier try's, refused as too short: the same machine
-        costs = Costs(**state["calibration"])
-        costs.lm_step = {int(t): s for t, s in costs.lm_step.items()}
+        costs = Costs.from_record(state["calibration"])
     else:
         log.info("recipe: calibrating: a few steps of each phase, to fit %g min", cfg.minutes)
         costs = calibrate(cfg, out / "calibration")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import shutil
 import statistics
@@ -44,8 +43,6 @@ from loong.video_tokenizer.model import VideoTokenizer
 
 if TYPE_CHECKING:
     from loong.recipe import ShapesRecipeConfig
-
-log = logging.getLogger("loong")
 
 STEPS = 5
 """Timed steps of each kind: the first of each is left out (allocation, compilation). The
@@ -89,6 +86,11 @@ class Costs:
     """The LM run's start (data, model), last evaluation and export."""
     seconds: float = 0.0
     """Wall time the calibration took (spent from the budget)."""
+
+    @classmethod
+    def from_record(cls, record: dict) -> Costs:
+        """Costs from their ``dataclasses.asdict`` as JSON stored them (lengths as strings)."""
+        return cls(**(record | {"lm_step": {int(t): s for t, s in record["lm_step"].items()}}))
 
 
 def _step_times(metrics: Path) -> list[float]:
@@ -260,8 +262,9 @@ def factor(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> float:
     if minutes_of(cfg, costs) <= aim:
         return 1.0
     low, high = MIN_FACTOR, 1.0
-    if minutes_of(scale(cfg, low), costs) > aim:
-        need = minutes_of(scale(cfg, low), costs) / AIM
+    least = minutes_of(scale(cfg, low), costs)
+    if least > aim:
+        need = least / AIM
         raise ValueError(
             f"minutes={minutes:g} is too short for the recipe on this machine: its configured "
             f"steps would take {minutes_of(cfg, costs):.1f} min, and even {MIN_FACTOR:.0%} of "
