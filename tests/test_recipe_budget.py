@@ -16,15 +16,16 @@ from loong import recipe, recipe_budget
 from loong.cli import main
 from loong.recipe import ShapesRecipeConfig
 from loong.recipe_budget import (
-    AIM,
     Costs,
-    _events,
     calibrate,
     factor,
     minutes_of,
     project,
     scale,
 )
+from loong.train import lm as lm_loop
+from loong.train import tokenizer as tokenizer_loop
+from loong.train.budget import AIM
 from loong.video_tokenizer.model import VideoTokenizer
 from test_recipe import TOY, _sets
 
@@ -81,12 +82,6 @@ def test_every_share_gives_a_valid_config(continuous, disc_start):
         assert (tok.loss.disc_start_step < tok.steps) == (disc_start < 3600)
 
 
-def test_events_count_the_steps_an_interval_falls_on_and_the_last():
-    assert _events(10, 5) == 2  # 5, 10 (the last)
-    assert _events(11, 5) == 3  # 5, 10, and 11
-    assert _events(12, 4, 6) == 4  # 4, 6, 8, 12 (the last)
-
-
 def test_the_factor_fits_the_projection_to_the_budget():
     cfg, costs = ShapesRecipeConfig(), _costs()
     full = minutes_of(cfg, costs)
@@ -138,8 +133,8 @@ def test_calibration_reads_steps_events_and_compilation_from_the_right_steps(tmp
         times[-1] += 0.7
         return _write_times(out, times)
 
-    monkeypatch.setattr(recipe_budget, "train_tokenizer", tokenizer)
-    monkeypatch.setattr(recipe_budget, "train_lm", lm)
+    monkeypatch.setattr(tokenizer_loop, "train_tokenizer", tokenizer)
+    monkeypatch.setattr(lm_loop, "train_lm", lm)
     monkeypatch.setattr(recipe_budget, "_calibrate_clips", lambda *a: (0.05, 1.0, tmp_path))
     cfg = ShapesRecipeConfig()
     cfg.tokenizer.loss.disc_start_step = 3000  # a GAN phase, so GAN steps are timed
@@ -182,8 +177,8 @@ def test_an_existing_tokenizer_is_timed_only_for_the_long_clip_run(
     def lm(run, out, progress):
         return _write_times(out, [0.1] * sum(s.steps for s in run.stages))
 
-    monkeypatch.setattr(recipe_budget, "train_tokenizer", tokenizer)
-    monkeypatch.setattr(recipe_budget, "train_lm", lm)
+    monkeypatch.setattr(tokenizer_loop, "train_tokenizer", tokenizer)
+    monkeypatch.setattr(lm_loop, "train_lm", lm)
     monkeypatch.setattr(recipe_budget, "_calibrate_clips", lambda *a: (0.05, 1.0, tmp_path))
     cfg = ShapesRecipeConfig(tokenizer_from=str(export))
     cfg.tokenizer.loss.disc_start_step = 100  # a GAN phase the long-clip run does not have

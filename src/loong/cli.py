@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--steps", type=int, help="training steps (sets steps)")
     train.add_argument(
-        "--minutes", type=float, help="stop after this much wall time (sets max_minutes)"
+        "--minutes",
+        type=float,
+        help="fit the run into this much wall time: a few steps are timed first, every step "
+        "count is scaled down if the configured ones would not fit, and the run stops there at "
+        "the latest (sets budget_minutes; 0: every configured step)",
     )
 
     enc = tok_cmds.add_parser("encode", help="video file → token file (.safetensors)")
@@ -99,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     lm_train.add_argument("--shards", nargs="+", help="token shard directories (sets data.shards)")
     lm_train.add_argument("--out", default="runs/lm", help="run directory (default: runs/lm)")
     lm_train.add_argument("--steps", type=int, help="scale every stage to this many steps in all")
-    lm_train.add_argument("--minutes", type=float, help="stop after this much wall time")
+    lm_train.add_argument(
+        "--minutes",
+        type=float,
+        help="fit the run into this much wall time: a few steps of each latent length are "
+        "timed first, every stage's steps are scaled down if the configured ones would not "
+        "fit, and the run stops there at the latest (sets budget_minutes; 0: every step)",
+    )
 
     gen = commands.add_parser("generate", help="text → video (.mp4/.gif), written as it is sampled")
     gen.add_argument("prompt", help='e.g. "a red circle moves right"')
@@ -224,7 +234,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
         if args.steps is not None:
             sets.append(f"steps={args.steps}")
         if args.minutes is not None:
-            sets.append(f"max_minutes={args.minutes}")
+            sets.append(f"budget_minutes={args.minutes}")
         if args.parallel:
             sets.append(f"parallel.mode={_toml_string(args.parallel)}")
         cfg = resolve_config(tokenizer_train_preset(args.preset), args.config, sets)
@@ -331,7 +341,7 @@ def _lm(args: argparse.Namespace) -> int:
     if args.shards:
         sets.append(f"data.shards={json.dumps(args.shards)}")
     if args.minutes is not None:
-        sets.append(f"max_minutes={args.minutes}")
+        sets.append(f"budget_minutes={args.minutes}")
     if args.parallel:
         sets.append(f"parallel.mode={_toml_string(args.parallel)}")
     cfg = resolve_config(lm_train_preset(args.preset), args.config, sets)

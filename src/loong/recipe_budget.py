@@ -19,45 +19,44 @@ finished bundle on time, not the bundle's quality (BENCHMARKS.md, "The recipe in
 a CPU without AVX-512"). The factor follows the speed measured, which on a shared machine moves
 from one minute to the next (0.38–0.45 in four calibrations on one CPU), so two budgeted runs
 may train different step counts; ``minutes = 0`` runs the configured recipe, the same on every
-run of one machine, and a resumed run keeps the factor it started with.
+run of one machine, and a resumed run keeps the factor it started with. The tokenizer's share
+(its calibration, projection and scaling) and the bisection are :mod:`loong.train.budget`'s,
+which ``loong tokenizer train --minutes`` uses alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loong.data.shards import tokenize_dataset
-from loong.train.lm import train_lm
-from loong.train.lm_config import StageConfig, scale_stages
-from loong.train.tokenizer import train_tokenizer
-from loong.train.tokenizer_config import TokenizerTrainConfig
+from loong.train.budget import (
+    LMCosts,
+    TokenizerCosts,
+    calibrate_lm,
+    calibrate_tokenizer,
+    events,
+    fit,
+    has_gan_phase,
+    lm_seconds,
+    scale_lm,
+    scale_tokenizer,
+    scaled,
+    tokenizer_seconds,
+)
 from loong.video_tokenizer.model import VideoTokenizer
 
 if TYPE_CHECKING:
     from loong.recipe import ShapesRecipeConfig
 
-STEPS = 5
-"""Timed steps of each kind: the first of each is left out (allocation, compilation). The
-calibration runs' event intervals assume at least 2."""
 CLIPS = (4, 4, 44)
 """Shard sizes tokenized: the first pays the warm-up and is not used; the time a clip is the
 slope between the other two, and the set-up their intercept. The largest holds more than the
 LM evaluation's 32 items of every length t > 1 (t = 1 items come from the stills, about 4)."""
-MIN_FACTOR = 0.05
-"""Below this share of the configured steps the recipe trains nothing worth bundling."""
-AIM = 0.92
-"""The share of the budget the projection is fitted to: step times vary by a few percent from
-the calibration's (the first budgeted recipe measured ran 3.7% over its projection)."""
-NEVER = 10**9
-"""An interval no calibration run reaches."""
 
 
 @dataclass(kw_only=True)
@@ -87,43 +86,25 @@ class Costs:
     seconds: float = 0.0
     """Wall time the calibration took (spent from the budget)."""
 
+    def tokenizer(self) -> TokenizerCosts:
+        """The tokenizer run's share of the costs."""
+        return TokenizerCosts(
+            step=self.tokenizer_step,
+            gan_step=self.tokenizer_gan_step,
+            event=self.tokenizer_event,
+            setup=self.tokenizer_setup,
+        )
+
+    def lm(self) -> LMCosts:
+        """The language-model run's share of the costs."""
+        return LMCosts(
+            step=self.lm_step, compile=self.lm_compile, event=self.lm_event, setup=self.lm_setup
+        )
+
     @classmethod
     def from_record(cls, record: dict) -> Costs:
         """Costs from their ``dataclasses.asdict`` as JSON stored them (lengths as strings)."""
         return cls(**(record | {"lm_step": {int(t): s for t, s in record["lm_step"].items()}}))
-
-
-def _step_times(metrics: Path) -> list[float]:
-    """Each step's seconds from a run's metrics.jsonl (``elapsed_s`` of every step)."""
-    elapsed = [json.loads(line)["elapsed_s"] for line in metrics.read_text().splitlines()]
-    return [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
-
-
-def _calibrate_tokenizer(
-    tok: TokenizerTrainConfig, scratch: Path, *, gan: bool
-) -> tuple[float, float, float, float]:
-    """(step, GAN step, event, set-up) seconds of the tokenizer run ``tok`` (its GAN steps
-    timed when ``gan``); exports ``scratch/export``."""
-    started = time.monotonic()
-    n = 2 * STEPS + 1  # plain steps; the event after step n - 1, so step n waits for it
-    run = dataclasses.replace(
-        tok,
-        steps=n + (STEPS + 1 if gan else 0),  # then GAN steps, the first a warm-up
-        continuous_steps=0,
-        loss=dataclasses.replace(tok.loss, disc_start_step=n if gan else NEVER),
-        eval_every=n - 1,
-        preview_every=n - 1,
-        checkpoint_every=n - 1,
-        log_every=1,
-        max_minutes=0.0,
-    )
-    times = _step_times(train_tokenizer(run, scratch, progress=False).parent / "metrics.jsonl")
-    wall = time.monotonic() - started
-    step = statistics.median(times[1 : n - 1])
-    event = max(0.0, times[n - 1] - step)
-    gan_step = statistics.median(times[n + 1 :]) if gan else step
-    setup = wall - sum(times) + max(0.0, times[0] - step)
-    return step, gan_step, event, max(0.0, setup)
 
 
 def _calibrate_clips(
@@ -138,40 +119,6 @@ def _calibrate_clips(
         walls.append(time.monotonic() - started)
     clip = max(0.0, (walls[2] - walls[1]) / (CLIPS[2] - CLIPS[1]))
     return clip, max(0.0, walls[1] - CLIPS[1] * clip), out
-
-
-def _calibrate_lm(cfg: ShapesRecipeConfig, shards: Path, scratch: Path):
-    """({t: step seconds}, compile, event, set-up seconds) of the recipe's LM.
-
-    Two passes over the stages' latent lengths, ``STEPS`` steps each, with an evaluation and a
-    checkpoint at the end of each pass: the first pass compiles (the blocks for each new shape
-    until they go dynamic, the evaluation's forward), the second is timed."""
-    lengths = sorted({t for stage in cfg.lm.stages for t in stage.lengths})
-    stages = [StageConfig(name=f"calibration t={t}", steps=STEPS, lengths=(t,)) for t in lengths]
-    stages *= 2
-    stages[-1] = dataclasses.replace(stages[-1], steps=STEPS + 1)  # its last step waits
-    warm = STEPS * len(lengths)
-    lm = cfg.lm
-    run = dataclasses.replace(
-        lm,
-        stages=tuple(stages),
-        data=dataclasses.replace(lm.data, shards=(str(shards),), eval_shards=""),
-        eval_every=warm,  # after each pass
-        checkpoint_every=warm,
-        log_every=1,
-        max_minutes=0.0,
-        tensorboard=False,
-    )
-    started = time.monotonic()
-    times = _step_times(train_lm(run, scratch, progress=False).parent / "metrics.jsonl")
-    setup = max(0.0, time.monotonic() - started - sum(times))
-    per_length = {}
-    for i, t in enumerate(lengths):
-        start = warm + i * STEPS
-        per_length[t] = statistics.median(times[start + 1 : start + STEPS])  # not the first
-    event = max(0.0, times[-1] - per_length[lengths[-1]])
-    first_pass = sum(times[: warm + 1]) - STEPS * sum(per_length.values()) - per_length[lengths[0]]
-    return per_length, max(0.0, first_pass - event), event, setup
 
 
 def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
@@ -190,11 +137,12 @@ def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
     step = gan_step = event = setup = 0.0
     if not cfg.tokenizer_from or cfg.tokenizer_long.steps:
         # the long-clip run has no GAN phase
-        gan = not cfg.tokenizer_from and tok.loss.gan_weight > 0
-        gan = gan and tok.loss.disc_start_step < tok.steps
-        step, gan_step, event, setup = _calibrate_tokenizer(tok, scratch / "tokenizer", gan=gan)
+        gan = not cfg.tokenizer_from and has_gan_phase(tok)
+        tc = calibrate_tokenizer(tok, scratch / "tokenizer", gan=gan)
+        step, gan_step, event, setup = tc.step, tc.gan_step, tc.event, tc.setup
     clip, shards_setup, shards = _calibrate_clips(cfg, tokenizer, scratch)
-    lm_step, lm_compile, lm_event, lm_setup = _calibrate_lm(cfg, shards, scratch / "lm")
+    data = dataclasses.replace(cfg.lm.data, shards=(str(shards),), eval_shards="")
+    lm = calibrate_lm(dataclasses.replace(cfg.lm, data=data), scratch / "lm")
     shutil.rmtree(scratch, ignore_errors=True)
     return Costs(
         tokenizer_step=step,
@@ -203,18 +151,12 @@ def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
         tokenizer_setup=setup,
         clip=clip,
         shards_setup=shards_setup,
-        lm_step=lm_step,
-        lm_compile=lm_compile,
-        lm_event=lm_event,
-        lm_setup=lm_setup,
+        lm_step=lm.step,
+        lm_compile=lm.compile,
+        lm_event=lm.event,
+        lm_setup=lm.setup,
         seconds=time.monotonic() - started,
     )
-
-
-def _events(steps: int, *intervals: int) -> int:
-    """Steps 1..steps at which one of the intervals falls, and the last."""
-    hits = sum(1 for s in range(1, steps + 1) if any(s % i == 0 for i in intervals))
-    return hits + (0 if any(steps % i == 0 for i in intervals) else 1)
 
 
 def project(cfg: ShapesRecipeConfig, costs: Costs) -> tuple[float, float]:
@@ -222,26 +164,18 @@ def project(cfg: ShapesRecipeConfig, costs: Costs) -> tuple[float, float]:
     counts, the part that does not)."""
     tok, variable, fixed = cfg.tokenizer, 0.0, 0.0
     if not cfg.tokenizer_from:
-        gan = tok.loss.gan_weight > 0
-        n_gan = max(0, tok.steps - tok.loss.disc_start_step) if gan else 0
-        variable += (tok.steps - n_gan) * costs.tokenizer_step + n_gan * costs.tokenizer_gan_step
-        intervals = (tok.eval_every, tok.preview_every, tok.checkpoint_every)
-        fixed += _events(tok.steps, *intervals) * costs.tokenizer_event + costs.tokenizer_setup
+        variable, fixed = tokenizer_seconds(tok, costs.tokenizer())
     long = cfg.tokenizer_long
     if long.steps:  # clips this many times longer: steps as many times slower
         longer = long.n_frames / tok.data.n_frames
         variable += long.steps * costs.tokenizer_step * longer
-        events = _events(long.steps, long.steps, tok.preview_every, tok.checkpoint_every)
-        fixed += (events * costs.tokenizer_event + costs.tokenizer_setup) * longer
+        n_events = events(long.steps, long.steps, tok.preview_every, tok.checkpoint_every)
+        fixed += (n_events * costs.tokenizer_event + costs.tokenizer_setup) * longer
     variable += cfg.shards.n_clips * costs.clip
     fixed += cfg.eval_clips * costs.clip + (2 if cfg.eval_clips else 1) * costs.shards_setup
-    for stage in cfg.lm.stages:
-        weights = stage.weights or (1.0,) * len(stage.lengths)
-        mean = sum(w * costs.lm_step[t] for w, t in zip(weights, stage.lengths, strict=True))
-        variable += stage.steps * mean / sum(weights)
-    lm = cfg.lm
-    events = _events(lm.total_steps, lm.eval_every, lm.checkpoint_every)
-    fixed += costs.lm_setup + costs.lm_compile + events * costs.lm_event
+    lm_variable, lm_fixed = lm_seconds(cfg.lm, costs.lm())
+    variable += lm_variable
+    fixed += lm_fixed
     return variable, fixed
 
 
@@ -253,33 +187,8 @@ def minutes_of(cfg: ShapesRecipeConfig, costs: Costs) -> float:
 
 def factor(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> float:
     """The largest share of the configured step counts, at most 1, whose projection fits in
-    ``AIM`` of ``minutes``.
-
-    Found by bisection on the projection of the scaled config itself, so that its rounded step
-    counts and intervals (which change how often evaluations and checkpoints coincide) are the
-    ones projected."""
-    aim = AIM * minutes
-    if minutes_of(cfg, costs) <= aim:
-        return 1.0
-    low, high = MIN_FACTOR, 1.0
-    least = minutes_of(scale(cfg, low), costs)
-    if least > aim:
-        need = least / AIM
-        raise ValueError(
-            f"minutes={minutes:g} is too short for the recipe on this machine: its configured "
-            f"steps would take {minutes_of(cfg, costs):.1f} min, and even {MIN_FACTOR:.0%} of "
-            f"them {need:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to "
-            "run every configured step"
-        )
-    for _ in range(30):
-        middle = (low + high) / 2
-        fits = minutes_of(scale(cfg, middle), costs) <= aim
-        low, high = (middle, high) if fits else (low, middle)
-    return low
-
-
-def _scaled(n: int, share: float, least: int = 1) -> int:
-    return max(least, round(n * share))
+    ``AIM`` of ``minutes`` (:func:`loong.train.budget.fit`)."""
+    return fit(lambda share: minutes_of(scale(cfg, share), costs), minutes, "the recipe")
 
 
 def scale(cfg: ShapesRecipeConfig, share: float) -> ShapesRecipeConfig:
@@ -287,33 +196,13 @@ def scale(cfg: ShapesRecipeConfig, share: float) -> ShapesRecipeConfig:
     ``share`` = 1 returns ``cfg`` itself."""
     if share >= 1.0:
         return cfg
-    tok = cfg.tokenizer
-    steps = _scaled(tok.steps, share)
-    continuous = min(_scaled(tok.continuous_steps, share, least=0), steps - 1)
-    disc_start = _scaled(tok.loss.disc_start_step, share, least=0)
-    if tok.loss.disc_start_step < tok.steps:  # a GAN phase configured stays
-        disc_start = min(disc_start, steps - 1)
-    tokenizer = dataclasses.replace(
-        tok,
-        steps=steps,
-        continuous_steps=continuous,
-        loss=dataclasses.replace(tok.loss, disc_start_step=disc_start),
-        eval_every=_scaled(tok.eval_every, share),
-        preview_every=_scaled(tok.preview_every, share),
-        checkpoint_every=_scaled(tok.checkpoint_every, share),
-    )
     long = cfg.tokenizer_long
-    lm = scale_stages(cfg.lm, _scaled(cfg.lm.total_steps, share, least=len(cfg.lm.stages)))
     return dataclasses.replace(
         cfg,
-        tokenizer=tokenizer,
+        tokenizer=scale_tokenizer(cfg.tokenizer, share),
         tokenizer_long=dataclasses.replace(
-            long, steps=_scaled(long.steps, share) if long.steps else 0
+            long, steps=scaled(long.steps, share) if long.steps else 0
         ),
-        shards=dataclasses.replace(cfg.shards, n_clips=_scaled(cfg.shards.n_clips, share)),
-        lm=dataclasses.replace(
-            lm,
-            eval_every=_scaled(lm.eval_every, share),
-            checkpoint_every=_scaled(lm.checkpoint_every, share),
-        ),
+        shards=dataclasses.replace(cfg.shards, n_clips=scaled(cfg.shards.n_clips, share)),
+        lm=scale_lm(cfg.lm, share),
     )

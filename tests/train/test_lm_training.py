@@ -24,6 +24,7 @@ from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import VocabConfig, Vocabulary
 from loong.text_tokenizer import TextTokenizer
+from loong.train import budget
 from loong.train.lm import evaluate_lm, open_data, train_lm, write_generation_file
 from loong.train.lm_batches import (
     add_frame_losses,
@@ -648,3 +649,25 @@ def test_generation_json_is_what_loong_generate_reads(tmp_path, train_config, sh
     info = generate.GenerationMetadata.read(tmp_path)
     assert info.latent_grid == (8, 8) and info.clip_latents == 3 and info.fps == 8.0
     assert info.video_tokenizer == meta["video_tokenizer"]["path"]
+
+
+def test_a_budgeted_run_trains_every_stage_scaled_and_calibrates_for_real(
+    tmp_path, train_config, monkeypatch
+):
+    """``budget_minutes``: the last (longest) stage is scaled, not cut off; the calibration
+    times every latent length on the run's own shards."""
+    real = budget.calibrate_lm(train_config, tmp_path / "scratch")
+    assert sorted(real.step) == [1, 2, 3] and min(real.step.values()) > 0
+    assert real.seconds > 0 and min(real.compile, real.event, real.setup) >= 0
+
+    costs = budget.LMCosts(step={1: 1.0, 2: 1.0, 3: 1.0}, compile=0.0, event=0.0, setup=0.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    minutes = 5 / 60 / budget.AIM  # 5 one-second steps fit of the 9 configured
+    cfg = apply_overrides(train_config, {"budget_minutes": minutes})
+    train_lm(cfg, tmp_path / "run", progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    stages = [stage["steps"] for stage in config["stages"]]
+    assert sum(stages) == 5 and min(stages) >= 1
+    assert config["max_minutes"] == pytest.approx(minutes)
+    records = _records(tmp_path / "run")
+    assert max(records) == 5 and records[5]["stage"] == "long"

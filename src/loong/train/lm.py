@@ -30,6 +30,7 @@ from loong.lm.model import VideoLM
 from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
+from loong.train.budget import fit_lm
 from loong.train.dist import barrier
 from loong.train.lm_batches import (
     ClipPool,
@@ -163,8 +164,15 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     rows = rt.rows(cfg.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.budget_minutes > 0:
+        if rt.world_size > 1:
+            raise ValueError(
+                "budget_minutes fits a single-process run to this machine's speed; under "
+                "torchrun set the stages' steps (and max_minutes to stop the run at a time)"
+            )
+        cfg = fit_lm(cfg, out)
     if rt.main:
-        atomic_write_text(out / "config.json", config_json(cfg))
+        atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
     # Subnormal floats make CPU kernels crawl (a tokenizer step on real video ran 3.5× slower);
     # flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)

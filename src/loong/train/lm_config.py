@@ -10,6 +10,7 @@ runs them is :func:`loong.train.lm.train_lm`; what a step trains on is
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from loong.lm.model import VideoLMConfig
@@ -147,6 +148,13 @@ class LMTrainConfig:
     """Checkpoints kept on disk."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint and export) after this much wall time; 0: no limit."""
+    budget_minutes: float = 0.0
+    """Fit the run into this much wall time on this machine: a few real steps of every latent
+    length are timed first and, when the configured steps would not fit, every stage's steps
+    and the event intervals are scaled by one factor so that the whole progressive schedule
+    (its last, longest stage included) completes (:mod:`loong.train.budget`); ``max_minutes``
+    then stops the run at the budget at the latest. A resumed run keeps its factor. 0: off,
+    every configured step runs. Single-process runs only."""
     tensorboard: bool = True
     """Also log to OUT/tensorboard when the tensorboard package is installed."""
 
@@ -159,6 +167,10 @@ class LMTrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_minutes", "budget_minutes"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
         if self.data.context_spill and self.model.video_grid is None:
             raise ValueError(
                 "data.context_spill needs model.video_grid (the latent frame's (h, w)) to find "

@@ -24,6 +24,7 @@ from loong.config import config_differences, config_json
 from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
+from loong.train.budget import fit_tokenizer
 from loong.train.dist import barrier
 from loong.train.optim import adamw
 from loong.train.parallel import (
@@ -157,8 +158,15 @@ def train_tokenizer(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.budget_minutes > 0:
+        if rt.world_size > 1:
+            raise ValueError(
+                "budget_minutes fits a single-process run to this machine's speed; under "
+                "torchrun set steps for the run (and max_minutes to stop it at a time)"
+            )
+        cfg = fit_tokenizer(cfg, out)
     if rt.main:
-        atomic_write_text(out / "config.json", config_json(cfg))
+        atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
     torch.manual_seed(cfg.seed)
     # Subnormal floats make CPU kernels crawl (a tokenizer step on real video ran 3.5× slower);
     # flushing them to zero changes nothing measurable.

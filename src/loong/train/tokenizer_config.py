@@ -6,6 +6,7 @@ from is :mod:`loong.train.tokenizer_data`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from loong.train.optim import OptimConfig
@@ -121,6 +122,13 @@ class TokenizerTrainConfig:
     """Checkpoints kept on disk."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
+    budget_minutes: float = 0.0
+    """Fit the run into this much wall time on this machine: a few real steps are timed first
+    and, when the configured steps would not fit, every step count (``steps``,
+    ``continuous_steps``, ``loss.disc_start_step``, the event intervals) is scaled by one factor
+    so that the whole schedule completes (:mod:`loong.train.budget`); ``max_minutes`` then
+    stops the run at the budget at the latest. A resumed run keeps its factor. 0: off, every
+    configured step runs. Single-process runs only."""
     init_from: str = ""
     """An exported tokenizer (``config.json`` + ``model.safetensors``) whose weights start the
     run; its model config must equal ``model``. Empty: random initialisation."""
@@ -175,6 +183,10 @@ class TokenizerTrainConfig:
                 "DDP needs a gradient for every weight each step, and the CVQ codebook gets none "
                 'while continuous_steps run: use parallel.mode="fsdp", or an lfq or fsq quantizer'
             )
+        for name in ("max_minutes", "budget_minutes"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 

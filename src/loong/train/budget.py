@@ -1,0 +1,370 @@
+"""Fit a training run into a wall-time budget: time a few real steps, then scale the step counts.
+
+A run's step counts are set on one machine; on a slower one a hard stop (``max_minutes``) would
+end the run part-way through its schedule: the learning rate still high, the quantizer perhaps
+never on (``continuous_steps``), the GAN phase never reached. With a budget the run first times a
+few real steps on this machine, through the training loop itself in a scratch directory
+(:func:`calibrate_tokenizer`), projects the whole run from them (:func:`tokenizer_seconds`), and
+scales every count that buys time by one factor (:func:`scale_tokenizer`, :func:`fit`) so that
+the whole schedule completes inside the budget: steps, the steps its phases start at, and the
+evaluation, preview and checkpoint intervals (so there are as many of each). Learning rate and
+warm-up stay. The factor is never above 1: a machine fast enough runs the configured steps.
+
+``budget_minutes`` of :class:`~loong.train.tokenizer_config.TokenizerTrainConfig` turns it on for
+``loong tokenizer train`` (``--minutes``); ``loong recipe shapes`` fits all its phases the same
+way (:mod:`loong.recipe_budget`, which builds on the pieces here). The factor follows the speed
+measured, which on a shared machine moves by several percent from one minute to the next, so two
+budgeted runs may train different step counts; a resumed run keeps the factor it started with
+(``budget.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loong.pretrained import atomic_write_text
+from loong.train.lm_config import LMTrainConfig, StageConfig, scale_stages
+from loong.train.tokenizer_config import TokenizerTrainConfig
+
+log = logging.getLogger(__name__)
+
+STEPS = 5
+"""Timed steps of each kind: the first of each is left out (allocation, compilation). The
+calibration runs' event intervals assume at least 2."""
+MIN_FACTOR = 0.05
+"""Below this share of the configured steps a run trains nothing worth keeping."""
+AIM = 0.92
+"""The share of the budget the projection is fitted to: step times vary by a few percent from
+the calibration's (the first budgeted recipe measured ran 3.7% over its projection)."""
+NEVER = 10**9
+"""An interval no calibration run reaches."""
+BUDGET_FILE = "budget.json"
+
+Run = TypeVar("Run")
+
+
+@dataclass(kw_only=True)
+class TokenizerCosts:
+    """Seconds of each unit of work of a tokenizer run on this machine."""
+
+    step: float
+    """One training step (quantized, no GAN)."""
+    gan_step: float
+    """One with the GAN on (the discriminator's update included)."""
+    event: float
+    """An evaluation with a preview and a checkpoint, on top of its step."""
+    setup: float
+    """The run's start, first step's warm-up, last evaluation and export."""
+    seconds: float = 0.0
+    """Wall time the calibration took."""
+
+
+def step_times(metrics: Path) -> list[float]:
+    """Each step's seconds from a run's metrics.jsonl (``elapsed_s`` of every step)."""
+    elapsed = [json.loads(line)["elapsed_s"] for line in metrics.read_text().splitlines()]
+    return [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+
+
+def events(steps: int, *intervals: int) -> int:
+    """Steps 1..steps at which one of the intervals falls, and the last."""
+    hits = sum(1 for s in range(1, steps + 1) if any(s % i == 0 for i in intervals))
+    return hits + (0 if any(steps % i == 0 for i in intervals) else 1)
+
+
+def scaled(n: int, share: float, least: int = 1) -> int:
+    """``n`` times ``share``, rounded, at least ``least``."""
+    return max(least, round(n * share))
+
+
+def calibrate_tokenizer(tok: TokenizerTrainConfig, scratch: Path, *, gan: bool) -> TokenizerCosts:
+    """Costs of the tokenizer run ``tok`` (its GAN steps timed when ``gan``), from a short run
+    of the training loop in ``scratch``; leaves ``scratch/export``."""
+    from loong.train.tokenizer import train_tokenizer  # it fits its own runs with this module
+
+    started = time.monotonic()
+    n = 2 * STEPS + 1  # plain steps; the event after step n - 1, so step n waits for it
+    run = dataclasses.replace(
+        tok,
+        steps=n + (STEPS + 1 if gan else 0),  # then GAN steps, the first a warm-up
+        continuous_steps=0,
+        loss=dataclasses.replace(tok.loss, disc_start_step=n if gan else NEVER),
+        eval_every=n - 1,
+        preview_every=n - 1,
+        checkpoint_every=n - 1,
+        log_every=1,
+        max_minutes=0.0,
+        budget_minutes=0.0,
+    )
+    times = step_times(train_tokenizer(run, scratch, progress=False).parent / "metrics.jsonl")
+    wall = time.monotonic() - started
+    step = statistics.median(times[1 : n - 1])
+    setup = wall - sum(times) + max(0.0, times[0] - step)
+    return TokenizerCosts(
+        step=step,
+        gan_step=statistics.median(times[n + 1 :]) if gan else step,
+        event=max(0.0, times[n - 1] - step),
+        setup=max(0.0, setup),
+        seconds=wall,
+    )
+
+
+def has_gan_phase(tok: TokenizerTrainConfig) -> bool:
+    return tok.loss.gan_weight > 0 and tok.loss.disc_start_step < tok.steps
+
+
+def tokenizer_seconds(tok: TokenizerTrainConfig, costs: TokenizerCosts) -> tuple[float, float]:
+    """Seconds of ``tok``'s run on the calibrated machine: (the part that scales with the step
+    counts, the part that does not)."""
+    n_gan = tok.steps - tok.loss.disc_start_step if has_gan_phase(tok) else 0
+    variable = (tok.steps - n_gan) * costs.step + n_gan * costs.gan_step
+    intervals = (tok.eval_every, tok.preview_every, tok.checkpoint_every)
+    return variable, events(tok.steps, *intervals) * costs.event + costs.setup
+
+
+def scale_tokenizer(tok: TokenizerTrainConfig, share: float) -> TokenizerTrainConfig:
+    """``tok`` with its steps, its phases' start steps and its event intervals times ``share``;
+    the phases stay valid (a continuous phase and a configured GAN phase end before the last
+    step). ``share`` = 1 returns ``tok`` itself."""
+    if share >= 1.0:
+        return tok
+    steps = scaled(tok.steps, share)
+    continuous = min(scaled(tok.continuous_steps, share, least=0), steps - 1)
+    disc_start = scaled(tok.loss.disc_start_step, share, least=0)
+    if tok.loss.disc_start_step < tok.steps:  # a GAN phase configured stays
+        disc_start = min(disc_start, steps - 1)
+    return dataclasses.replace(
+        tok,
+        steps=steps,
+        continuous_steps=continuous,
+        loss=dataclasses.replace(tok.loss, disc_start_step=disc_start),
+        eval_every=scaled(tok.eval_every, share),
+        preview_every=scaled(tok.preview_every, share),
+        checkpoint_every=scaled(tok.checkpoint_every, share),
+    )
+
+
+@dataclass(kw_only=True)
+class LMCosts:
+    """Seconds of each unit of work of a language-model run on this machine."""
+
+    step: dict[int, float]
+    """One step by latent length t."""
+    compile: float
+    """The steps' first-call overhead (compilation), all lengths."""
+    event: float
+    """An evaluation with a checkpoint, on top of its step."""
+    setup: float
+    """The run's start (data, model), last evaluation and export."""
+    seconds: float = 0.0
+    """Wall time the calibration took."""
+
+
+def calibrate_lm(lm: LMTrainConfig, scratch: Path) -> LMCosts:
+    """Costs of the language-model run ``lm`` on its own data, from a short run of the training
+    loop in ``scratch``.
+
+    Two passes over the stages' latent lengths, ``STEPS`` steps each, with an evaluation and a
+    checkpoint at the end of each pass: the first pass compiles (the blocks for each new shape
+    until they go dynamic, the evaluation's forward), the second is timed."""
+    from loong.train.lm import train_lm  # it fits its own runs with this module
+
+    lengths = sorted({t for stage in lm.stages for t in stage.lengths})
+    stages = [StageConfig(name=f"calibration t={t}", steps=STEPS, lengths=(t,)) for t in lengths]
+    stages *= 2
+    stages[-1] = dataclasses.replace(stages[-1], steps=STEPS + 1)  # its last step waits
+    warm = STEPS * len(lengths)
+    run = dataclasses.replace(
+        lm,
+        stages=tuple(stages),
+        eval_every=warm,  # after each pass
+        checkpoint_every=warm,
+        log_every=1,
+        max_minutes=0.0,
+        budget_minutes=0.0,
+        tensorboard=False,
+    )
+    started = time.monotonic()
+    times = step_times(train_lm(run, scratch, progress=False).parent / "metrics.jsonl")
+    wall = time.monotonic() - started
+    per_length = {}
+    for i, t in enumerate(lengths):
+        start = warm + i * STEPS
+        per_length[t] = statistics.median(times[start + 1 : start + STEPS])  # not the first
+    event = max(0.0, times[-1] - per_length[lengths[-1]])
+    first_pass = sum(times[: warm + 1]) - STEPS * sum(per_length.values()) - per_length[lengths[0]]
+    return LMCosts(
+        step=per_length,
+        compile=max(0.0, first_pass - event),
+        event=event,
+        setup=max(0.0, wall - sum(times)),
+        seconds=wall,
+    )
+
+
+def lm_seconds(lm: LMTrainConfig, costs: LMCosts) -> tuple[float, float]:
+    """Seconds of ``lm``'s run on the calibrated machine: (the part that scales with the step
+    counts, the part that does not)."""
+    variable = 0.0
+    for stage in lm.stages:
+        weights = stage.weights or (1.0,) * len(stage.lengths)
+        mean = sum(w * costs.step[t] for w, t in zip(weights, stage.lengths, strict=True))
+        variable += stage.steps * mean / sum(weights)
+    n_events = events(lm.total_steps, lm.eval_every, lm.checkpoint_every)
+    return variable, costs.setup + costs.compile + n_events * costs.event
+
+
+def scale_lm(lm: LMTrainConfig, share: float) -> LMTrainConfig:
+    """``lm`` with every stage's steps and the event intervals times ``share`` (each stage
+    keeps at least one step). ``share`` = 1 returns ``lm`` itself."""
+    if share >= 1.0:
+        return lm
+    staged = scale_stages(lm, scaled(lm.total_steps, share, least=len(lm.stages)))
+    return dataclasses.replace(
+        staged,
+        eval_every=scaled(lm.eval_every, share),
+        checkpoint_every=scaled(lm.checkpoint_every, share),
+    )
+
+
+def fit(minutes_at: Callable[[float], float], minutes: float, what: str) -> float:
+    """The largest share of the configured step counts, at most 1, whose projected minutes
+    (``minutes_at(share)``, calibration included) fit in ``AIM`` of ``minutes``.
+
+    Found by bisection on the projection itself, so that the rounded step counts and intervals
+    (which change how often evaluations and checkpoints coincide) are the ones projected."""
+    aim = AIM * minutes
+    if minutes_at(1.0) <= aim:
+        return 1.0
+    low, high = MIN_FACTOR, 1.0
+    least = minutes_at(low)
+    if least > aim:
+        need = least / AIM
+        raise ValueError(
+            f"minutes={minutes:g} is too short for {what} on this machine: its configured "
+            f"steps would take {minutes_at(1.0):.1f} min, and even {MIN_FACTOR:.0%} of them "
+            f"{need:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to run "
+            "every configured step"
+        )
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (middle, high) if minutes_at(middle) <= aim else (low, middle)
+    return low
+
+
+def fit_run(
+    cfg: Run,
+    out: Path,
+    *,
+    what: str,
+    calibrate: Callable[[Run, Path], Any],
+    seconds: Callable[[Run, Any], tuple[float, float]],
+    scale: Callable[[Run, float], Run],
+    steps: Callable[[Run], int],
+) -> Run:
+    """The training config ``cfg`` (with ``budget_minutes`` and ``max_minutes``) fitted to its
+    budget on this machine, for a run in ``out``: ``calibrate(cfg, scratch)`` times it,
+    ``seconds(cfg, costs)`` projects it, ``scale(cfg, share)`` scales it.
+
+    A new run is calibrated in ``out/calibration`` (removed after) and its factor recorded in
+    ``out/budget.json``; a resumed run keeps the recorded factor; a run started without a budget
+    keeps its steps. ``max_minutes`` becomes the budget left after the calibration (or stays,
+    when smaller): each invocation stops there at the latest, even when steps turn out slower
+    than their calibration."""
+    base = dataclasses.replace(cfg, budget_minutes=0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / BUDGET_FILE
+    if path.is_file():
+        record = json.loads(path.read_text())
+        log.info("budget: the factor %.3f, from this run's calibration", record["factor"])
+        if record["minutes"] != cfg.budget_minutes:
+            log.warning(
+                "budget: this run started with a budget of %g min and keeps its step counts; "
+                "--minutes %g applies to a new --out",
+                record["minutes"],
+                cfg.budget_minutes,
+            )
+    elif any((out / "checkpoints").glob("*")):
+        log.warning(
+            "budget: this run started without a time budget, so its steps stay as configured; "
+            "--minutes %g applies to a new --out",
+            cfg.budget_minutes,
+        )
+        return cfg
+    else:
+        log.info("budget: timing a few steps, to fit %g min", cfg.budget_minutes)
+        try:
+            costs = calibrate(base, out / "calibration")
+        finally:
+            shutil.rmtree(out / "calibration", ignore_errors=True)
+
+        def minutes_at(share: float) -> float:
+            variable, fixed = seconds(scale(base, share), costs)
+            return (costs.seconds + variable + fixed) / 60
+
+        share = fit(minutes_at, cfg.budget_minutes, what)
+        record = {
+            "minutes": cfg.budget_minutes,
+            "factor": share,
+            "projected_min": round(minutes_at(1.0), 1),
+            "fitted_min": round(minutes_at(share), 1),
+            "calibration": dataclasses.asdict(costs),
+        }
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        if share < 1:
+            log.warning(
+                "budget: the configured %d steps would take %.1f min here (projected), over the "
+                "budget of %g: every step count is scaled by %.2f, to %d steps (projected %.1f "
+                "min); --minutes 0 runs them all",
+                steps(base),
+                record["projected_min"],
+                cfg.budget_minutes,
+                share,
+                steps(scale(base, share)),
+                record["fitted_min"],
+            )
+        else:
+            log.info(
+                "budget: projected %.1f min, within the budget of %g",
+                record["projected_min"],
+                cfg.budget_minutes,
+            )
+    left = cfg.budget_minutes - record["calibration"]["seconds"] / 60
+    stop = min(left, cfg.max_minutes) if cfg.max_minutes > 0 else left
+    fitted = scale(base, record["factor"])
+    return dataclasses.replace(fitted, budget_minutes=cfg.budget_minutes, max_minutes=stop)
+
+
+def fit_tokenizer(cfg: TokenizerTrainConfig, out: Path) -> TokenizerTrainConfig:
+    """The tokenizer run ``cfg`` fitted to ``cfg.budget_minutes`` (:func:`fit_run`)."""
+    return fit_run(
+        cfg,
+        out,
+        what="this tokenizer run",
+        calibrate=lambda base, scratch: calibrate_tokenizer(base, scratch, gan=has_gan_phase(base)),
+        seconds=tokenizer_seconds,
+        scale=scale_tokenizer,
+        steps=lambda run: run.steps,
+    )
+
+
+def fit_lm(cfg: LMTrainConfig, out: Path) -> LMTrainConfig:
+    """The language-model run ``cfg`` fitted to ``cfg.budget_minutes`` (:func:`fit_run`)."""
+    return fit_run(
+        cfg,
+        out,
+        what="this language-model run",
+        calibrate=lambda base, scratch: calibrate_lm(base, scratch),
+        seconds=lm_seconds,
+        scale=scale_lm,
+        steps=lambda run: run.total_steps,
+    )

@@ -1,0 +1,173 @@
+"""A tokenizer run fitted to a time budget: its step counts scale by one factor, the factor fits
+the projection to the budget, and a resumed run keeps it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+from test_tokenizer_training import train_config  # noqa: F401  (a fixture)
+
+from loong import cli
+from loong.config import apply_overrides
+from loong.train import budget
+from loong.train.budget import (
+    AIM,
+    BUDGET_FILE,
+    TokenizerCosts,
+    events,
+    fit_tokenizer,
+    scale_tokenizer,
+    tokenizer_seconds,
+)
+
+COSTS = TokenizerCosts(step=1.0, gan_step=3.0, event=2.0, setup=5.0, seconds=30.0)
+
+
+def _long(cfg, **changes):
+    """``cfg`` with phases and events worth scaling: 1,000 steps, a continuous start, a GAN end."""
+    values = {
+        "steps": 1000,
+        "continuous_steps": 500,
+        "loss.disc_start_step": 800,
+        "eval_every": 100,
+        "preview_every": 500,
+        "checkpoint_every": 200,
+    }
+    return apply_overrides(cfg, values | changes)
+
+
+def _minutes(cfg, costs=COSTS) -> float:
+    variable, fixed = tokenizer_seconds(cfg, costs)
+    return (costs.seconds + variable + fixed) / 60
+
+
+def test_events_count_the_steps_an_interval_falls_on_and_the_last():
+    assert events(10, 5) == 2  # 5, 10 (the last)
+    assert events(11, 5) == 3  # 5, 10, and 11
+    assert events(12, 4, 6) == 4  # 4, 6, 8, 12 (the last)
+
+
+def test_gan_steps_and_events_are_projected_at_their_own_cost(train_config):  # noqa: F811
+    cfg = _long(train_config)
+    variable, fixed = tokenizer_seconds(cfg, COSTS)
+    assert variable == pytest.approx(800 * 1.0 + 200 * 3.0)
+    assert fixed == pytest.approx(10 * 2.0 + 5.0)  # every 100th step has an event
+    no_gan = _long(train_config, **{"loss.gan_weight": 0.0})
+    assert tokenizer_seconds(no_gan, COSTS)[0] == pytest.approx(1000 * 1.0)
+
+
+def test_scale_keeps_the_phases_and_the_learning_rate(train_config):  # noqa: F811
+    cfg = _long(train_config)
+    half = scale_tokenizer(cfg, 0.5)
+    assert (half.steps, half.continuous_steps, half.loss.disc_start_step) == (500, 250, 400)
+    assert (half.eval_every, half.preview_every, half.checkpoint_every) == (50, 250, 100)
+    assert half.optim == cfg.optim and half.model == cfg.model and half.data == cfg.data
+    for share in (0.001, 0.05, 0.33, 0.99):  # phases near the end stay before it
+        tok = scale_tokenizer(_long(train_config, continuous_steps=995), share)
+        tok.__post_init__()
+        assert tok.continuous_steps < tok.steps and tok.loss.disc_start_step < tok.steps
+    assert scale_tokenizer(cfg, 1.0) is cfg
+
+
+def test_a_new_run_is_fitted_and_recorded_and_a_resumed_one_keeps_its_factor(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+    caplog,
+):
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=10.0)
+    assert _minutes(cfg) > 2 * 10  # the configured steps do not fit
+    fitted = fit_tokenizer(cfg, tmp_path)
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert 0.05 < record["factor"] < 0.5 and record["minutes"] == 10.0
+    assert record["calibration"] == {
+        "step": 1.0,
+        "gan_step": 3.0,
+        "event": 2.0,
+        "setup": 5.0,
+        "seconds": 30.0,
+    }
+    assert 0.99 * AIM * 10 < _minutes(fitted) <= AIM * 10  # the steps that run fit the aim
+    assert fitted.steps == round(1000 * record["factor"])
+    assert fitted.continuous_steps == round(500 * record["factor"])
+    assert fitted.loss.disc_start_step == round(800 * record["factor"])
+    assert fitted.max_minutes == pytest.approx(10.0 - 30.0 / 60)  # stops at the budget
+    assert fitted.budget_minutes == 10.0  # recorded in the run's config.json
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a resumed run calibrates again")
+
+    monkeypatch.setattr(budget, "calibrate_tokenizer", no_calibration)
+    assert fit_tokenizer(cfg, tmp_path) == fitted
+    with caplog.at_level(logging.WARNING, logger="loong.train.budget"):
+        again = fit_tokenizer(apply_overrides(cfg, {"budget_minutes": 20.0}), tmp_path)
+    assert again.steps == fitted.steps and "keeps its step counts" in caplog.text
+
+
+def test_a_machine_fast_enough_runs_every_step_and_a_run_without_budget_keeps_its_steps(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=60.0)
+    fitted = fit_tokenizer(cfg, tmp_path / "fast")
+    assert fitted.steps == 1000 and fitted.max_minutes == pytest.approx(59.5)
+    started = tmp_path / "started"
+    (started / "checkpoints" / "step_0000003").mkdir(parents=True)
+    assert fit_tokenizer(_long(train_config, budget_minutes=1.0), started).steps == 1000
+    assert not (started / BUDGET_FILE).exists()
+
+
+def test_a_budget_too_short_is_refused_with_what_would_fit(tmp_path, train_config, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    with pytest.raises(ValueError, match="too short for this tokenizer run") as error:
+        fit_tokenizer(_long(train_config, budget_minutes=1.0), tmp_path)
+    suggested = float(str(error.value).split("give --minutes ")[1].split()[0])
+    assert fit_tokenizer(_long(train_config, budget_minutes=suggested), tmp_path).steps >= 50
+
+
+def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  # noqa: F811
+    """``loong tokenizer train --minutes``: the run's config.json and metrics are the fitted
+    steps', with the continuous phase and the quantizer's both in them."""
+    costs = TokenizerCosts(step=1.0, gan_step=1.0, event=0.0, setup=0.0, seconds=0.0)
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: costs)
+    out = tmp_path / "run"
+    sets = [
+        "--set",
+        "data.n_frames=5",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "eval_clips=2",
+        "--set",
+        "continuous_steps=8",
+        "--set",
+        "loss.disc_start_step=1000",
+        "--set",
+        "eval_every=1000",
+        "--set",
+        "preview_every=1000",
+        "--set",
+        "model.base_width=8",
+    ]
+    minutes = 8 / 60 / AIM  # 8 one-second steps fit: half the 16 configured
+    args = ["tokenizer", "train", "--preset", "tiny", "--steps", "16", "--out", str(out)]
+    assert cli.main([*args, *sets, "--minutes", str(minutes)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["steps"], config["continuous_steps"]) == (8, 4)
+    assert config["max_minutes"] == pytest.approx(minutes)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps[-1] == 8
+    share = json.loads((out / BUDGET_FILE).read_text())["factor"]
+    assert round(16 * share) == 8 and 0.5 <= share < 17 / 32  # the most that rounds to 8 steps
+
+
+@pytest.mark.parametrize("minutes", [-1.0, math.nan, math.inf])
+def test_bad_budgets_are_refused(train_config, minutes):  # noqa: F811
+    with pytest.raises(ValueError, match="budget_minutes must be a finite number >= 0"):
+        apply_overrides(train_config, {"budget_minutes": minutes})
