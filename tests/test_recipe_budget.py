@@ -297,3 +297,9 @@ def test_a_refused_budget_keeps_its_calibration_for_the_next_try(tmp_path, monke
     scaled = recipe._fit_budget(cfg, tmp_path, retry)
     assert 0 < retry["budget"]["factor"] < 1
     assert scaled.tokenizer.steps < cfg.tokenizer.steps
+
+
+@pytest.mark.parametrize("phase", ["tokenizer", "lm"])
+def test_the_recipes_phases_take_no_budget_of_their_own(phase):
+    with pytest.raises(ValueError, match=f"{phase}.budget_minutes: the recipe fits all"):
+        _toy({f"{phase}.budget_minutes": 5})

@@ -187,6 +187,12 @@ class ShapesRecipeConfig:
             raise ValueError(f"eval_clips must be >= 0, got {self.eval_clips}")
         if not (math.isfinite(self.minutes) and self.minutes >= 0):
             raise ValueError(f"minutes must be >= 0 (0: no time budget), got {self.minutes}")
+        for phase in ("tokenizer", "lm"):
+            if getattr(self, phase).budget_minutes:
+                raise ValueError(
+                    f"{phase}.budget_minutes: the recipe fits all its phases to one budget "
+                    f"together; give --minutes M instead and leave {phase}.budget_minutes at 0"
+                )
         if self.tokenizer_from and not (Path(self.tokenizer_from) / "config.json").is_file():
             raise ValueError(
                 f"tokenizer_from={self.tokenizer_from!r} is not a video tokenizer export (no "

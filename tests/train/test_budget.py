@@ -22,6 +22,7 @@ from loong.train.budget import (
     scale_tokenizer,
     tokenizer_seconds,
 )
+from loong.train.lm_config import LMTrainConfig
 
 COSTS = TokenizerCosts(step=1.0, gan_step=3.0, event=2.0, setup=5.0, seconds=30.0)
 
@@ -95,7 +96,7 @@ def test_a_new_run_is_fitted_and_recorded_and_a_resumed_one_keeps_its_factor(
     assert fitted.steps == round(1000 * record["factor"])
     assert fitted.continuous_steps == round(500 * record["factor"])
     assert fitted.loss.disc_start_step == round(800 * record["factor"])
-    assert fitted.max_minutes == pytest.approx(10.0 - 30.0 / 60)  # stops at the budget
+    assert fitted.max_minutes == pytest.approx(10.0 - 35.0 / 60)  # less calibration, set-up
     assert fitted.budget_minutes == 10.0  # recorded in the run's config.json
 
     def no_calibration(*args, **kwargs):
@@ -105,7 +106,8 @@ def test_a_new_run_is_fitted_and_recorded_and_a_resumed_one_keeps_its_factor(
     assert fit_tokenizer(cfg, tmp_path) == fitted
     with caplog.at_level(logging.WARNING, logger="loong.train.budget"):
         again = fit_tokenizer(apply_overrides(cfg, {"budget_minutes": 20.0}), tmp_path)
-    assert again.steps == fitted.steps and "keeps its step counts" in caplog.text
+    assert again == fitted and "keeps it, and its step counts" in caplog.text  # stop included
+    assert fit_tokenizer(apply_overrides(cfg, {"budget_minutes": 0.0}), tmp_path) == fitted
 
 
 def test_a_machine_fast_enough_runs_every_step_and_a_run_without_budget_keeps_its_steps(
@@ -116,11 +118,24 @@ def test_a_machine_fast_enough_runs_every_step_and_a_run_without_budget_keeps_it
     monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
     cfg = _long(train_config, budget_minutes=60.0)
     fitted = fit_tokenizer(cfg, tmp_path / "fast")
-    assert fitted.steps == 1000 and fitted.max_minutes == pytest.approx(59.5)
-    started = tmp_path / "started"
+    assert fitted.steps == 1000 and fitted.max_minutes == pytest.approx(60.0 - 35.0 / 60)
+    started = tmp_path / "started"  # e.g. by an earlier version, where --minutes only stopped
     (started / "checkpoints" / "step_0000003").mkdir(parents=True)
-    assert fit_tokenizer(_long(train_config, budget_minutes=1.0), started).steps == 1000
+    kept = fit_tokenizer(_long(train_config, budget_minutes=1.0), started)
+    assert (kept.steps, kept.max_minutes) == (1000, 1.0)
     assert not (started / BUDGET_FILE).exists()
+
+
+def test_a_killed_calibrations_leftovers_are_cleared_first(tmp_path, train_config, monkeypatch):  # noqa: F811
+    (tmp_path / "calibration" / "checkpoints" / "step_0000010").mkdir(parents=True)
+
+    def calibrate(base, scratch, gan):
+        assert not scratch.exists()  # it would resume from the killed try's checkpoint
+        return COSTS
+
+    monkeypatch.setattr(budget, "calibrate_tokenizer", calibrate)
+    assert fit_tokenizer(_long(train_config, budget_minutes=10.0), tmp_path).steps < 1000
+    assert not (tmp_path / "calibration").exists()
 
 
 def test_a_budget_too_short_is_refused_with_what_would_fit(tmp_path, train_config, monkeypatch):  # noqa: F811
@@ -128,13 +143,20 @@ def test_a_budget_too_short_is_refused_with_what_would_fit(tmp_path, train_confi
     with pytest.raises(ValueError, match="too short for this tokenizer run") as error:
         fit_tokenizer(_long(train_config, budget_minutes=1.0), tmp_path)
     suggested = float(str(error.value).split("give --minutes ")[1].split()[0])
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the refused try's calibration is timed again")
+
+    monkeypatch.setattr(budget, "calibrate_tokenizer", no_calibration)
     assert fit_tokenizer(_long(train_config, budget_minutes=suggested), tmp_path).steps >= 50
 
 
 def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  # noqa: F811
     """``loong tokenizer train --minutes``: the run's config.json and metrics are the fitted
-    steps', with the continuous phase and the quantizer's both in them."""
-    costs = TokenizerCosts(step=1.0, gan_step=1.0, event=0.0, setup=0.0, seconds=0.0)
+    steps', with the continuous phase and the quantizer's both in them; run again without
+    ``--minutes``, it keeps them."""
+    # half-minute steps: the hard stop at the budget is minutes away from these 8 real steps
+    costs = TokenizerCosts(step=30.0, gan_step=30.0, event=0.0, setup=0.0, seconds=0.0)
     monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: costs)
     out = tmp_path / "run"
     sets = [
@@ -155,7 +177,7 @@ def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  
         "--set",
         "model.base_width=8",
     ]
-    minutes = 8 / 60 / AIM  # 8 one-second steps fit: half the 16 configured
+    minutes = 8 * 30 / 60 / AIM  # 8 of those steps fit: half the 16 configured
     args = ["tokenizer", "train", "--preset", "tiny", "--steps", "16", "--out", str(out)]
     assert cli.main([*args, *sets, "--minutes", str(minutes)]) == 0
     config = json.loads((out / "config.json").read_text())
@@ -165,9 +187,14 @@ def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  
     assert steps[-1] == 8
     share = json.loads((out / BUDGET_FILE).read_text())["factor"]
     assert round(16 * share) == 8 and 0.5 <= share < 17 / 32  # the most that rounds to 8 steps
+    assert cli.main([*args, *sets]) == 0  # resumed without --minutes: the budget's steps
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps[-1] == 8 and json.loads((out / "config.json").read_text())["steps"] == 8
 
 
 @pytest.mark.parametrize("minutes", [-1.0, math.nan, math.inf])
 def test_bad_budgets_are_refused(train_config, minutes):  # noqa: F811
     with pytest.raises(ValueError, match="budget_minutes must be a finite number >= 0"):
         apply_overrides(train_config, {"budget_minutes": minutes})
+    with pytest.raises(ValueError, match="budget_minutes must be a finite number >= 0"):
+        LMTrainConfig(budget_minutes=minutes)

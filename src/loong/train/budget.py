@@ -2,20 +2,24 @@
 
 A run's step counts are set on one machine; on a slower one a hard stop (``max_minutes``) would
 end the run part-way through its schedule: the learning rate still high, the quantizer perhaps
-never on (``continuous_steps``), the GAN phase never reached. With a budget the run first times a
-few real steps on this machine, through the training loop itself in a scratch directory
-(:func:`calibrate_tokenizer`), projects the whole run from them (:func:`tokenizer_seconds`), and
-scales every count that buys time by one factor (:func:`scale_tokenizer`, :func:`fit`) so that
-the whole schedule completes inside the budget: steps, the steps its phases start at, and the
-evaluation, preview and checkpoint intervals (so there are as many of each). Learning rate and
-warm-up stay. The factor is never above 1: a machine fast enough runs the configured steps.
+never on (``continuous_steps``), the GAN phase or the LM's last, longest stage never reached.
+With a budget the run first times a few real steps on this machine, through the training loop
+itself in a scratch directory (:func:`calibrate_tokenizer`, :func:`calibrate_lm`), projects the
+whole run from them (:func:`tokenizer_seconds`, :func:`lm_seconds`), and scales every count
+that buys time by one factor (:func:`scale_tokenizer`, :func:`scale_lm`, found by :func:`fit`)
+so that the whole schedule completes inside the budget: the tokenizer's steps and the steps its
+quantizer and GAN phase start at, every LM stage's steps, and the evaluation, preview and
+checkpoint intervals (so there are as many of each). Learning rates and warm-ups stay, so a
+run scaled below its warm-up never decays its learning rate. The factor is never above 1: a
+machine fast enough runs the configured steps.
 
-``budget_minutes`` of :class:`~loong.train.tokenizer_config.TokenizerTrainConfig` turns it on for
-``loong tokenizer train`` (``--minutes``); ``loong recipe shapes`` fits all its phases the same
-way (:mod:`loong.recipe_budget`, which builds on the pieces here). The factor follows the speed
+``budget_minutes`` of the tokenizer's and the LM's training configs turns it on
+(:func:`fit_run`; ``loong tokenizer train --minutes``, ``loong lm train --minutes``), for
+single-process runs; ``loong recipe shapes`` fits all its phases together the same way
+(:mod:`loong.recipe_budget`, which builds on the pieces here). The factor follows the speed
 measured, which on a shared machine moves by several percent from one minute to the next, so two
 budgeted runs may train different step counts; a resumed run keeps the factor it started with
-(``budget.json``).
+(``OUT/budget.json``).
 """
 
 from __future__ import annotations
@@ -88,7 +92,8 @@ def scaled(n: int, share: float, least: int = 1) -> int:
 
 def calibrate_tokenizer(tok: TokenizerTrainConfig, scratch: Path, *, gan: bool) -> TokenizerCosts:
     """Costs of the tokenizer run ``tok`` (its GAN steps timed when ``gan``), from a short run
-    of the training loop in ``scratch``; leaves ``scratch/export``."""
+    of the training loop in ``scratch`` (left there: its export is a tokenizer to time more
+    work with)."""
     from loong.train.tokenizer import train_tokenizer  # it fits its own runs with this module
 
     started = time.monotonic()
@@ -252,7 +257,7 @@ def fit(minutes_at: Callable[[float], float], minutes: float, what: str) -> floa
         raise ValueError(
             f"minutes={minutes:g} is too short for {what} on this machine: its configured "
             f"steps would take {minutes_at(1.0):.1f} min, and even {MIN_FACTOR:.0%} of them "
-            f"{need:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to run "
+            f"{least:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to run "
             "every configured step"
         )
     for _ in range(30):
@@ -267,45 +272,58 @@ def fit_run(
     *,
     what: str,
     calibrate: Callable[[Run, Path], Any],
+    costs_from: Callable[[dict], Any],
     seconds: Callable[[Run, Any], tuple[float, float]],
     scale: Callable[[Run, float], Run],
     steps: Callable[[Run], int],
 ) -> Run:
     """The training config ``cfg`` (with ``budget_minutes`` and ``max_minutes``) fitted to its
-    budget on this machine, for a run in ``out``: ``calibrate(cfg, scratch)`` times it,
+    budget on this machine, for a run in ``out``: ``calibrate(cfg, scratch)`` times it (costs
+    with a ``seconds`` and a ``setup`` field; ``costs_from`` reads them back from JSON),
     ``seconds(cfg, costs)`` projects it, ``scale(cfg, share)`` scales it.
 
-    A new run is calibrated in ``out/calibration`` (removed after) and its factor recorded in
-    ``out/budget.json``; a resumed run keeps the recorded factor; a run started without a budget
-    keeps its steps. ``max_minutes`` becomes the budget left after the calibration (or stays,
-    when smaller): each invocation stops there at the latest, even when steps turn out slower
-    than their calibration."""
-    base = dataclasses.replace(cfg, budget_minutes=0.0)
+    A new run is calibrated in ``out/calibration`` (emptied first, removed after) and its factor
+    recorded in ``out/budget.json``; a resumed run keeps the recorded factor and budget, with
+    or without ``budget_minutes`` this time; a run started without a budget keeps its steps
+    and stops at ``budget_minutes``. A budget refused as too short keeps its calibration for
+    the next try. ``max_minutes`` becomes the budget less the calibration and the run's own
+    set-up (or stays, when smaller): the training loop stops there, so the run ends within the
+    budget give or take a step, however slow its steps turn out to be."""
+    base = dataclasses.replace(cfg, budget_minutes=0.0, max_minutes=0.0)
     out.mkdir(parents=True, exist_ok=True)
     path = out / BUDGET_FILE
-    if path.is_file():
-        record = json.loads(path.read_text())
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if not cfg.budget_minutes and "factor" not in record:
+        return cfg
+    if "factor" in record:
         log.info("budget: the factor %.3f, from this run's calibration", record["factor"])
         if record["minutes"] != cfg.budget_minutes:
             log.warning(
-                "budget: this run started with a budget of %g min and keeps its step counts; "
-                "--minutes %g applies to a new --out",
+                "budget: this run started with a budget of %g min and keeps it, and its step "
+                "counts; --minutes %g applies to a new --out",
                 record["minutes"],
                 cfg.budget_minutes,
             )
     elif any((out / "checkpoints").glob("*")):
         log.warning(
-            "budget: this run started without a time budget, so its steps stay as configured; "
-            "--minutes %g applies to a new --out",
+            "budget: this run started without a time budget, so its steps stay as configured "
+            "and it only stops at %g min; --minutes fits the steps of a new --out",
             cfg.budget_minutes,
         )
-        return cfg
+        stop = min(cfg.budget_minutes, cfg.max_minutes or math.inf)
+        return dataclasses.replace(cfg, max_minutes=stop)
     else:
-        log.info("budget: timing a few steps, to fit %g min", cfg.budget_minutes)
-        try:
-            costs = calibrate(base, out / "calibration")
-        finally:
-            shutil.rmtree(out / "calibration", ignore_errors=True)
+        if "calibration" in record:  # an earlier try's, refused as too short: the same machine
+            costs = costs_from(record["calibration"])
+        else:
+            log.info("budget: timing a few steps, to fit %g min", cfg.budget_minutes)
+            shutil.rmtree(out / "calibration", ignore_errors=True)  # a killed try's
+            try:
+                costs = calibrate(base, out / "calibration")
+            finally:
+                shutil.rmtree(out / "calibration", ignore_errors=True)
+            record = {"calibration": dataclasses.asdict(costs)}
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
         def minutes_at(share: float) -> float:
             variable, fixed = seconds(scale(base, share), costs)
@@ -317,7 +335,7 @@ def fit_run(
             "factor": share,
             "projected_min": round(minutes_at(1.0), 1),
             "fitted_min": round(minutes_at(share), 1),
-            "calibration": dataclasses.asdict(costs),
+            **record,
         }
         atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         if share < 1:
@@ -338,10 +356,10 @@ def fit_run(
                 record["projected_min"],
                 cfg.budget_minutes,
             )
-    left = cfg.budget_minutes - record["calibration"]["seconds"] / 60
-    stop = min(left, cfg.max_minutes) if cfg.max_minutes > 0 else left
+    spent = record["calibration"]["seconds"] + record["calibration"]["setup"]
+    stop = min(record["minutes"] - spent / 60, cfg.max_minutes or math.inf)
     fitted = scale(base, record["factor"])
-    return dataclasses.replace(fitted, budget_minutes=cfg.budget_minutes, max_minutes=stop)
+    return dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
 
 
 def fit_tokenizer(cfg: TokenizerTrainConfig, out: Path) -> TokenizerTrainConfig:
@@ -351,6 +369,7 @@ def fit_tokenizer(cfg: TokenizerTrainConfig, out: Path) -> TokenizerTrainConfig:
         out,
         what="this tokenizer run",
         calibrate=lambda base, scratch: calibrate_tokenizer(base, scratch, gan=has_gan_phase(base)),
+        costs_from=lambda record: TokenizerCosts(**record),
         seconds=tokenizer_seconds,
         scale=scale_tokenizer,
         steps=lambda run: run.steps,
@@ -364,6 +383,9 @@ def fit_lm(cfg: LMTrainConfig, out: Path) -> LMTrainConfig:
         out,
         what="this language-model run",
         calibrate=lambda base, scratch: calibrate_lm(base, scratch),
+        costs_from=lambda record: LMCosts(
+            **(record | {"step": {int(t): v for t, v in record["step"].items()}})
+        ),
         seconds=lm_seconds,
         scale=scale_lm,
         steps=lambda run: run.total_steps,

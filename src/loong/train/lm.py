@@ -30,7 +30,7 @@ from loong.lm.model import VideoLM
 from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
-from loong.train.budget import fit_lm
+from loong.train.budget import BUDGET_FILE, fit_lm
 from loong.train.dist import barrier
 from loong.train.lm_batches import (
     ClipPool,
@@ -164,11 +164,11 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     rows = rt.rows(cfg.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.budget_minutes > 0:
+    if cfg.budget_minutes > 0 or (out / BUDGET_FILE).is_file():  # a budgeted run resumes so
         if rt.world_size > 1:
             raise ValueError(
-                "budget_minutes fits a single-process run to this machine's speed; under "
-                "torchrun set the stages' steps (and max_minutes to stop the run at a time)"
+                "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
+                "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
             )
         cfg = fit_lm(cfg, out)
     if rt.main:
@@ -211,7 +211,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     bar = tqdm(
         total=total, initial=step, disable=not (progress and rt.main), desc="lm", dynamic_ncols=True
     )
-    say = bar.write if rt.main else log.debug
+    say = bar.write if rt.main and progress else log.debug  # quiet: a calibration, a test
     started = time.monotonic()
     metrics = MetricsLog(out / "metrics.jsonl", step, rt)
     stage_index = -1

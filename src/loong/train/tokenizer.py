@@ -24,7 +24,7 @@ from loong.config import config_differences, config_json
 from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
-from loong.train.budget import fit_tokenizer
+from loong.train.budget import BUDGET_FILE, fit_tokenizer
 from loong.train.dist import barrier
 from loong.train.optim import adamw
 from loong.train.parallel import (
@@ -158,11 +158,11 @@ def train_tokenizer(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.budget_minutes > 0:
+    if cfg.budget_minutes > 0 or (out / BUDGET_FILE).is_file():  # a budgeted run resumes so
         if rt.world_size > 1:
             raise ValueError(
-                "budget_minutes fits a single-process run to this machine's speed; under "
-                "torchrun set steps for the run (and max_minutes to stop it at a time)"
+                "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
+                "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
             )
         cfg = fit_tokenizer(cfg, out)
     if rt.main:
@@ -337,10 +337,11 @@ def train_tokenizer(
             # every rank evaluates all clips (FSDP needs every rank for a forward pass)
             result = evaluate(evaluated, eval_clips)
             record |= {f"eval_{k}": v for k, v in result.items()}
-            if rt.main:
-                bar.write(
-                    f"step {step}: held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}"
-                )
+            said = f"step {step}: held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}"
+            if rt.main and progress:
+                bar.write(said)
+            else:  # quiet: a calibration, a test
+                log.debug(said)
         if step % cfg.log_every == 0 or "eval_psnr" in record:
             metrics.write(record)
         if step % cfg.preview_every == 0 or done:
