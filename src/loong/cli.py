@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="fit the run into this much wall time: a few steps are timed first, every step "
         "count is scaled down if the configured ones would not fit, and the run stops there at "
-        "the latest (sets budget_minutes; 0: every configured step)",
+        "the latest (sets budget_minutes; 0 in a new --out: every configured step)",
     )
 
     enc = tok_cmds.add_parser("encode", help="video file → token file (.safetensors)")
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="fit the run into this much wall time: a few steps of each latent length are "
         "timed first, every stage's steps are scaled down if the configured ones would not "
-        "fit, and the run stops there at the latest (sets budget_minutes; 0: every step)",
+        "fit, and the run stops there at the latest (sets budget_minutes; 0 in a new --out: every "
+        "step)",
     )
 
     gen = commands.add_parser("generate", help="text → video (.mp4/.gif), written as it is sampled")

@@ -106,8 +106,12 @@ def test_a_new_run_is_fitted_and_recorded_and_a_resumed_one_keeps_its_factor(
     assert fit_tokenizer(cfg, tmp_path) == fitted
     with caplog.at_level(logging.WARNING, logger="loong.train.budget"):
         again = fit_tokenizer(apply_overrides(cfg, {"budget_minutes": 20.0}), tmp_path)
-    assert again == fitted and "keeps it, and its step counts" in caplog.text  # stop included
+    assert again == fitted and "keeps it, and its factor" in caplog.text  # the stop too
     assert fit_tokenizer(apply_overrides(cfg, {"budget_minutes": 0.0}), tmp_path) == fitted
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="loong.train.budget"):
+        longer = fit_tokenizer(apply_overrides(cfg, {"steps": 2000}), tmp_path)
+    assert longer.steps == round(2000 * record["factor"]) and "config changed" in caplog.text
 
 
 def test_a_machine_fast_enough_runs_every_step_and_a_run_without_budget_keeps_its_steps(
@@ -148,7 +152,28 @@ def test_a_budget_too_short_is_refused_with_what_would_fit(tmp_path, train_confi
         raise AssertionError("the refused try's calibration is timed again")
 
     monkeypatch.setattr(budget, "calibrate_tokenizer", no_calibration)
+    assert fit_tokenizer(_long(train_config, budget_minutes=0.0), tmp_path).steps == 1000
     assert fit_tokenizer(_long(train_config, budget_minutes=suggested), tmp_path).steps >= 50
+
+
+def test_a_refused_budget_is_timed_again_for_another_config(tmp_path, train_config, monkeypatch):  # noqa: F811
+    calls = []
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: calls.append(1) or COSTS)
+    with pytest.raises(ValueError, match="too short"):
+        fit_tokenizer(_long(train_config, budget_minutes=1.0), tmp_path)
+    wider = _long(train_config, budget_minutes=60.0, **{"model.base_width": 16})
+    assert fit_tokenizer(wider, tmp_path).steps == 1000 and len(calls) == 2
+
+
+def test_a_refused_lm_budget_keeps_its_calibration_with_its_lengths(tmp_path, monkeypatch):
+    costs = budget.LMCosts(step={1: 0.5, 5: 2.0, 17: 6.0}, compile=10.0, event=3.0, setup=5.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    cfg = LMTrainConfig(budget_minutes=1.0)  # Loong's stages: t = 1, 5 and 17
+    with pytest.raises(ValueError, match="too short for this language-model run"):
+        budget.fit_lm(cfg, tmp_path)
+    monkeypatch.setattr(budget, "calibrate_lm", None)  # not called again: read back from JSON
+    fitted = budget.fit_lm(apply_overrides(cfg, {"budget_minutes": 60.0}), tmp_path)
+    assert 0 < fitted.total_steps < cfg.total_steps and len(fitted.stages) == len(cfg.stages)
 
 
 def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  # noqa: F811
@@ -177,7 +202,7 @@ def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  
         "--set",
         "model.base_width=8",
     ]
-    minutes = 8 * 30 / 60 / AIM  # 8 of those steps fit: half the 16 configured
+    minutes = 8.25 * 30 / 60 / AIM  # 8 of those steps fit: half the 16 configured
     args = ["tokenizer", "train", "--preset", "tiny", "--steps", "16", "--out", str(out)]
     assert cli.main([*args, *sets, "--minutes", str(minutes)]) == 0
     config = json.loads((out / "config.json").read_text())

@@ -25,6 +25,7 @@ budgeted runs may train different step counts; a resumed run keeps the factor it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loong.config import config_json
 from loong.pretrained import atomic_write_text
 from loong.train.lm_config import LMTrainConfig, StageConfig, scale_stages
 from loong.train.tokenizer_config import TokenizerTrainConfig
@@ -286,23 +288,31 @@ def fit_run(
     recorded in ``out/budget.json``; a resumed run keeps the recorded factor and budget, with
     or without ``budget_minutes`` this time; a run started without a budget keeps its steps
     and stops at ``budget_minutes``. A budget refused as too short keeps its calibration for
-    the next try. ``max_minutes`` becomes the budget less the calibration and the run's own
-    set-up (or stays, when smaller): the training loop stops there, so the run ends within the
-    budget give or take a step, however slow its steps turn out to be."""
+    the next try of the same config. ``max_minutes`` becomes the budget less the calibration
+    and the run's own set-up (or stays, when smaller): the training loop stops there, so an
+    invocation ends within the budget give or take a step, however slow its steps turn out to
+    be (a resumed one gets that time again)."""
     base = dataclasses.replace(cfg, budget_minutes=0.0, max_minutes=0.0)
     out.mkdir(parents=True, exist_ok=True)
     path = out / BUDGET_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
     if not cfg.budget_minutes and "factor" not in record:
         return cfg
+    configured = hashlib.sha256(config_json(base).encode()).hexdigest()
     if "factor" in record:
         log.info("budget: the factor %.3f, from this run's calibration", record["factor"])
-        if record["minutes"] != cfg.budget_minutes:
+        if cfg.budget_minutes and record["minutes"] != cfg.budget_minutes:
             log.warning(
-                "budget: this run started with a budget of %g min and keeps it, and its step "
-                "counts; --minutes %g applies to a new --out",
+                "budget: this run started with a budget of %g min and keeps it, and its factor; "
+                "--minutes %g applies to a new --out",
                 record["minutes"],
                 cfg.budget_minutes,
+            )
+        if record.get("config") != configured:
+            log.warning(
+                "budget: the config changed since this run's budget was fitted; its factor "
+                "%.3f scales the new step counts, unprojected (a new --out fits them anew)",
+                record["factor"],
             )
     elif any((out / "checkpoints").glob("*")):
         log.warning(
@@ -313,7 +323,7 @@ def fit_run(
         stop = min(cfg.budget_minutes, cfg.max_minutes or math.inf)
         return dataclasses.replace(cfg, max_minutes=stop)
     else:
-        if "calibration" in record:  # an earlier try's, refused as too short: the same machine
+        if record.get("config") == configured:  # refused as too short: the same machine
             costs = costs_from(record["calibration"])
         else:
             log.info("budget: timing a few steps, to fit %g min", cfg.budget_minutes)
@@ -322,7 +332,7 @@ def fit_run(
                 costs = calibrate(base, out / "calibration")
             finally:
                 shutil.rmtree(out / "calibration", ignore_errors=True)
-            record = {"calibration": dataclasses.asdict(costs)}
+            record = {"config": configured, "calibration": dataclasses.asdict(costs)}
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
         def minutes_at(share: float) -> float:
@@ -342,7 +352,7 @@ def fit_run(
             log.warning(
                 "budget: the configured %d steps would take %.1f min here (projected), over the "
                 "budget of %g: every step count is scaled by %.2f, to %d steps (projected %.1f "
-                "min); --minutes 0 runs them all",
+                "min); --minutes 0 runs them all in a new --out",
                 steps(base),
                 record["projected_min"],
                 cfg.budget_minutes,

@@ -164,12 +164,12 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     rows = rt.rows(cfg.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if rt.world_size > 1 and cfg.budget_minutes > 0:
+        raise ValueError(
+            "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
+            "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
+        )
     if cfg.budget_minutes > 0 or (out / BUDGET_FILE).is_file():  # a budgeted run resumes so
-        if rt.world_size > 1:
-            raise ValueError(
-                "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
-                "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
-            )
         cfg = fit_lm(cfg, out)
     if rt.main:
         atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
