@@ -223,3 +223,9 @@ def test_bad_budgets_are_refused(train_config, minutes):  # noqa: F811
         apply_overrides(train_config, {"budget_minutes": minutes})
     with pytest.raises(ValueError, match="budget_minutes must be a finite number >= 0"):
         LMTrainConfig(budget_minutes=minutes)
+
+
+def test_torchrun_runs_take_steps_not_a_budget(tmp_path, train_config):  # noqa: F811
+    with pytest.raises(ValueError, match="under torchrun give --steps"):
+        fit_tokenizer(_long(train_config, budget_minutes=10.0), tmp_path, world_size=2)
+    assert fit_tokenizer(_long(train_config), tmp_path, world_size=2).steps == 1000

@@ -278,11 +278,13 @@ def fit_run(
     seconds: Callable[[Run, Any], tuple[float, float]],
     scale: Callable[[Run, float], Run],
     steps: Callable[[Run], int],
+    world_size: int = 1,
 ) -> Run:
     """The training config ``cfg`` (with ``budget_minutes`` and ``max_minutes``) fitted to its
-    budget on this machine, for a run in ``out``: ``calibrate(cfg, scratch)`` times it (costs
-    with a ``seconds`` and a ``setup`` field; ``costs_from`` reads them back from JSON),
-    ``seconds(cfg, costs)`` projects it, ``scale(cfg, share)`` scales it.
+    budget on this machine, for a run in ``out`` (``cfg`` itself when it has none and ``out``
+    no budget.json; refused under torchrun, ``world_size`` > 1): ``calibrate(cfg, scratch)``
+    times it (costs with a ``seconds`` and a ``setup`` field; ``costs_from`` reads them back
+    from JSON), ``seconds(cfg, costs)`` projects it, ``scale(cfg, share)`` scales it.
 
     A new run is calibrated in ``out/calibration`` (emptied first, removed after) and its factor
     recorded in ``out/budget.json``; a resumed run keeps the recorded factor and budget, with
@@ -292,6 +294,11 @@ def fit_run(
     and the run's own set-up (or stays, when smaller): the training loop stops there, so an
     invocation ends within the budget give or take a step, however slow its steps turn out to
     be (a resumed one gets that time again)."""
+    if world_size > 1 and cfg.budget_minutes > 0:
+        raise ValueError(
+            "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
+            "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
+        )
     base = dataclasses.replace(cfg, budget_minutes=0.0, max_minutes=0.0)
     out.mkdir(parents=True, exist_ok=True)
     path = out / BUDGET_FILE
@@ -372,7 +379,9 @@ def fit_run(
     return dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
 
 
-def fit_tokenizer(cfg: TokenizerTrainConfig, out: Path) -> TokenizerTrainConfig:
+def fit_tokenizer(
+    cfg: TokenizerTrainConfig, out: Path, world_size: int = 1
+) -> TokenizerTrainConfig:
     """The tokenizer run ``cfg`` fitted to ``cfg.budget_minutes`` (:func:`fit_run`)."""
     return fit_run(
         cfg,
@@ -383,10 +392,11 @@ def fit_tokenizer(cfg: TokenizerTrainConfig, out: Path) -> TokenizerTrainConfig:
         seconds=tokenizer_seconds,
         scale=scale_tokenizer,
         steps=lambda run: run.steps,
+        world_size=world_size,
     )
 
 
-def fit_lm(cfg: LMTrainConfig, out: Path) -> LMTrainConfig:
+def fit_lm(cfg: LMTrainConfig, out: Path, world_size: int = 1) -> LMTrainConfig:
     """The language-model run ``cfg`` fitted to ``cfg.budget_minutes`` (:func:`fit_run`)."""
     return fit_run(
         cfg,
@@ -399,4 +409,5 @@ def fit_lm(cfg: LMTrainConfig, out: Path) -> LMTrainConfig:
         seconds=lm_seconds,
         scale=scale_lm,
         steps=lambda run: run.total_steps,
+        world_size=world_size,
     )

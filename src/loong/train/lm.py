@@ -30,7 +30,7 @@ from loong.lm.model import VideoLM
 from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
-from loong.train.budget import BUDGET_FILE, fit_lm
+from loong.train.budget import fit_lm
 from loong.train.dist import barrier
 from loong.train.lm_batches import (
     ClipPool,
@@ -164,13 +164,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     rows = rt.rows(cfg.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if rt.world_size > 1 and cfg.budget_minutes > 0:
-        raise ValueError(
-            "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
-            "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
-        )
-    if cfg.budget_minutes > 0 or (out / BUDGET_FILE).is_file():  # a budgeted run resumes so
-        cfg = fit_lm(cfg, out)
+    cfg = fit_lm(cfg, out, rt.world_size)  # with a time budget: its steps fitted
     if rt.main:
         atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
     # Subnormal floats make CPU kernels crawl (a tokenizer step on real video ran 3.5× slower);

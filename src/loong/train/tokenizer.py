@@ -24,7 +24,7 @@ from loong.config import config_differences, config_json
 from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
-from loong.train.budget import BUDGET_FILE, fit_tokenizer
+from loong.train.budget import fit_tokenizer
 from loong.train.dist import barrier
 from loong.train.optim import adamw
 from loong.train.parallel import (
@@ -158,13 +158,7 @@ def train_tokenizer(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if rt.world_size > 1 and cfg.budget_minutes > 0:
-        raise ValueError(
-            "--minutes (budget_minutes) fits a single-process run to this machine's speed; "
-            "under torchrun give --steps and --set max_minutes=M to stop at M minutes"
-        )
-    if cfg.budget_minutes > 0 or (out / BUDGET_FILE).is_file():  # a budgeted run resumes so
-        cfg = fit_tokenizer(cfg, out)
+    cfg = fit_tokenizer(cfg, out, rt.world_size)  # with a time budget: its steps fitted
     if rt.main:
         atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
     torch.manual_seed(cfg.seed)
