@@ -49,6 +49,10 @@ def test_events_count_the_steps_an_interval_falls_on_and_the_last():
     assert events(10, 5) == 2  # 5, 10 (the last)
     assert events(11, 5) == 3  # 5, 10, and 11
     assert events(12, 4, 6) == 4  # 4, 6, 8, 12 (the last)
+    for steps, intervals in ((2429, (63, 253, 51)), (1000, (100, 500, 200)), (97, (5, 5, 7))):
+        by_step = sum(1 for s in range(1, steps + 1) if any(s % i == 0 for i in intervals))
+        last = any(steps % i == 0 for i in intervals)
+        assert events(steps, *intervals) == by_step + (0 if last else 1)
 
 
 def test_gan_steps_and_events_are_projected_at_their_own_cost(train_config):  # noqa: F811

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -82,9 +83,15 @@ def step_times(metrics: Path) -> list[float]:
 
 
 def events(steps: int, *intervals: int) -> int:
-    """Steps 1..steps at which one of the intervals falls, and the last."""
-    hits = sum(1 for s in range(1, steps + 1) if any(s % i == 0 for i in intervals))
-    return hits + (0 if any(steps % i == 0 for i in intervals) else 1)
+    """Steps 1..steps at which one of the intervals falls, and the last (by inclusion and
+    exclusion over the intervals' least common multiples)."""
+    distinct = sorted(set(intervals))
+    hits = sum(
+        (-1) ** (r + 1) * (steps // math.lcm(*subset))
+        for r in range(1, len(distinct) + 1)
+        for subset in itertools.combinations(distinct, r)
+    )
+    return hits + (0 if any(steps % i == 0 for i in distinct) else 1)
 
 
 def scaled(n: int, share: float, least: int = 1) -> int:
