@@ -1,5 +1,6 @@
-"""A tokenizer run fitted to a time budget: its step counts scale by one factor, the factor fits
-the projection to the budget, and a resumed run keeps it."""
+"""A run fitted to a time budget (the tokenizer's, and the LM's stored calibration): its step
+counts scale by one factor, the factor fits the projection to the budget, and a resumed run
+keeps it."""
 
 from __future__ import annotations
 

@@ -182,6 +182,11 @@ class LMCosts:
     seconds: float = 0.0
     """Wall time the calibration took."""
 
+    @classmethod
+    def from_record(cls, record: dict) -> LMCosts:
+        """Costs from their ``dataclasses.asdict`` as JSON stored them (lengths as strings)."""
+        return cls(**(record | {"step": {int(t): s for t, s in record["step"].items()}}))
+
 
 def calibrate_lm(lm: LMTrainConfig, scratch: Path) -> LMCosts:
     """Costs of the language-model run ``lm`` on its own data, from a short run of the training
@@ -409,10 +414,8 @@ def fit_lm(cfg: LMTrainConfig, out: Path, world_size: int = 1) -> LMTrainConfig:
         cfg,
         out,
         what="this language-model run",
-        calibrate=lambda base, scratch: calibrate_lm(base, scratch),
-        costs_from=lambda record: LMCosts(
-            **(record | {"step": {int(t): v for t, v in record["step"].items()}})
-        ),
+        calibrate=calibrate_lm,
+        costs_from=LMCosts.from_record,
         seconds=lm_seconds,
         scale=scale_lm,
         steps=lambda run: run.total_steps,
