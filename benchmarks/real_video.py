@@ -10,7 +10,10 @@ pans and cuts, 250 at 25). Steps:
    is yuv420p, whose chroma subsampling alone caps PSNR at ~35 dB at 64×64 (bigbuckbunny) for
    both methods.
 2. Train ``train_tokenizer`` (``--preset``, ``data.source = OUT/train``, ``data.eval_folder =
-   OUT/heldout``) in ``OUT/run`` for ``--minutes``; it resumes from ``OUT/run``'s checkpoints.
+   OUT/heldout``) in ``OUT/run``, fitted to ``--minutes`` (the training config's
+   ``budget_minutes``: a few steps are timed first and, where the configured steps would not
+   fit, every step count is scaled so the whole schedule completes; ``--minutes 0`` trains the
+   configured steps); it resumes from ``OUT/run``'s checkpoints with the factor it started with.
 3. Ours. Every held-out file is cut into back-to-back ``--frames``-frame clips; each clip is
    encoded and decoded (``VideoTokenizer.encode``/``decode``). Bits per clip = t·h·w·log2(V):
    fixed-length indices, no entropy coding.
@@ -297,7 +300,12 @@ def markdown_table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/real-video"))
-    parser.add_argument("--minutes", type=float, default=15.0, help="training wall-time budget")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=15.0,
+        help="training time budget: the steps are scaled to fit it (0: the configured steps)",
+    )
     parser.add_argument("--size", type=int, default=64, help="height = width (centre crop)")
     parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k")
     parser.add_argument(
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data.size": args.size,
                 "data.n_frames": args.frames,
                 "data.fps": args.fps,
-                "max_minutes": args.minutes,
+                "budget_minutes": args.minutes,
                 **overrides,
             },
         )
