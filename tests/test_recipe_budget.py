@@ -293,10 +293,29 @@ def test_a_refused_budget_keeps_its_calibration_for_the_next_try(tmp_path, monke
 
     monkeypatch.setattr(recipe, "calibrate", no_calibration)
     cfg = ShapesRecipeConfig(minutes=0.6 * minutes_of(ShapesRecipeConfig(), costs))
-    retry = {"calibration": stored}
+    retry = json.loads((tmp_path / recipe.RECIPE_FILE).read_text())
     scaled = recipe._fit_budget(cfg, tmp_path, retry)
     assert 0 < retry["budget"]["factor"] < 1
     assert scaled.tokenizer.steps < cfg.tokenizer.steps
+
+
+def test_a_refused_budget_is_timed_again_for_another_config(tmp_path, monkeypatch, caplog):
+    costs = _costs()
+    monkeypatch.setattr(recipe, "calibrate", lambda cfg, scratch: costs)
+    with pytest.raises(ValueError, match="too short"):
+        recipe._fit_budget(ShapesRecipeConfig(minutes=2), tmp_path, {})
+    stored = json.loads((tmp_path / recipe.RECIPE_FILE).read_text())
+    timed = []
+    monkeypatch.setattr(recipe, "calibrate", lambda cfg, scratch: timed.append(cfg) or costs)
+    wider = _toy({"tokenizer.data.batch_size": 8, "minutes": 600})  # another step cost
+    state = dict(stored)
+    recipe._fit_budget(wider, tmp_path, state)
+    assert len(timed) == 1 and state[recipe.CALIBRATED_CONFIG] != stored[recipe.CALIBRATED_CONFIG]
+    # resumed with a changed config: the recorded factor, and a warning
+    with caplog.at_level("WARNING", logger="loong"):
+        recipe._fit_budget(_toy({"tokenizer.data.batch_size": 4, "minutes": 600}), tmp_path, state)
+    assert len(timed) == 1
+    assert any("config changed" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("phase", ["tokenizer", "lm"])

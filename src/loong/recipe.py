@@ -27,8 +27,9 @@ shards, and a finished step is skipped (``recipe.json`` records it with its wall
 losses, and the budget's factor, which a resumed run keeps). Run directory::
 
     OUT/
-      recipe.json        calibration (seconds of each unit of work), budget (factor), steps
-                         done, seconds each, final losses
+      recipe.json        calibration (seconds of each unit of work) and the hash of the
+                         config it timed, budget (factor), steps done, seconds each, final
+                         losses
       config.json        the recipe's config, its step counts scaled to the budget
       tokenizer/ tokenizer_long/ shards/ eval_shards/ lm/   the runs
       bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
@@ -55,6 +56,7 @@ from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
 from loong.recipe_budget import Costs, calibrate, factor, minutes_of, scale
 from loong.text_tokenizer import TOKENIZER_FILE
+from loong.train.budget import config_sha256
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
 from loong.train.parallel import cpu_has_bf16
@@ -65,6 +67,9 @@ from loong.video_tokenizer.model import VideoTokenizer, VideoTokenizerConfig
 log = logging.getLogger("loong")
 
 RECIPE_FILE = "recipe.json"
+CALIBRATED_CONFIG = "calibrated_config"
+"""``recipe.json``'s hash of the config (less ``minutes``) its calibration and factor were made
+for: a calibration is reused only for the same config."""
 STEPS = ("tokenizer", "tokenizer_long", "shards", "lm", "bundle")
 TOKENIZER_METRICS = ("rec", "eval_psnr", "eval_ssim", "eval_codebook_usage", "elapsed_s")
 """What ``recipe.json`` records of a tokenizer run: its last values in ``metrics.jsonl``."""
@@ -284,6 +289,7 @@ def _warn_if_fp32_cpu(lm: LMTrainConfig, minutes: float = 0.0) -> None:
 def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> ShapesRecipeConfig:
     """``cfg`` scaled to its time budget: calibrated on a first run and recorded in ``state``
     (the caller writes it), the recorded factor on a resumed one."""
+    configured = config_sha256(dataclasses.replace(cfg, minutes=0.0))
     if "budget" in state:
         budget = state["budget"]
         log.info("recipe: the budget's factor %.3f, from this run's calibration", budget["factor"])
@@ -293,6 +299,12 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
                 "--minutes %g applies to a new --out",
                 budget["minutes"],
                 cfg.minutes,
+            )
+        if state.get(CALIBRATED_CONFIG, configured) != configured:
+            log.warning(
+                "recipe: the config changed since this run's budget was fitted; its factor "
+                "%.3f scales the new step counts, unprojected (a new --out fits them anew)",
+                budget["factor"],
             )
         return scale(cfg, budget["factor"])
     if cfg.minutes <= 0:
@@ -304,12 +316,14 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
             cfg.minutes,
         )
         return cfg
-    if "calibration" in state:  # an earlier try's, refused as too short: the same machine
+    if "calibration" in state and state.get(CALIBRATED_CONFIG) == configured:
+        # an earlier try's, refused as too short: the same machine and config
         costs = Costs.from_record(state["calibration"])
     else:
         log.info("recipe: calibrating: a few steps of each phase, to fit %g min", cfg.minutes)
         costs = calibrate(cfg, out / "calibration")
         state["calibration"] = dataclasses.asdict(costs)
+        state[CALIBRATED_CONFIG] = configured
         atomic_write_text(out / RECIPE_FILE, json.dumps(state, indent=2) + "\n")
     share = factor(cfg, costs, cfg.minutes)
     full, fitted = minutes_of(cfg, costs), minutes_of(scale(cfg, share), costs)

@@ -255,6 +255,11 @@ def scale_lm(lm: LMTrainConfig, share: float) -> LMTrainConfig:
     )
 
 
+def config_sha256(cfg: Any) -> str:
+    """The hash of a config's JSON: whether a stored calibration or factor was fitted to it."""
+    return hashlib.sha256(config_json(cfg).encode()).hexdigest()
+
+
 def fit(minutes_at: Callable[[float], float], minutes: float, what: str) -> float:
     """The largest share of the configured step counts, at most 1, whose projected minutes
     (``minutes_at(share)``, calibration included) fit in ``AIM`` of ``minutes``.
@@ -317,7 +322,7 @@ def fit_run(
     record = json.loads(path.read_text()) if path.is_file() else {}
     if not cfg.budget_minutes and "factor" not in record:
         return cfg
-    configured = hashlib.sha256(config_json(base).encode()).hexdigest()
+    configured = config_sha256(base)
     if "factor" in record:
         log.info("budget: the factor %.3f, from this run's calibration", record["factor"])
         if cfg.budget_minutes and record["minutes"] != cfg.budget_minutes:
