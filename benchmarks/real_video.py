@@ -12,8 +12,10 @@ pans and cuts, 250 at 25). Steps:
 2. Train ``train_tokenizer`` (``--preset``, ``data.source = OUT/train``, ``data.eval_folder =
    OUT/heldout``) in ``OUT/run``, fitted to ``--minutes`` (the training config's
    ``budget_minutes``: a few steps are timed first and, where the configured steps would not
-   fit, every step count is scaled so the whole schedule completes; ``--minutes 0`` trains the
-   configured steps); it resumes from ``OUT/run``'s checkpoints with the factor it started with.
+   fit, every step count is scaled so the whole schedule completes, and the run stops at
+   ``--minutes`` at the latest; ``--minutes 0`` in a new ``--out`` trains the configured steps).
+   It resumes from ``OUT/run``'s checkpoints with the factor and budget it started with (a
+   changed ``--minutes`` is ignored with a warning); the report records ``OUT/run/budget.json``.
 3. Ours. Every held-out file is cut into back-to-back ``--frames``-frame clips; each clip is
    encoded and decoded (``VideoTokenizer.encode``/``decode``). Bits per clip = t·h·w·log2(V):
    fixed-length indices, no entropy coding.
@@ -71,7 +73,14 @@ from loong.video_tokenizer.model import VideoTokenizer
 SOURCES = ("bigbuckbunny.mp4", "carphone_pristine.mp4", "bikes.mp4")
 """carphone_distorted.mp4 is left out: a degraded copy of carphone_pristine.mp4."""
 
-OWN_KEYS = ("data.source", "data.eval_folder", "data.size", "data.n_frames", "data.fps")
+OWN_KEYS = (
+    "data.source",
+    "data.eval_folder",
+    "data.size",
+    "data.n_frames",
+    "data.fps",
+    "budget_minutes",
+)
 """Config keys this script sets from its own flags; ``--set`` may not change them."""
 
 SLICE_NALS = {1, 5}  # non-IDR and IDR slices
@@ -304,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "--minutes",
         type=float,
         default=15.0,
-        help="training time budget: the steps are scaled to fit it (0: the configured steps)",
+        help="training time budget: the steps are scaled to fit it (0 in a new --out: the "
+        "configured steps)",
     )
     parser.add_argument("--size", type=int, default=64, help="height = width (centre crop)")
     parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k")
@@ -342,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_set(args.set)
     for key in OWN_KEYS:
         if key in overrides:
-            parser.error(f"--set {key} is set by this script: use --size/--frames/--fps/--out")
+            parser.error(
+                f"--set {key} is set by this script: use --size/--frames/--fps/--minutes/--out"
+            )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     out, run_dir = args.out, args.out / "run"
@@ -428,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(results)
     print(table)
     print("non-training wall time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
+    budget_file = run_dir / "budget.json"  # the fitted factor, when trained with a budget
     report = {
         "command": " ".join(sys.argv if argv is None else [sys.argv[0], *argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -441,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             "x264": banner,
         },
         "settings": {**vars(args), "out": str(out), "json": str(args.json)},
+        "budget": json.loads(budget_file.read_text()) if budget_file.is_file() else None,
         "split": counts,
         "model": {
             "export": str(export),

@@ -311,8 +311,10 @@ def test_a_refused_budget_is_timed_again_for_another_config(tmp_path, monkeypatc
     state = dict(stored)
     recipe._fit_budget(wider, tmp_path, state)
     assert len(timed) == 1 and state[recipe.CALIBRATED_CONFIG] != stored[recipe.CALIBRATED_CONFIG]
-    # resumed with a changed config: the recorded factor, and a warning
+    # resumed with the same config: no warning; with a changed one: the recorded factor, warned
     with caplog.at_level("WARNING", logger="loong"):
+        recipe._fit_budget(wider, tmp_path, state)
+        assert not any("config changed" in r.message for r in caplog.records)
         recipe._fit_budget(_toy({"tokenizer.data.batch_size": 4, "minutes": 600}), tmp_path, state)
     assert len(timed) == 1
     assert any("config changed" in r.message for r in caplog.records)
