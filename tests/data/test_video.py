@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from loong.data.video import (
     read_image,
     read_video,
     resize_video,
+    shuffled,
     tensor_to_frames,
     write_video,
 )
@@ -206,6 +208,57 @@ def test_video_folder_shuffles_per_epoch(tmp_path: Path) -> None:
         round(float(c.mean()), 3) for c in VideoFolder(tmp_path, n_frames=1, size=8, shuffle=False)
     ]
     assert in_order == sorted(in_order)
+
+
+def _passes(dataset: VideoFolder, epochs: range) -> list[list[list[int]]]:
+    """The source-frame indices of every clip of each pass."""
+    passes = []
+    for epoch in epochs:
+        dataset.set_epoch(epoch)
+        passes.append([frame_indices(tensor_to_frames(clip)) for clip in dataset])
+    return passes
+
+
+def _three_files(root: Path) -> None:
+    """Files 0, 1, 2 hold source frames 0–9, 10–19 and 20–29."""
+    frames = index_video(30, size=8)
+    for i in range(3):
+        write_video(root / f"{i}.mp4", frames[10 * i : 10 * i + 10], fps=24)
+
+
+def test_video_folder_jitter_cuts_other_clips_each_pass(tmp_path: Path) -> None:
+    _three_files(tmp_path)
+    plain = _passes(VideoFolder(tmp_path, n_frames=5, size=8, seed=0), range(6))
+    jittered = VideoFolder(tmp_path, n_frames=5, size=8, seed=0, jitter=True)
+    passes = _passes(jittered, range(6))
+    for clips in passes:
+        for idx in clips:  # 5 consecutive frames of one file
+            assert idx == list(range(idx[0], idx[0] + 5)) and idx[0] // 10 == idx[-1] // 10
+    assert {c[0] % 10 for p in plain for c in p} == {0, 5}  # back to back from frame 0
+    assert {c[0] % 10 for p in passes for c in p} - {0, 5}  # other starts
+    assert all(2 <= len(p) <= 6 for p in passes)  # a file gives 1 or 2 clips
+    assert _passes(jittered, [3]) == [passes[3]]  # a pass repeats exactly
+
+
+def test_video_folder_shuffle_buffer_mixes_files(tmp_path: Path) -> None:
+    _three_files(tmp_path)
+    in_order = _passes(VideoFolder(tmp_path, n_frames=5, size=8, shuffle=False), [0])[0]
+    assert [c[0] for c in in_order] == [0, 5, 10, 15, 20, 25]
+    buffered = VideoFolder(tmp_path, n_frames=5, size=8, shuffle=False, shuffle_buffer=3)
+    passes = _passes(buffered, range(4))
+    assert all(sorted(p) == in_order for p in passes)  # every clip once
+    assert any(p != in_order for p in passes)
+    assert _passes(buffered, [2]) == [passes[2]]
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 0"):
+        VideoFolder(tmp_path, n_frames=5, size=8, shuffle_buffer=-1)
+
+
+def test_shuffled_is_a_permutation_that_holds_at_most_its_buffer() -> None:
+    out = list(shuffled(range(100), 8, random.Random(0)))
+    assert sorted(out) == list(range(100)) and out != list(range(100))
+    # the p-th item out was read among the first p + 8 items
+    assert all(item < p + 8 for p, item in enumerate(out))
+    assert out == list(shuffled(range(100), 8, random.Random(0)))
 
 
 def test_video_folder_rejects_bad_roots(tmp_path: Path) -> None:

@@ -407,6 +407,31 @@ def test_folder_data_skips_bad_files_and_keeps_training(tmp_path, train_config):
     assert len(_losses(tmp_path / "run")) == 4
 
 
+def test_folder_batches_with_jitter_and_a_shuffle_buffer_resume_exactly(tmp_path):
+    """Jittered clip starts and a shuffle buffer (the folder defaults) are drawn from the seed
+    and the pass: batches after a saved position, across epochs, are the uninterrupted ones."""
+    from loong.data.shapes import Scene, ShapeObject, render
+    from loong.data.video import write_video
+
+    scene = Scene(objects=(ShapeObject(colour="red", shape="circle", direction="right"),))
+    for i in range(3):
+        write_video(tmp_path / f"clip{i}.mp4", render(scene, seed=i, n_frames=12), fps=8)
+    cfg = TokenizerDataConfig(source=str(tmp_path), n_frames=5, size=16, batch_size=2)
+    assert cfg.jitter and cfg.shuffle_buffer > 1
+    position: dict[str, int] = {}
+    batches = tokenizer_data.training_batches(cfg, position)
+    straight, positions = [], []
+    for _ in range(8):  # 3 to 6 clips a pass: several epochs
+        straight.append(next(batches))
+        positions.append(dict(position))
+    assert positions[-1]["epoch"] >= 2
+    resumed = tokenizer_data.training_batches(cfg, dict(positions[2]))
+    for want in straight[3:]:
+        torch.testing.assert_close(next(resumed), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"data\.shuffle_buffer must be >= 0"):
+        TokenizerDataConfig(shuffle_buffer=-1)
+
+
 def test_tar_shards_train_resume_exactly_and_skip_a_corrupt_sample(
     tmp_path, train_config, crash_after_checkpoint, make_tar_shards
 ):

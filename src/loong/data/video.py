@@ -14,9 +14,10 @@ import os
 import random
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -27,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 WRITE_SUFFIXES = (".mp4", ".gif")
+T = TypeVar("T")
 
 PathLike = str | os.PathLike[str]
 
@@ -222,6 +224,21 @@ def cut_clips(frames: np.ndarray, n_frames: int, *, stride: int | None = None) -
     return [frames[s : s + n_frames] for s in range(0, len(frames) - n_frames + 1, stride)]
 
 
+def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """``items`` in a random order drawn from ``rng``, holding at most ``size`` at a time: each
+    new item takes the place of a random one of the buffer, which is yielded."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 ``(T, H, W, C)`` → float32 ``(C, T, H, W)`` in [-1, 1]."""
     _check_frames(frames)
@@ -407,6 +424,13 @@ class VideoFolder(IterableDataset[torch.Tensor]):
     since each pass then starts from a fresh copy). Files are split across DataLoader workers.
     Unreadable files are skipped with one warning each and recorded in ``skipped``
     (path → reason); counters are per pass and per process (each worker keeps its own).
+
+    Two options for training on few videos, off by default: ``jitter`` starts each file's clips
+    at a random frame in ``[0, n_frames)`` every pass (so a pass cuts other clips than the last;
+    a file may give one clip fewer), and ``shuffle_buffer`` = k > 1 yields the clips through a
+    k-clip shuffle buffer (each worker its own), so that a batch mixes clips of several files
+    instead of holding consecutive clips of one. Both are drawn from ``seed``, the pass and the
+    worker: a pass is the same every time it is repeated (resumable by counting batches).
     """
 
     def __init__(
@@ -420,9 +444,13 @@ class VideoFolder(IterableDataset[torch.Tensor]):
         seed: int = 0,
         include_images: bool = True,
         clips_per_video: int | None = None,
+        jitter: bool = False,
+        shuffle_buffer: int = 0,
     ) -> None:
         super().__init__()
         check_clip_settings(n_frames, size, fps, clips_per_video)
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 (0 or 1: off), got {shuffle_buffer}")
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"VideoFolder root {self.root} is not a folder; check the path")
@@ -436,6 +464,7 @@ class VideoFolder(IterableDataset[torch.Tensor]):
             )
         self.n_frames, self.size, self.fps = n_frames, size, fps
         self.shuffle, self.seed, self.clips_per_video = shuffle, seed, clips_per_video
+        self.jitter, self.shuffle_buffer = jitter, shuffle_buffer
         self.epoch = 0
         self.skipped: dict[Path, str] = {}
         self.n_read = self.n_clips = self.n_too_short = 0
@@ -448,12 +477,24 @@ class VideoFolder(IterableDataset[torch.Tensor]):
         files = list(self.files)
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(files)  # same order in every worker
-        self.epoch += 1
         worker = get_worker_info()
+        worker_id = 0 if worker is None else worker.id
+        rng = random.Random(f"{self.seed}/{self.epoch}/{worker_id}")  # jitter and buffer
+        self.epoch += 1
         if worker is not None:
             files = files[worker.id :: worker.num_workers]
+        clips = self._clips(files, rng)
+        if self.shuffle_buffer > 1:  # copies: a view would hold its whole file's frames
+            clips = shuffled((clip.copy() for clip in clips), self.shuffle_buffer, rng)
+        for clip in clips:
+            yield frames_to_tensor(clip)  # (C, n_frames, size, size)
+
+    def _clips(self, files: list[Path], rng: random.Random) -> Iterator[np.ndarray]:
+        """uint8 clips ``(n_frames, size, size, 3)`` of ``files`` in order; counts them."""
         self.n_read = self.n_clips = self.n_too_short = 0
-        max_frames = None if self.clips_per_video is None else self.clips_per_video * self.n_frames
+        max_frames = None
+        if self.clips_per_video is not None:  # the first clips, from the latest start
+            max_frames = self.clips_per_video * self.n_frames + (self.n_frames - 1) * self.jitter
         for path in files:
             if path in self.skipped:  # warned once already
                 continue
@@ -467,14 +508,19 @@ class VideoFolder(IterableDataset[torch.Tensor]):
                 )
                 continue
             self.n_read += 1
-            n_used = len(frames) // self.n_frames * self.n_frames
+            start = rng.randrange(self.n_frames) if self.jitter else 0
+            if len(frames) - start < self.n_frames:  # too short from this start: from 0
+                start = 0
+            n_used = (len(frames) - start) // self.n_frames * self.n_frames
+            if self.clips_per_video is not None:
+                n_used = min(n_used, self.clips_per_video * self.n_frames)
             if n_used == 0:
                 self.n_too_short += 1
                 continue
-            frames = resize_video(frames[:n_used], self.size)  # (T, size, size, 3)
+            frames = resize_video(frames[start : start + n_used], self.size)  # (T, size, size, 3)
             for clip in cut_clips(frames, self.n_frames):
                 self.n_clips += 1
-                yield frames_to_tensor(clip)  # (C, n_frames, size, size)
+                yield clip
 
     def summary(self) -> str:
         """Counts of the last pass in this process, e.g. for logging after an epoch."""

@@ -36,6 +36,12 @@ class TokenizerDataConfig:
     """Seed of the data order (and of the shapes world)."""
     eval_folder: str = ""
     """Folder of held-out videos for evaluation; empty: held-out shapes-world clips."""
+    jitter: bool = True
+    """Folders: each pass cuts a video's clips from a random first frame, so a pass sees other
+    clips than the last (evaluation clips stay fixed)."""
+    shuffle_buffer: int = 64
+    """Folders: clips pass through a shuffle buffer of this many, so a batch mixes videos
+    instead of holding consecutive clips of one; 0: file order."""
 
     def __post_init__(self) -> None:
         if (self.n_frames - 1) % 4:
@@ -45,6 +51,10 @@ class TokenizerDataConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(
+                f"data.shuffle_buffer must be >= 0 (0: off), got {self.shuffle_buffer}"
+            )
 
 
 @dataclass(kw_only=True)

@@ -66,7 +66,13 @@ def training_batches(
             yield video
         return
     folder = VideoFolder(
-        cfg.source, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, seed=cfg.seed
+        cfg.source,
+        n_frames=cfg.n_frames,
+        size=cfg.size,
+        fps=cfg.fps,
+        seed=cfg.seed,
+        jitter=cfg.jitter,
+        shuffle_buffer=cfg.shuffle_buffer,
     )
     while True:
         epoch = position.setdefault("epoch", 0)
