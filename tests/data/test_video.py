@@ -253,6 +253,25 @@ def test_video_folder_shuffle_buffer_mixes_files(tmp_path: Path) -> None:
         VideoFolder(tmp_path, n_frames=5, size=8, shuffle_buffer=-1)
 
 
+def test_video_folder_flip_mirrors_about_half_the_clips(tmp_path: Path) -> None:
+    image = np.broadcast_to(np.arange(0, 256, 32, dtype=np.uint8)[None, :, None], (8, 8, 3))
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", image.copy())
+    dataset = VideoFolder(tmp_path, n_frames=1, size=8, seed=0, flip=True)
+    mirrored = []
+    for epoch in range(10):
+        dataset.set_epoch(epoch)
+        for clip in dataset:
+            row = tensor_to_frames(clip)[0, 0, :, 0].tolist()
+            assert row in (image[0, :, 0].tolist(), image[0, ::-1, 0].tolist())
+            mirrored.append(row[0] > row[-1])
+    assert 10 <= sum(mirrored) <= 30  # of 40
+    dataset.set_epoch(3)
+    again = [clip for clip in dataset]
+    dataset.set_epoch(3)
+    assert all(torch.equal(a, b) for a, b in zip(again, dataset, strict=True))
+
+
 def test_shuffled_is_a_permutation_that_holds_at_most_its_buffer() -> None:
     out = list(shuffled(range(100), 8, random.Random(0)))
     assert sorted(out) == list(range(100)) and out != list(range(100))

@@ -407,9 +407,10 @@ def test_folder_data_skips_bad_files_and_keeps_training(tmp_path, train_config):
     assert len(_losses(tmp_path / "run")) == 4
 
 
-def test_folder_batches_with_jitter_and_a_shuffle_buffer_resume_exactly(tmp_path):
-    """Jittered clip starts and a shuffle buffer (the folder defaults) are drawn from the seed
-    and the pass: batches after a saved position, across epochs, are the uninterrupted ones."""
+def test_folder_batches_with_jitter_flips_and_a_shuffle_buffer_resume_exactly(tmp_path):
+    """Jittered clip starts, flips and a shuffle buffer (the folder defaults) are drawn from the
+    seed and the pass: batches after a saved position, across epochs, are the uninterrupted
+    ones."""
     from loong.data.shapes import Scene, ShapeObject, render
     from loong.data.video import write_video
 
@@ -417,7 +418,7 @@ def test_folder_batches_with_jitter_and_a_shuffle_buffer_resume_exactly(tmp_path
     for i in range(3):
         write_video(tmp_path / f"clip{i}.mp4", render(scene, seed=i, n_frames=12), fps=8)
     cfg = TokenizerDataConfig(source=str(tmp_path), n_frames=5, size=16, batch_size=2)
-    assert cfg.jitter and cfg.shuffle_buffer > 1
+    assert cfg.jitter and cfg.flip and cfg.shuffle_buffer > 1
     position: dict[str, int] = {}
     batches = tokenizer_data.training_batches(cfg, position)
     straight, positions = [], []

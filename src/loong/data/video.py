@@ -425,12 +425,13 @@ class VideoFolder(IterableDataset[torch.Tensor]):
     Unreadable files are skipped with one warning each and recorded in ``skipped``
     (path → reason); counters are per pass and per process (each worker keeps its own).
 
-    Two options for training on few videos, off by default: ``jitter`` starts each file's clips
-    at a random frame in ``[0, n_frames)`` every pass (so a pass cuts other clips than the last;
-    a file may give one clip fewer), and ``shuffle_buffer`` = k > 1 yields the clips through a
-    k-clip shuffle buffer (each worker its own), so that a batch mixes clips of several files
-    instead of holding consecutive clips of one. Both are drawn from ``seed``, the pass and the
-    worker: a pass is the same every time it is repeated (resumable by counting batches).
+    Three options for training on few videos, off by default: ``jitter`` starts each file's
+    clips at a random frame in ``[0, n_frames)`` every pass (so a pass cuts other clips than the
+    last; a file may give one clip fewer), ``flip`` mirrors each clip left to right with
+    probability 1/2, and ``shuffle_buffer`` = k > 1 yields the clips through a k-clip shuffle
+    buffer (each worker its own), so that a batch mixes clips of several files instead of holding
+    consecutive clips of one. All are drawn from ``seed``, the pass and the worker: a pass is the
+    same every time it is repeated (resumable by counting batches).
     """
 
     def __init__(
@@ -445,6 +446,7 @@ class VideoFolder(IterableDataset[torch.Tensor]):
         include_images: bool = True,
         clips_per_video: int | None = None,
         jitter: bool = False,
+        flip: bool = False,
         shuffle_buffer: int = 0,
     ) -> None:
         super().__init__()
@@ -464,7 +466,7 @@ class VideoFolder(IterableDataset[torch.Tensor]):
             )
         self.n_frames, self.size, self.fps = n_frames, size, fps
         self.shuffle, self.seed, self.clips_per_video = shuffle, seed, clips_per_video
-        self.jitter, self.shuffle_buffer = jitter, shuffle_buffer
+        self.jitter, self.flip, self.shuffle_buffer = jitter, flip, shuffle_buffer
         self.epoch = 0
         self.skipped: dict[Path, str] = {}
         self.n_read = self.n_clips = self.n_too_short = 0
@@ -479,7 +481,7 @@ class VideoFolder(IterableDataset[torch.Tensor]):
             random.Random(self.seed + self.epoch).shuffle(files)  # same order in every worker
         worker = get_worker_info()
         worker_id = 0 if worker is None else worker.id
-        rng = random.Random(f"{self.seed}/{self.epoch}/{worker_id}")  # jitter and buffer
+        rng = random.Random(f"{self.seed}/{self.epoch}/{worker_id}")  # jitter, flip, buffer
         self.epoch += 1
         if worker is not None:
             files = files[worker.id :: worker.num_workers]
@@ -520,7 +522,7 @@ class VideoFolder(IterableDataset[torch.Tensor]):
             frames = resize_video(frames[start : start + n_used], self.size)  # (T, size, size, 3)
             for clip in cut_clips(frames, self.n_frames):
                 self.n_clips += 1
-                yield clip
+                yield clip[:, :, ::-1] if self.flip and rng.random() < 0.5 else clip
 
     def summary(self) -> str:
         """Counts of the last pass in this process, e.g. for logging after an epoch."""

@@ -39,6 +39,8 @@ class TokenizerDataConfig:
     jitter: bool = True
     """Folders: each pass cuts a video's clips from a random first frame, so a pass sees other
     clips than the last (evaluation clips stay fixed)."""
+    flip: bool = True
+    """Folders: each training clip is mirrored left to right with probability 1/2."""
     shuffle_buffer: int = 64
     """Folders: clips pass through a shuffle buffer of this many, so a batch mixes videos
     instead of holding consecutive clips of one; 0: file order."""

@@ -72,6 +72,7 @@ def training_batches(
         fps=cfg.fps,
         seed=cfg.seed,
         jitter=cfg.jitter,
+        flip=cfg.flip,
         shuffle_buffer=cfg.shuffle_buffer,
     )
     while True:
