@@ -492,7 +492,8 @@ class VideoFolder(IterableDataset[torch.Tensor]):
             yield frames_to_tensor(clip)  # (C, n_frames, size, size)
 
     def _clips(self, files: list[Path], rng: random.Random) -> Iterator[np.ndarray]:
-        """uint8 clips ``(n_frames, size, size, 3)`` of ``files`` in order; counts them."""
+        """uint8 clips ``(n_frames, size, size, 3)`` of ``files`` in order (jittered and
+        mirrored as configured, drawing from ``rng``); counts them."""
         self.n_read = self.n_clips = self.n_too_short = 0
         max_frames = None
         if self.clips_per_video is not None:  # the first clips, from the latest start
