@@ -17,6 +17,9 @@ from loong.train import budget
 from loong.train.budget import (
     AIM,
     BUDGET_FILE,
+    LM,
+    TOKENIZER,
+    Refit,
     TokenizerCosts,
     events,
     fit_tokenizer,
@@ -220,6 +223,123 @@ def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  
     assert cli.main([*args, *sets]) == 0  # resumed without --minutes: the budget's steps
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
     assert steps[-1] == 8 and json.loads((out / "config.json").read_text())["steps"] == 8
+
+
+def _refit(tmp_path, cfg, seconds: float, about=False, kind=TOKENIZER, **kwargs):
+    """The re-fitted config (or None) of the fitted run ``cfg`` in ``tmp_path`` whose steps each
+    take ``seconds``, and how many steps it timed."""
+    fitted = budget.fit_run(cfg, tmp_path, kind)
+    refit = Refit(cfg, fitted, tmp_path, kind, resumed=False, **kwargs)
+    for n in range(1, 10_000):
+        new = refit.observe(seconds, about)
+        if new is not None or not refit.active:
+            return fitted, new, n
+    raise AssertionError("never re-fitted")
+
+
+def test_a_run_slower_than_its_calibration_is_refitted_once_to_fewer_steps(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0)
+    fitted, new, timed = _refit(tmp_path, cfg, seconds=2.0)  # twice the calibrated 1.0 s
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert timed == budget.REFIT_SKIP + math.ceil(budget.REFIT_SHARE * fitted.steps)
+    assert record["refit"] == {"step": timed, "step_ratio": 2.0, "factor": record["factor"]}
+    assert record["calibrated_factor"] > record["factor"] and new.steps < fitted.steps
+    assert new == scale_tokenizer(cfg, record["factor"]).__class__(
+        **vars(scale_tokenizer(cfg, record["factor"]))
+        | {"budget_minutes": 20.0, "max_minutes": fitted.max_minutes}
+    )
+    slower = TokenizerCosts(step=2.0, gan_step=6.0, event=4.0, setup=5.0, seconds=30.0)
+    assert 0.99 * AIM * 20 < _minutes(new, slower) <= AIM * 20  # fitted at the run's own speed
+    # once: a later invocation resumes the re-fitted steps and does not re-fit again
+    assert fit_tokenizer(cfg, tmp_path) == new
+    assert not Refit(cfg, new, tmp_path, TOKENIZER, resumed=False).active
+
+
+def test_a_faster_run_gets_more_steps_and_one_near_its_calibration_keeps_its_factor(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0)
+    fitted, new, _ = _refit(tmp_path / "fast", cfg, seconds=0.5)
+    assert fitted.steps < new.steps <= 1000
+    fast = TokenizerCosts(step=0.5, gan_step=1.5, event=1.0, setup=5.0, seconds=30.0)
+    assert _minutes(new, fast) <= AIM * 20
+    fitted, new, _ = _refit(tmp_path / "near", cfg, seconds=1.0 + budget.REFIT_TOLERANCE / 2)
+    record = json.loads((tmp_path / "near" / BUDGET_FILE).read_text())
+    assert new is None and record["refit"]["factor"] == record["calibrated_factor"]
+    assert fit_tokenizer(cfg, tmp_path / "near") == fitted
+    fitted, new, _ = _refit(tmp_path / "gan", cfg, seconds=3.0, about=True)  # GAN steps: 3 s
+    assert new is None
+
+
+def test_a_refit_never_restarts_a_phase_and_skips_runs_it_does_not_fit(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    # the quantizer starts at step 23 of the fitted run, before the re-fit at step 26: all the
+    # steps would move its start to 30 and turn it off again
+    early = _long(train_config, budget_minutes=20.0, continuous_steps=30)
+    fitted, new, timed = _refit(tmp_path / "early", early, seconds=0.5)
+    assert fitted.continuous_steps <= timed and new is None
+    assert fit_tokenizer(early, tmp_path / "early") == fitted
+    cfg = _long(train_config, budget_minutes=20.0)
+    fit_tokenizer(cfg, tmp_path / "run")
+    for inactive in (
+        Refit(cfg, cfg, tmp_path / "run", TOKENIZER, resumed=True),
+        Refit(cfg, cfg, tmp_path / "run", TOKENIZER, resumed=False, world_size=2),
+        Refit(cfg, cfg, tmp_path / "no budget", TOKENIZER, resumed=False),
+        Refit(_long(cfg, steps=1001), cfg, tmp_path / "run", TOKENIZER, resumed=False),
+        Refit(cfg, scale_tokenizer(cfg, 0.1), tmp_path / "run", TOKENIZER, resumed=False),
+    ):  # resumed, ranks, no factor, another config, 100 steps: too short
+        assert not inactive.active and inactive.observe(100.0, False) is None
+
+
+def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):
+    costs = budget.LMCosts(step={1: 0.5, 5: 2.0, 17: 6.0}, compile=10.0, event=3.0, setup=5.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    cfg = LMTrainConfig(budget_minutes=60.0)  # Loong's stages: t = 1, 5 and 17
+    assert LM.step_cost(costs, [1, 5]) == pytest.approx(1.25)
+    assert LM.starts(cfg) == (cfg.stages[0].steps, cfg.stages[0].steps + cfg.stages[1].steps)
+    fitted, new, _ = _refit(tmp_path, cfg, seconds=1.5, about=[1, 1], kind=LM)  # 3× t = 1's
+    assert new.total_steps < fitted.total_steps and len(new.stages) == len(cfg.stages)
+    slower = budget.LM.slower(costs, 3.0)
+    variable, fixed = budget.lm_seconds(new, slower)
+    assert (slower.seconds + variable + fixed) / 60 <= AIM * 60
+
+
+def test_the_cli_refits_a_run_whose_steps_beat_the_calibration(tmp_path, train_config, monkeypatch):  # noqa: F811
+    """``loong tokenizer train --minutes`` calibrated at 30 s a step, whose steps then take a
+    fraction of a second: after its first steps it is re-fitted to every configured step, and
+    resumed it keeps them."""
+    costs = TokenizerCosts(step=30.0, gan_step=30.0, event=0.0, setup=0.0, seconds=0.0)
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: costs)
+    monkeypatch.setattr(budget, "REFIT_SHARE", 0.5)  # re-fit a 8-step run after 1 + 4 steps
+    monkeypatch.setattr(budget, "REFIT_MIN_STEPS", 4)
+    monkeypatch.setattr(budget, "REFIT_SKIP", 1)
+    out = tmp_path / "run"
+    sets = ["data.n_frames=5", "data.batch_size=2", "eval_clips=2", "continuous_steps=0"]
+    sets += ["loss.disc_start_step=1000", "eval_every=1000", "model.base_width=8"]
+    args = ["tokenizer", "train", "--preset", "tiny", "--steps", "16", "--out", str(out)]
+    args += [arg for s in sets for arg in ("--set", s)]
+    minutes = 8.25 * 30 / 60 / AIM  # 8 of the calibrated steps fit: half the 16 configured
+    assert cli.main([*args, "--minutes", str(minutes)]) == 0
+    record = json.loads((out / BUDGET_FILE).read_text())
+    assert round(16 * record["calibrated_factor"]) == 8
+    assert record["factor"] == 1.0 and record["refit"]["step"] == 5
+    assert json.loads((out / "config.json").read_text())["steps"] == 16
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps[-1] == 16
+    assert cli.main(args) == 0  # resumed: the re-fitted steps, already done
+    assert json.loads((out / "config.json").read_text())["steps"] == 16
 
 
 @pytest.mark.parametrize("minutes", [-1.0, math.nan, math.inf])

@@ -20,6 +20,15 @@ single-process runs; ``loong recipe shapes`` fits all its phases together the sa
 measured, which on a shared machine moves by several percent from one minute to the next, so two
 budgeted runs may train different step counts; a resumed run keeps the factor it started with
 (``OUT/budget.json``).
+
+A calibration times a handful of steps, so a slow (or fast) minute of a shared machine during
+them mis-sizes the whole run: one 30-minute tokenizer run was fitted to 0.39 of its steps from a
+calibration that timed 0.42 s a step, and then stepped at 0.27 s. So a budgeted run fits its
+factor once more from its own steps (:class:`Refit`): after ``REFIT_SHARE`` of them, when their
+median time is more than ``REFIT_TOLERANCE`` away from the calibrated one, the calibrated costs
+are scaled by that ratio and the factor fitted again. Early, so that the learning rate's schedule
+and the phases' starts move little; once, and recorded in ``budget.json`` (``refit``, with the
+calibration's ``calibrated_factor``), so that a resumed run keeps the re-fitted factor.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from loong.config import config_json
 from loong.pretrained import atomic_write_text
@@ -56,6 +65,17 @@ the calibration's (the first budgeted recipe measured ran 3.7% over its projecti
 NEVER = 10**9
 """An interval no calibration run reaches."""
 BUDGET_FILE = "budget.json"
+REFIT_SHARE = 0.03
+"""The share of a budgeted run's steps it times before fitting its factor again (``Refit``)."""
+REFIT_MIN_STEPS = 20
+"""The fewest steps a re-fit times. It times them within twice ``REFIT_SHARE`` of the run, so a
+run of fewer than about 380 steps is not re-fitted."""
+REFIT_SKIP = 3
+"""Steps left out at the start of a re-fit's timing (allocation, compilation)."""
+REFIT_TOLERANCE = 0.10
+"""How far the run's median step time may be from the calibration's before the factor is fitted
+again: wider than the few percent steps of the same run differ by (a tokenizer's steps before its
+quantizer starts are 2–7% cheaper than the calibrated ones, which have it)."""
 
 Run = TypeVar("Run")
 
@@ -285,23 +305,76 @@ def fit(minutes_at: Callable[[float], float], minutes: float, what: str) -> floa
     return low
 
 
-def fit_run(
-    cfg: Run,
-    out: Path,
-    *,
-    what: str,
-    calibrate: Callable[[Run, Path], Any],
-    costs_from: Callable[[dict], Any],
-    seconds: Callable[[Run, Any], tuple[float, float]],
-    scale: Callable[[Run, float], Run],
-    steps: Callable[[Run], int],
-    world_size: int = 1,
-) -> Run:
+@dataclass(frozen=True, kw_only=True)
+class RunKind(Generic[Run]):
+    """How a budget times, projects and scales one kind of training run."""
+
+    what: str
+    """The run in messages: "this tokenizer run"."""
+    calibrate: Callable[[Run, Path], Any]
+    """Costs of a config, from a short run in a scratch directory (a ``seconds`` and a
+    ``setup`` field among them)."""
+    costs_from: Callable[[dict], Any]
+    """Costs read back from their JSON record."""
+    seconds: Callable[[Run, Any], tuple[float, float]]
+    """A config's projected seconds: (the part that scales with the steps, the rest)."""
+    scale: Callable[[Run, float], Run]
+    """A config with its step counts times a share."""
+    steps: Callable[[Run], int]
+    """A config's steps."""
+    starts: Callable[[Run], tuple[int, ...]]
+    """The steps a config's phases start at: a re-fit may not move a started phase's start past
+    the steps taken (a quantizer turned off again)."""
+    step_cost: Callable[[Any, Any], float]
+    """The calibrated seconds of one step, given what the loop says of it (``Refit.observe``)."""
+    slower: Callable[[Any, float], Any]
+    """Costs with every part a step or an event costs times a ratio."""
+
+
+def projected_minutes(kind: RunKind[Run], base: Run, share: float, costs: Any) -> float:
+    """Minutes of the run ``base`` scaled by ``share``, calibration included, at ``costs``."""
+    variable, fixed = kind.seconds(kind.scale(base, share), costs)
+    return (costs.seconds + variable + fixed) / 60
+
+
+TOKENIZER: RunKind[TokenizerTrainConfig] = RunKind(
+    what="this tokenizer run",
+    # through the module's names, which tests replace
+    calibrate=lambda base, scratch: calibrate_tokenizer(base, scratch, gan=has_gan_phase(base)),
+    costs_from=lambda record: TokenizerCosts(**record),
+    seconds=lambda run, costs: tokenizer_seconds(run, costs),
+    scale=lambda run, share: scale_tokenizer(run, share),
+    steps=lambda run: run.steps,
+    starts=lambda run: (run.continuous_steps, run.loss.disc_start_step),
+    step_cost=lambda costs, gan_on: costs.gan_step if gan_on else costs.step,
+    slower=lambda costs, ratio: dataclasses.replace(
+        costs, step=costs.step * ratio, gan_step=costs.gan_step * ratio, event=costs.event * ratio
+    ),
+)
+"""A tokenizer run; its loop tells ``Refit.observe`` whether a step had the GAN on."""
+
+LM: RunKind[LMTrainConfig] = RunKind(
+    what="this language-model run",
+    calibrate=lambda base, scratch: calibrate_lm(base, scratch),
+    costs_from=LMCosts.from_record,
+    seconds=lambda run, costs: lm_seconds(run, costs),
+    scale=lambda run, share: scale_lm(run, share),
+    steps=lambda run: run.total_steps,
+    starts=lambda run: tuple(itertools.accumulate(stage.steps for stage in run.stages))[:-1],
+    step_cost=lambda costs, lengths: statistics.mean(costs.step[t] for t in lengths),
+    slower=lambda costs, ratio: dataclasses.replace(
+        costs, step={t: s * ratio for t, s in costs.step.items()}, event=costs.event * ratio
+    ),
+)
+"""A language-model run; its loop tells ``Refit.observe`` the latent length of each of a step's
+micro-batches."""
+
+
+def fit_run(cfg: Run, out: Path, kind: RunKind[Run], *, world_size: int = 1) -> Run:
     """The training config ``cfg`` (with ``budget_minutes`` and ``max_minutes``) fitted to its
     budget on this machine, for a run in ``out`` (``cfg`` itself when it has none and ``out``
-    no budget.json; refused under torchrun, ``world_size`` > 1): ``calibrate(cfg, scratch)``
-    times it (costs with a ``seconds`` and a ``setup`` field; ``costs_from`` reads them back
-    from JSON), ``seconds(cfg, costs)`` projects it, ``scale(cfg, share)`` scales it.
+    no budget.json; refused under torchrun, ``world_size`` > 1), timed, projected and scaled as
+    ``kind`` says.
 
     A new run is calibrated in ``out/calibration`` (emptied first, removed after) and its factor
     recorded in ``out/budget.json``; a resumed run keeps the recorded factor and budget, with
@@ -348,22 +421,21 @@ def fit_run(
         return dataclasses.replace(cfg, max_minutes=stop)
     else:
         if record.get("config") == configured:  # refused as too short: the same machine
-            costs = costs_from(record["calibration"])
+            costs = kind.costs_from(record["calibration"])
         else:
             log.info("budget: timing a few steps, to fit %g min", cfg.budget_minutes)
             shutil.rmtree(out / "calibration", ignore_errors=True)  # a killed try's
             try:
-                costs = calibrate(base, out / "calibration")
+                costs = kind.calibrate(base, out / "calibration")
             finally:
                 shutil.rmtree(out / "calibration", ignore_errors=True)
             record = {"config": configured, "calibration": dataclasses.asdict(costs)}
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
         def minutes_at(share: float) -> float:
-            variable, fixed = seconds(scale(base, share), costs)
-            return (costs.seconds + variable + fixed) / 60
+            return projected_minutes(kind, base, share, costs)
 
-        share = fit(minutes_at, cfg.budget_minutes, what)
+        share = fit(minutes_at, cfg.budget_minutes, kind.what)
         record = {
             "minutes": cfg.budget_minutes,
             "factor": share,
@@ -377,11 +449,11 @@ def fit_run(
                 "budget: the configured %d steps would take %.1f min here (projected), over the "
                 "budget of %g: every step count is scaled by %.2f, to %d steps (projected %.1f "
                 "min); --minutes 0 runs them all in a new --out",
-                steps(base),
+                kind.steps(base),
                 record["projected_min"],
                 cfg.budget_minutes,
                 share,
-                steps(scale(base, share)),
+                kind.steps(kind.scale(base, share)),
                 record["fitted_min"],
             )
         else:
@@ -392,37 +464,116 @@ def fit_run(
             )
     spent = record["calibration"]["seconds"] + record["calibration"]["setup"]
     stop = min(record["minutes"] - spent / 60, cfg.max_minutes or math.inf)
-    fitted = scale(base, record["factor"])
+    fitted = kind.scale(base, record["factor"])
     return dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
+
+
+class Refit(Generic[Run]):
+    """A budgeted run's factor fitted once more, from the run's own step times (see the module's
+    docstring).
+
+    The loop calls :meth:`observe` after each step with the step's seconds (its events left out)
+    and what ``kind.step_cost`` needs to know of it; once ``due`` steps are timed it gets back
+    the re-fitted config, or None while there is none to switch to. Inactive (``observe`` always
+    None) for a run without a recorded factor, a resumed run, a re-fitted one, one whose config
+    changed since its fit, one too short, and under torchrun (``world_size`` > 1).
+    """
+
+    def __init__(
+        self,
+        configured: Run,
+        fitted: Run,
+        out: Path,
+        kind: RunKind[Run],
+        *,
+        resumed: bool,
+        world_size: int = 1,
+    ) -> None:
+        self.path, self.kind, self.fitted = out / BUDGET_FILE, kind, fitted
+        self.base = dataclasses.replace(configured, budget_minutes=0.0, max_minutes=0.0)
+        self.record = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.due = REFIT_SKIP + max(REFIT_MIN_STEPS, math.ceil(REFIT_SHARE * kind.steps(fitted)))
+        self.active = (
+            world_size == 1  # ranks would time their steps apart
+            and not resumed
+            and "factor" in self.record
+            and "refit" not in self.record
+            and self.record.get("config") == config_sha256(self.base)
+            and self.due <= 2 * REFIT_SHARE * kind.steps(fitted)
+        )
+        self.ratios: list[float] = []
+
+    def observe(self, seconds: float, about: Any) -> Run | None:
+        """Record one step's ``seconds``; at the ``due``-th, the re-fitted config if it differs."""
+        if not self.active:
+            return None
+        costs = self.kind.costs_from(self.record["calibration"])
+        self.ratios.append(seconds / self.kind.step_cost(costs, about))
+        if len(self.ratios) < self.due:
+            return None
+        self.active = False
+        ratio = statistics.median(self.ratios[REFIT_SKIP:])
+        done, was = len(self.ratios), self.record["factor"]
+        share = was
+        if abs(ratio - 1) > REFIT_TOLERANCE:
+            slower = self.kind.slower(costs, ratio)
+
+            def minutes_at(share: float) -> float:
+                return projected_minutes(self.kind, self.base, share, slower)
+
+            try:
+                share = fit(minutes_at, self.record["minutes"], self.kind.what)
+            except ValueError:  # not even the least share fits: the stop at the budget ends it
+                share = MIN_FACTOR
+            least = (done + 1) / self.kind.steps(self.base)  # never fewer steps than taken
+            share = max(share, min(1.0, least))
+            before = self.kind.starts(self.fitted)
+            after = self.kind.starts(self.kind.scale(self.base, share))
+            if any(a <= done < b for a, b in zip(before, after, strict=True)):
+                log.warning(
+                    "budget: a re-fit to the factor %.3f would restart a phase begun by step %d "
+                    "(starts %s, now %s): the factor %.3f stays",
+                    share,
+                    done,
+                    before,
+                    after,
+                    was,
+                )
+                share = was
+        refit = {"step": done, "step_ratio": round(ratio, 3), "factor": share}
+        self.record |= {"factor": share, "calibrated_factor": was, "refit": refit}
+        atomic_write_text(self.path, json.dumps(self.record, indent=2) + "\n")
+        if share == was:
+            log.info(
+                "budget: the first %d steps took %.2f× the calibrated time: the factor %.3f stays",
+                done,
+                ratio,
+                was,
+            )
+            return None
+        new = self.kind.scale(self.base, share)
+        log.warning(
+            "budget: the first %d steps took %.2f× the calibrated time: the factor is re-fitted "
+            "from %.3f to %.3f, %d steps instead of %d",
+            done,
+            ratio,
+            was,
+            share,
+            self.kind.steps(new),
+            self.kind.steps(self.fitted),
+        )
+        return dataclasses.replace(
+            new, budget_minutes=self.fitted.budget_minutes, max_minutes=self.fitted.max_minutes
+        )
 
 
 def fit_tokenizer(
     cfg: TokenizerTrainConfig, out: Path, world_size: int = 1
 ) -> TokenizerTrainConfig:
     """The tokenizer run ``cfg`` fitted to ``cfg.budget_minutes`` (:func:`fit_run`)."""
-    return fit_run(
-        cfg,
-        out,
-        what="this tokenizer run",
-        calibrate=lambda base, scratch: calibrate_tokenizer(base, scratch, gan=has_gan_phase(base)),
-        costs_from=lambda record: TokenizerCosts(**record),
-        seconds=tokenizer_seconds,
-        scale=scale_tokenizer,
-        steps=lambda run: run.steps,
-        world_size=world_size,
-    )
+    return fit_run(cfg, out, TOKENIZER, world_size=world_size)
 
 
 def fit_lm(cfg: LMTrainConfig, out: Path, world_size: int = 1) -> LMTrainConfig:
     """The language-model run ``cfg`` fitted to ``cfg.budget_minutes`` (:func:`fit_run`)."""
-    return fit_run(
-        cfg,
-        out,
-        what="this language-model run",
-        calibrate=calibrate_lm,
-        costs_from=LMCosts.from_record,
-        seconds=lm_seconds,
-        scale=scale_lm,
-        steps=lambda run: run.total_steps,
-        world_size=world_size,
-    )
+    return fit_run(cfg, out, LM, world_size=world_size)

@@ -30,7 +30,7 @@ from loong.lm.model import VideoLM
 from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
-from loong.train.budget import fit_lm
+from loong.train.budget import LM, Refit, fit_lm
 from loong.train.dist import barrier
 from loong.train.lm_batches import (
     ClipPool,
@@ -164,7 +164,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     rows = rt.rows(cfg.batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = fit_lm(cfg, out, rt.world_size)  # with a time budget: its steps fitted
+    configured, cfg = cfg, fit_lm(cfg, out, rt.world_size)  # a budget: steps fitted
     if rt.main:
         atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
     # Subnormal floats make CPU kernels crawl (a tokenizer step on real video ran 3.5× slower);
@@ -200,6 +200,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     if state is not None:
         step, window = state["step"], state["window"]
         log.info("resumed from step %d", step)
+    refit = Refit(configured, cfg, out, LM, resumed=step > 0, world_size=rt.world_size)
     writer = _tensorboard(out) if cfg.tensorboard and rt.main else None
     total = cfg.total_steps
     bar = tqdm(
@@ -211,6 +212,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     stage_index = -1
 
     while step < total:
+        began = time.monotonic()
         # 1. batch: this rank's part of the stage's micro-batches; the step's normaliser Σ w
         # over all ranks, so that every token weighs the same whatever the number of ranks
         if stage_at(cfg.stages, step) != stage_index:
@@ -268,6 +270,12 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         bar.update(1)
         bar.set_postfix(stage=stage.name, loss=f"{sums['loss'][0]:.4f}", refresh=False)
         elapsed = time.monotonic() - started  # this process's seconds, as the tokenizer logs
+        refitted = refit.observe(time.monotonic() - began, [p.length for p in plans])
+        if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
+            cfg, total = refitted, refitted.total_steps
+            stage, bar.total = cfg.stages[stage_index], total  # its steps may have changed
+            if rt.main:
+                atomic_write_text(out / "config.json", config_json(cfg))
         record = {
             "step": step,
             "elapsed_s": round(elapsed, 3),

@@ -24,7 +24,7 @@ from loong.config import config_differences, config_json
 from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
-from loong.train.budget import fit_tokenizer
+from loong.train.budget import TOKENIZER, Refit, fit_tokenizer
 from loong.train.dist import barrier
 from loong.train.optim import adamw
 from loong.train.parallel import (
@@ -158,7 +158,7 @@ def train_tokenizer(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = fit_tokenizer(cfg, out, rt.world_size)  # with a time budget: its steps fitted
+    configured, cfg = cfg, fit_tokenizer(cfg, out, rt.world_size)  # a budget: steps fitted
     if rt.main:
         atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
     torch.manual_seed(cfg.seed)
@@ -206,6 +206,7 @@ def train_tokenizer(
     if state is not None:
         step, position = state["step"], dict(state["data_position"])
         log.info("resumed from step %d", step)
+    refit = Refit(configured, cfg, out, TOKENIZER, resumed=step > 0, world_size=rt.world_size)
     eval_clips = held_out_clips(cfg.data, cfg.eval_clips).to(device)
     batches = training_batches(cfg.data, position, rows)
     bar = tqdm(
@@ -220,6 +221,7 @@ def train_tokenizer(
     tokenizer, evaluated = unwrap(model), ema or unwrap(model)
 
     while step < cfg.steps:
+        began = time.monotonic()
         # 1. batch: this rank's rows of the global batch, its share of each micro-batch
         video = next(batches).to(device)  # (B, C, T, H, W)
         micro = video.chunk(cfg.grad_accum)  # accum × (B / accum, C, T, H, W)
@@ -323,6 +325,12 @@ def train_tokenizer(
         usage = f"{logs['usage']:.3f}" if "usage" in logs else "-"  # "-": not quantized yet
         bar.set_postfix(rec=f"{logs['rec']:.4f}", usage=usage, refresh=False)
         elapsed = time.monotonic() - started
+        refitted = refit.observe(time.monotonic() - began, gan_on)
+        if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
+            cfg = refitted
+            bar.total = cfg.steps
+            if rt.main:
+                atomic_write_text(out / "config.json", config_json(cfg))
         record = {"step": step, "lr": lr, "elapsed_s": round(elapsed, 3), **logs}
         done = step == cfg.steps or (
             cfg.max_minutes > 0 and rt.agree(elapsed > 60 * cfg.max_minutes)
