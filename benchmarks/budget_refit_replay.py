@@ -1,0 +1,82 @@
+"""What a budgeted tokenizer run's re-fit (``loong.train.budget.Refit``) does with a run's
+real step times: replays ``RUN/metrics.jsonl`` through it.
+
+Give the command the run was started with (its preset, ``--steps``, ``--minutes`` and
+``--set``s): the config is rebuilt from it and checked against the one ``RUN/budget.json`` was
+fitted to. Steps come from the metrics' ``elapsed_s`` (every ``log_every`` steps, so each step of
+a span gets the span's mean); spans with an evaluation, preview or checkpoint in them are left
+out, as the loop leaves an event's time out of its step, and so is the first (the run's start).
+The run's files are not changed.
+
+    python benchmarks/budget_refit_replay.py runs/exp36/cvq_whole_c10_fit_aborted --preset shapes \\
+        --steps 9600 --minutes 30 --set 'model.quantizer.kind="cvq"' ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from loong.config import resolve_config
+from loong.train.budget import BUDGET_FILE, TOKENIZER, Refit, config_sha256
+from loong.train.tokenizer_config import tokenizer_train_preset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--preset", default="shapes")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--minutes", type=float, required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    sets = [*args.set, f"budget_minutes={args.minutes}"]
+    sets += [f"steps={args.steps}"] if args.steps is not None else []
+    configured = resolve_config(tokenizer_train_preset(args.preset), None, sets)
+    record = json.loads((args.run / BUDGET_FILE).read_text())
+    base = dataclasses.replace(configured, budget_minutes=0.0, max_minutes=0.0)
+    if config_sha256(base) != record["config"]:
+        raise SystemExit(f"{args.run}: these options are not the command its budget was fitted to")
+    fitted = TOKENIZER.scale(base, record.get("calibrated_factor", record["factor"]))
+    intervals = (fitted.eval_every, fitted.preview_every, fitted.checkpoint_every)
+    rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        record.pop("refit", None)
+        record["factor"] = record.pop("calibrated_factor", record["factor"])
+        (Path(scratch) / BUDGET_FILE).write_text(json.dumps(record))
+        refit = Refit(configured, fitted, Path(scratch), TOKENIZER, resumed=False)
+        print(
+            f"calibrated {record['calibration']['step']:.3f} s a step, factor "
+            f"{record['factor']:.3f} ({fitted.steps} steps); re-fit after {refit.due} steps"
+        )
+        previous = {"step": 0, "elapsed_s": 0.0}
+        for row in rows:
+            span = range(previous["step"] + 1, row["step"] + 1)
+            # the events after the span's first step's predecessor up to its last but one (the
+            # first span's: the run's start); an event's time lands in the next step's elapsed_s
+            before = range(previous["step"], row["step"])
+            if not any(s % i == 0 for s in before for i in intervals):
+                seconds = (row["elapsed_s"] - previous["elapsed_s"]) / len(span)
+                gan_on = span[0] >= fitted.loss.disc_start_step
+                for _ in span:
+                    new = refit.observe(seconds, gan_on)
+                    if new is not None:
+                        print(f"re-fitted at replayed step {row['step']}: {new.steps} steps")
+            previous = row
+            if not refit.active:
+                break
+        if refit.active:
+            print(f"the run's metrics end before its re-fit ({len(refit.ratios)} steps timed)")
+        after = json.loads((Path(scratch) / BUDGET_FILE).read_text())
+        print(json.dumps(after.get("refit", {})))
+
+
+if __name__ == "__main__":
+    main()
