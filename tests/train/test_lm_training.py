@@ -673,3 +673,31 @@ def test_a_budgeted_run_trains_every_stage_scaled_and_calibrates_for_real(
     assert config["max_minutes"] == pytest.approx(minutes)
     records = _records(tmp_path / "run")
     assert max(records) == 5 and records[5]["stage"] == "long"
+
+
+def test_a_budgeted_run_whose_steps_beat_the_calibration_is_refitted_to_every_stage_step(
+    tmp_path, train_config, monkeypatch
+):
+    """The re-fit in the LM's loop: calibrated at 30 s a step, the run's steps take a fraction of
+    a second, so after its first steps it trains every configured step of every stage."""
+    costs = budget.LMCosts(step={1: 30.0, 2: 30.0, 3: 30.0}, compile=0.0, event=0.0, setup=0.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    monkeypatch.setattr(budget, "REFIT_SHARE", 0.2)  # re-fit the 5-step run after 1 + 1 steps
+    monkeypatch.setattr(budget, "REFIT_MIN_STEPS", 1)
+    monkeypatch.setattr(budget, "REFIT_SKIP", 1)
+    minutes = 5.25 * 30 / 60 / budget.AIM  # 5 of the 9 configured steps fit
+    train_lm(apply_overrides(train_config, {"budget_minutes": minutes}), tmp_path, progress=False)
+    record = json.loads((tmp_path / budget.BUDGET_FILE).read_text())
+    assert record["refit"]["step"] == 2 and record["factor"] == 1.0
+    assert round(9 * record["calibrated_factor"]) == 5
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [stage["steps"] for stage in config["stages"]] == [3, 3, 3]
+    records = _records(tmp_path)
+    assert max(records) == 9
+    assert [records[s]["stage"] for s in (3, 4, 6, 7, 9)] == [
+        "image",
+        "short",
+        "short",
+        "long",
+        "long",
+    ]

@@ -529,7 +529,7 @@ class Refit(Generic[Run]):
             share = max(share, min(1.0, least))
             before = self.kind.starts(self.fitted)
             after = self.kind.starts(self.kind.scale(self.base, share))
-            if any(a <= done < b for a, b in zip(before, after, strict=True)):
+            if any(a < done <= b for a, b in zip(before, after, strict=True)):  # begun, unbegun
                 log.warning(
                     "budget: a re-fit to the factor %.3f would restart a phase begun by step %d "
                     "(starts %s, now %s): the factor %.3f stays",
