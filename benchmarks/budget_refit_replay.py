@@ -5,8 +5,10 @@ Give the command the run was started with (its preset, ``--steps``, ``--minutes`
 ``--set``s): the config is rebuilt from it and checked against the one ``RUN/budget.json`` was
 fitted to. Steps come from the metrics' ``elapsed_s`` (every ``log_every`` steps, so each step of
 a span gets the span's mean); spans with an evaluation, preview or checkpoint in them are left
-out, as the loop leaves an event's time out of its step, and so is the first (the run's start).
-The run's files are not changed.
+out, as the loop leaves an event's time out of its step, and so is the first (the run's start)
+and any a resume restarted ``elapsed_s`` in; so the replay re-fits a little later than the run
+would (the steps of the spans left out are not counted towards ``due``). The run's files are not
+changed.
 
     python benchmarks/budget_refit_replay.py runs/exp36/cvq_whole_c10_fit_aborted --preset shapes \\
         --steps 9600 --minutes 30 --set 'model.quantizer.kind="cvq"' ...
@@ -62,13 +64,12 @@ def main() -> None:
             # the events after the span's first step's predecessor up to its last but one (the
             # first span's: the run's start); an event's time lands in the next step's elapsed_s
             before = range(previous["step"], row["step"])
-            if not any(s % i == 0 for s in before for i in intervals):
-                seconds = (row["elapsed_s"] - previous["elapsed_s"]) / len(span)
-                gan_on = span[0] >= fitted.loss.disc_start_step
-                for _ in span:
-                    new = refit.observe(seconds, gan_on)
+            seconds = (row["elapsed_s"] - previous["elapsed_s"]) / len(span)
+            if seconds > 0 and not any(s % i == 0 for s in before for i in intervals):
+                for step in span:  # steps 0-based step - 1: on the GAN from disc_start_step
+                    new = refit.observe(step, seconds, step - 1 >= fitted.loss.disc_start_step)
                     if new is not None:
-                        print(f"re-fitted at replayed step {row['step']}: {new.steps} steps")
+                        print(f"re-fitted at step {step}: {new.steps} steps")
             previous = row
             if not refit.active:
                 break

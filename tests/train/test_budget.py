@@ -231,7 +231,7 @@ def _refit(tmp_path, cfg, seconds: float, about=False, kind=TOKENIZER, **kwargs)
     fitted = budget.fit_run(cfg, tmp_path, kind)
     refit = Refit(cfg, fitted, tmp_path, kind, resumed=False, **kwargs)
     for n in range(1, 10_000):
-        new = refit.observe(seconds, about)
+        new = refit.observe(n, seconds, about)
         if new is not None or not refit.active:
             return fitted, new, n
     raise AssertionError("never re-fitted")
@@ -276,7 +276,8 @@ def test_a_faster_run_gets_more_steps_and_one_near_its_calibration_keeps_its_fac
     assert new is None and record["refit"]["factor"] == record["calibrated_factor"]
     assert fit_tokenizer(cfg, tmp_path / "near") == fitted
     fitted, new, _ = _refit(tmp_path / "gan", cfg, seconds=3.0, about=True)  # GAN steps: 3 s
-    assert new is None
+    record = json.loads((tmp_path / "gan" / BUDGET_FILE).read_text())
+    assert new is None and record["refit"]["step_ratio"] == 1.0
 
 
 def test_a_refit_never_restarts_a_phase_and_skips_runs_it_does_not_fit(
@@ -300,7 +301,12 @@ def test_a_refit_never_restarts_a_phase_and_skips_runs_it_does_not_fit(
         Refit(_long(cfg, steps=1001), cfg, tmp_path / "run", TOKENIZER, resumed=False),
         Refit(cfg, scale_tokenizer(cfg, 0.1), tmp_path / "run", TOKENIZER, resumed=False),
     ):  # resumed, ranks, no factor, another config, 100 steps: too short
-        assert not inactive.active and inactive.observe(100.0, False) is None
+        assert not inactive.active and inactive.observe(1, 100.0, False) is None
+    free = TokenizerCosts(step=0.0, gan_step=0.0, event=0.0, setup=0.0)  # timed at 0 ms
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: free)
+    fitted = fit_tokenizer(cfg, tmp_path / "free")
+    refit = Refit(cfg, fitted, tmp_path / "free", TOKENIZER, resumed=False)
+    assert refit.active and refit.observe(1, 0.1, False) is None and not refit.active
 
 
 def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):

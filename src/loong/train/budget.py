@@ -345,7 +345,11 @@ TOKENIZER: RunKind[TokenizerTrainConfig] = RunKind(
     seconds=lambda run, costs: tokenizer_seconds(run, costs),
     scale=lambda run, share: scale_tokenizer(run, share),
     steps=lambda run: run.steps,
-    starts=lambda run: (run.continuous_steps, run.loss.disc_start_step),
+    # a GAN phase switched off by its weight never starts
+    starts=lambda run: (
+        run.continuous_steps,
+        run.loss.disc_start_step if run.loss.gan_weight else NEVER,
+    ),
     step_cost=lambda costs, gan_on: costs.gan_step if gan_on else costs.step,
     slower=lambda costs, ratio: dataclasses.replace(
         costs, step=costs.step * ratio, gan_step=costs.gan_step * ratio, event=costs.event * ratio
@@ -472,9 +476,11 @@ class Refit(Generic[Run]):
     """A budgeted run's factor fitted once more, from the run's own step times (see the module's
     docstring).
 
-    The loop calls :meth:`observe` after each step with the step's seconds (its events left out)
-    and what ``kind.step_cost`` needs to know of it; once ``due`` steps are timed it gets back
-    the re-fitted config, or None while there is none to switch to. Inactive (``observe`` always
+    The loop calls :meth:`observe` after each step with the steps done, the step's seconds (its
+    events left out) and what ``kind.step_cost`` needs to know of it; once ``due`` steps are
+    timed it gets back the re-fitted config, or None while there is none to switch to, and
+    checkpoints the step (a resumed run takes the re-fitted factor from ``budget.json``, so an
+    earlier checkpoint could resume a phase the re-fit moved past it). Inactive (``observe`` always
     None) for a run without a recorded factor, a resumed run, a re-fitted one, one whose config
     changed since its fit, one too short, and under torchrun (``world_size`` > 1).
     """
@@ -503,17 +509,22 @@ class Refit(Generic[Run]):
         )
         self.ratios: list[float] = []
 
-    def observe(self, seconds: float, about: Any) -> Run | None:
-        """Record one step's ``seconds``; at the ``due``-th, the re-fitted config if it differs."""
+    def observe(self, done: int, seconds: float, about: Any) -> Run | None:
+        """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th
+        recorded, the re-fitted config if it differs."""
         if not self.active:
             return None
         costs = self.kind.costs_from(self.record["calibration"])
-        self.ratios.append(seconds / self.kind.step_cost(costs, about))
+        cost = self.kind.step_cost(costs, about)
+        if cost <= 0:  # timed at 0 s (elapsed_s is in ms): nothing to compare with
+            self.active = False
+            return None
+        self.ratios.append(seconds / cost)
         if len(self.ratios) < self.due:
             return None
         self.active = False
         ratio = statistics.median(self.ratios[REFIT_SKIP:])
-        done, was = len(self.ratios), self.record["factor"]
+        was = self.record["factor"]
         share = was
         if abs(ratio - 1) > REFIT_TOLERANCE:
             slower = self.kind.slower(costs, ratio)
@@ -529,7 +540,8 @@ class Refit(Generic[Run]):
             share = max(share, min(1.0, least))
             before = self.kind.starts(self.fitted)
             after = self.kind.starts(self.kind.scale(self.base, share))
-            if any(a < done <= b for a, b in zip(before, after, strict=True)):  # begun, unbegun
+            # a phase some steps ran in may not start after the next step (``done``)
+            if any(a < done < b for a, b in zip(before, after, strict=True)):
                 log.warning(
                     "budget: a re-fit to the factor %.3f would restart a phase begun by step %d "
                     "(starts %s, now %s): the factor %.3f stays",

@@ -270,7 +270,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         bar.update(1)
         bar.set_postfix(stage=stage.name, loss=f"{sums['loss'][0]:.4f}", refresh=False)
         elapsed = time.monotonic() - started  # this process's seconds, as the tokenizer logs
-        refitted = refit.observe(time.monotonic() - began, [p.length for p in plans])
+        refitted = refit.observe(step, time.monotonic() - began, [p.length for p in plans])
         if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
             cfg, total = refitted, refitted.total_steps
             stage, bar.total = cfg.stages[stage_index], total  # its steps may have changed
@@ -301,7 +301,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
                 for key, value in record.items():
                     if isinstance(value, float):
                         writer.add_scalar(key, value, step)
-        if step % cfg.checkpoint_every == 0 or done:
+        if step % cfg.checkpoint_every == 0 or done or refitted is not None:
             extra = {"step": step, "data_position": {"step": step}, "window": window}
             save_state(
                 out / "checkpoints",

@@ -325,7 +325,7 @@ def train_tokenizer(
         usage = f"{logs['usage']:.3f}" if "usage" in logs else "-"  # "-": not quantized yet
         bar.set_postfix(rec=f"{logs['rec']:.4f}", usage=usage, refresh=False)
         elapsed = time.monotonic() - started
-        refitted = refit.observe(time.monotonic() - began, gan_on)
+        refitted = refit.observe(step, time.monotonic() - began, gan_on)
         if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
             cfg = refitted
             bar.total = cfg.steps
@@ -351,7 +351,7 @@ def train_tokenizer(
             if rt.main:
                 (out / "previews").mkdir(exist_ok=True)
                 write_preview(frames, out / "previews" / f"step_{step:07d}", cfg.data.fps)
-        if step % cfg.checkpoint_every == 0 or done:
+        if step % cfg.checkpoint_every == 0 or done or refitted is not None:
             extra = {"step": step, "data_position": dict(position)}
             save_state(
                 out / "checkpoints",
