@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from loong.config import resolve_config
-from loong.train.budget import BUDGET_FILE, TOKENIZER, Refit, config_sha256
+from loong.train.budget import BUDGET_FILE, NEVER, TOKENIZER, Refit, config_sha256
 from loong.train.tokenizer_config import tokenizer_train_preset
 
 
@@ -47,6 +47,7 @@ def main() -> None:
         raise SystemExit(f"{args.run}: these options are not the command its budget was fitted to")
     fitted = TOKENIZER.scale(base, record.get("calibrated_factor", record["factor"]))
     intervals = (fitted.eval_every, fitted.preview_every, fitted.checkpoint_every)
+    gan_start = fitted.loss.disc_start_step if fitted.loss.gan_weight > 0 else NEVER
     rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -66,8 +67,9 @@ def main() -> None:
             before = range(previous["step"], row["step"])
             seconds = (row["elapsed_s"] - previous["elapsed_s"]) / len(span)
             if seconds > 0 and not any(s % i == 0 for s in before for i in intervals):
-                for step in span:  # steps 0-based step - 1: on the GAN from disc_start_step
-                    new = refit.observe(step, seconds, step - 1 >= fitted.loss.disc_start_step)
+                for step in span:  # its 0-based index step - 1
+                    about = (step - 1 >= fitted.continuous_steps, step - 1 >= gan_start)
+                    new = refit.observe(step, seconds, about)
                     if new is not None:
                         print(f"re-fitted at step {step}: {new.steps} steps")
             previous = row

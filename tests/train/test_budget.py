@@ -68,6 +68,30 @@ def test_gan_steps_and_events_are_projected_at_their_own_cost(train_config):  # 
     assert tokenizer_seconds(no_gan, COSTS)[0] == pytest.approx(1000 * 1.0)
 
 
+def test_steps_before_the_quantizer_are_projected_at_their_own_cost(train_config):  # noqa: F811
+    cfg = _long(train_config)  # 500 continuous steps, 300 quantized, 200 with the GAN
+    costs = TokenizerCosts(step=1.0, gan_step=3.0, event=2.0, setup=5.0, continuous_step=0.25)
+    assert tokenizer_seconds(cfg, costs)[0] == pytest.approx(500 * 0.25 + 300 * 1.0 + 200 * 3.0)
+    assert TOKENIZER.step_cost(costs, (False, False)) == 0.25
+    assert TOKENIZER.step_cost(costs, (True, True)) == 3.0
+    assert TOKENIZER.slower(costs, 2.0).continuous_step == 0.5
+
+
+def test_a_real_calibration_times_the_steps_before_the_quantizer_too(tmp_path, train_config):  # noqa: F811
+    cfg = _long(train_config)
+    costs = budget.calibrate_tokenizer(cfg, tmp_path, gan=True)
+    assert costs.continuous_step > 0 and costs.step > 0 and costs.gan_step > 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    c, n = budget.STEPS + 1, 2 * budget.STEPS + 1
+    assert len(rows) == c + n + budget.STEPS + 1  # continuous, quantized, GAN steps
+    assert [r["quant"] == 0 for r in rows[: c + 1]] == [True] * c + [False]
+    assert "g" not in rows[c + n - 1] and "g" in rows[c + n]
+    plain = budget.calibrate_tokenizer(
+        _long(train_config, continuous_steps=0), tmp_path / "q", gan=False
+    )
+    assert plain.continuous_step is None and plain.warm_start_step == plain.step
+
+
 def test_scale_keeps_the_phases_and_the_learning_rate(train_config):  # noqa: F811
     cfg = _long(train_config)
     half = scale_tokenizer(cfg, 0.5)
@@ -99,6 +123,7 @@ def test_a_new_run_is_fitted_and_recorded_and_a_resumed_one_keeps_its_factor(
         "event": 2.0,
         "setup": 5.0,
         "seconds": 30.0,
+        "continuous_step": None,
     }
     assert 0.99 * AIM * 10 < _minutes(fitted) <= AIM * 10  # the steps that run fit the aim
     assert fitted.steps == round(1000 * record["factor"])
@@ -225,7 +250,7 @@ def test_the_cli_trains_the_fitted_steps(tmp_path, train_config, monkeypatch):  
     assert steps[-1] == 8 and json.loads((out / "config.json").read_text())["steps"] == 8
 
 
-def _refit(tmp_path, cfg, seconds: float, about=False, kind=TOKENIZER, **kwargs):
+def _refit(tmp_path, cfg, seconds: float, about=(True, False), kind=TOKENIZER, **kwargs):
     """The re-fitted config (or None) of the fitted run ``cfg`` in ``tmp_path`` whose steps each
     take ``seconds``, and how many steps it timed."""
     fitted = budget.fit_run(cfg, tmp_path, kind)
@@ -275,8 +300,14 @@ def test_a_faster_run_gets_more_steps_and_one_near_its_calibration_keeps_its_fac
     record = json.loads((tmp_path / "near" / BUDGET_FILE).read_text())
     assert new is None and record["refit"]["factor"] == record["calibrated_factor"]
     assert fit_tokenizer(cfg, tmp_path / "near") == fitted
-    fitted, new, _ = _refit(tmp_path / "gan", cfg, seconds=3.0, about=True)  # GAN steps: 3 s
+    fitted, new, _ = _refit(tmp_path / "gan", cfg, seconds=3.0, about=(True, True))  # 3 s
     record = json.loads((tmp_path / "gan" / BUDGET_FILE).read_text())
+    assert new is None and record["refit"]["step_ratio"] == 1.0
+    # steps before the quantizer, against their own calibrated cost
+    warm = TokenizerCosts(step=1.0, gan_step=3.0, event=2.0, setup=5.0, continuous_step=0.25)
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: warm)
+    fitted, new, _ = _refit(tmp_path / "warm", cfg, seconds=0.25, about=(False, False))
+    record = json.loads((tmp_path / "warm" / BUDGET_FILE).read_text())
     assert new is None and record["refit"]["step_ratio"] == 1.0
 
 
@@ -301,12 +332,12 @@ def test_a_refit_never_restarts_a_phase_and_skips_runs_it_does_not_fit(
         Refit(_long(cfg, steps=1001), cfg, tmp_path / "run", TOKENIZER, resumed=False),
         Refit(cfg, scale_tokenizer(cfg, 0.1), tmp_path / "run", TOKENIZER, resumed=False),
     ):  # resumed, ranks, no factor, another config, 100 steps: too short
-        assert not inactive.active and inactive.observe(1, 100.0, False) is None
+        assert not inactive.active and inactive.observe(1, 100.0, (True, False)) is None
     free = TokenizerCosts(step=0.0, gan_step=0.0, event=0.0, setup=0.0)  # timed at 0 ms
     monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: free)
     fitted = fit_tokenizer(cfg, tmp_path / "free")
     refit = Refit(cfg, fitted, tmp_path / "free", TOKENIZER, resumed=False)
-    assert refit.active and refit.observe(1, 0.1, False) is None and not refit.active
+    assert refit.active and refit.observe(1, 0.1, (True, False)) is None and not refit.active
 
 
 def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):

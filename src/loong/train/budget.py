@@ -94,6 +94,13 @@ class TokenizerCosts:
     """The run's start, first step's warm-up, last evaluation and export."""
     seconds: float = 0.0
     """Wall time the calibration took."""
+    continuous_step: float | None = None
+    """One step before the quantizer starts (``continuous_steps``); None (a run without that
+    phase, or a record from before it was timed): as ``step``."""
+
+    @property
+    def warm_start_step(self) -> float:
+        return self.step if self.continuous_step is None else self.continuous_step
 
 
 def step_times(metrics: Path) -> list[float]:
@@ -126,29 +133,35 @@ def calibrate_tokenizer(tok: TokenizerTrainConfig, scratch: Path, *, gan: bool) 
     from loong.train.tokenizer import train_tokenizer  # it fits its own runs with this module
 
     started = time.monotonic()
-    n = 2 * STEPS + 1  # plain steps; the event after step n - 1, so step n waits for it
+    c = STEPS + 1 if tok.continuous_steps > 0 else 0  # continuous steps, the first a warm-up
+    n = 2 * STEPS + 1  # quantized steps, the first a warm-up; an event after the last but one
+    q = c + n  # steps before the GAN's
     run = dataclasses.replace(
         tok,
-        steps=n + (STEPS + 1 if gan else 0),  # then GAN steps, the first a warm-up
-        continuous_steps=0,
-        loss=dataclasses.replace(tok.loss, disc_start_step=n if gan else NEVER),
-        eval_every=n - 1,
-        preview_every=n - 1,
-        checkpoint_every=n - 1,
+        steps=q + (STEPS + 1 if gan else 0),  # then GAN steps, the first a warm-up
+        continuous_steps=c,
+        loss=dataclasses.replace(tok.loss, disc_start_step=q if gan else NEVER),
+        eval_every=q - 1,
+        preview_every=q - 1,
+        checkpoint_every=q - 1,
         log_every=1,
         max_minutes=0.0,
         budget_minutes=0.0,
     )
     times = step_times(train_tokenizer(run, scratch, progress=False).parent / "metrics.jsonl")
     wall = time.monotonic() - started
-    step = statistics.median(times[1 : n - 1])
-    setup = wall - sum(times) + max(0.0, times[0] - step)
+    step = statistics.median(times[c + 1 : q - 1])
+    continuous = statistics.median(times[1:c]) if c else None
+    setup = wall - sum(times) + max(0.0, times[0] - (continuous or step))
+    if c:  # the quantizer's first step: a warm-up too
+        setup += max(0.0, times[c] - step)
     return TokenizerCosts(
         step=step,
-        gan_step=statistics.median(times[n + 1 :]) if gan else step,
-        event=max(0.0, times[n - 1] - step),
+        gan_step=statistics.median(times[q + 1 :]) if gan else step,
+        event=max(0.0, times[q - 1] - step),  # the event after step q - 1 delays step q
         setup=max(0.0, setup),
         seconds=wall,
+        continuous_step=continuous,
     )
 
 
@@ -160,7 +173,9 @@ def tokenizer_seconds(tok: TokenizerTrainConfig, costs: TokenizerCosts) -> tuple
     """Seconds of ``tok``'s run on the calibrated machine: (the part that scales with the step
     counts, the part that does not)."""
     n_gan = tok.steps - tok.loss.disc_start_step if has_gan_phase(tok) else 0
-    variable = (tok.steps - n_gan) * costs.step + n_gan * costs.gan_step
+    n_continuous = min(tok.continuous_steps, tok.steps - n_gan)
+    n_plain = tok.steps - n_gan - n_continuous
+    variable = n_continuous * costs.warm_start_step + n_plain * costs.step + n_gan * costs.gan_step
     intervals = (tok.eval_every, tok.preview_every, tok.checkpoint_every)
     return variable, events(tok.steps, *intervals) * costs.event + costs.setup
 
@@ -350,12 +365,19 @@ TOKENIZER: RunKind[TokenizerTrainConfig] = RunKind(
         run.continuous_steps,
         run.loss.disc_start_step if run.loss.gan_weight else NEVER,
     ),
-    step_cost=lambda costs, gan_on: costs.gan_step if gan_on else costs.step,
+    step_cost=lambda costs, about: (
+        costs.warm_start_step if not about[0] else costs.gan_step if about[1] else costs.step
+    ),
     slower=lambda costs, ratio: dataclasses.replace(
-        costs, step=costs.step * ratio, gan_step=costs.gan_step * ratio, event=costs.event * ratio
+        costs,
+        step=costs.step * ratio,
+        gan_step=costs.gan_step * ratio,
+        event=costs.event * ratio,
+        continuous_step=None if costs.continuous_step is None else costs.continuous_step * ratio,
     ),
 )
-"""A tokenizer run; its loop tells ``Refit.observe`` whether a step had the GAN on."""
+"""A tokenizer run; its loop tells ``Refit.observe`` whether a step was quantized and whether it
+had the GAN on."""
 
 LM: RunKind[LMTrainConfig] = RunKind(
     what="this language-model run",

@@ -230,6 +230,7 @@ def train_tokenizer(
             for group in opt.param_groups:
                 group["lr"] = lr
         gan_on = step >= cfg.loss.disc_start_step and cfg.loss.gan_weight > 0
+        quantized = step >= cfg.continuous_steps
 
         # 2. tokenizer forward, losses and backward, one micro-batch at a time: gradients are
         # averaged over ranks once, in the last micro-batch's backward. Each reconstruction is
@@ -243,7 +244,7 @@ def train_tokenizer(
         for m, clips in enumerate(micro):
             with nullcontext() if m == len(micro) - 1 else no_gradient_sync(model):
                 with rt.autocast():
-                    out_ = model(clips, quantize=step >= cfg.continuous_steps)
+                    out_ = model(clips, quantize=quantized)
                 weights = (
                     edge_weights(clips, cfg.loss.edge_weight) if cfg.loss.edge_weight > 0 else None
                 )
@@ -325,7 +326,7 @@ def train_tokenizer(
         usage = f"{logs['usage']:.3f}" if "usage" in logs else "-"  # "-": not quantized yet
         bar.set_postfix(rec=f"{logs['rec']:.4f}", usage=usage, refresh=False)
         elapsed = time.monotonic() - started
-        refitted = refit.observe(step, time.monotonic() - began, gan_on)
+        refitted = refit.observe(step, time.monotonic() - began, (quantized, gan_on))
         if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
             cfg = refitted
             bar.total = cfg.steps
