@@ -74,8 +74,9 @@ REFIT_SKIP = 3
 """Steps left out at the start of a re-fit's timing (allocation, compilation)."""
 REFIT_TOLERANCE = 0.10
 """How far the run's median step time may be from the calibration's before the factor is fitted
-again: wider than the few percent steps of the same run differ by (a tokenizer's steps before its
-quantizer starts are 2–7% cheaper than the calibrated ones, which have it)."""
+again: wider than the few percent a machine's speed moves by from one minute to the next. Each
+step is compared with its own kind's calibrated cost (a tokenizer's steps before its quantizer
+starts with ``TokenizerCosts.continuous_step``: with 16,384 CVQ codes they are much cheaper)."""
 
 Run = TypeVar("Run")
 
