@@ -4,6 +4,7 @@ keeps it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -274,10 +275,8 @@ def test_a_run_slower_than_its_calibration_is_refitted_once_to_fewer_steps(
     assert timed == budget.REFIT_SKIP + math.ceil(budget.REFIT_SHARE * fitted.steps)
     assert record["refit"] == {"step": timed, "step_ratio": 2.0, "factor": record["factor"]}
     assert record["calibrated_factor"] > record["factor"] and new.steps < fitted.steps
-    assert new == scale_tokenizer(cfg, record["factor"]).__class__(
-        **vars(scale_tokenizer(cfg, record["factor"]))
-        | {"budget_minutes": 20.0, "max_minutes": fitted.max_minutes}
-    )
+    rescaled = scale_tokenizer(cfg, record["factor"])  # cfg's budget_minutes kept
+    assert new == dataclasses.replace(rescaled, max_minutes=fitted.max_minutes)
     slower = TokenizerCosts(step=2.0, gan_step=6.0, event=4.0, setup=5.0, seconds=30.0)
     assert 0.99 * AIM * 20 < _minutes(new, slower) <= AIM * 20  # fitted at the run's own speed
     # once: a later invocation resumes the re-fitted steps and does not re-fit again
