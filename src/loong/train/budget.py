@@ -101,6 +101,7 @@ class TokenizerCosts:
 
     @property
     def warm_start_step(self) -> float:
+        """Seconds of a step before the quantizer starts."""
         return self.step if self.continuous_step is None else self.continuous_step
 
 
@@ -531,13 +532,14 @@ class Refit(Generic[Run]):
             and self.due <= 2 * REFIT_SHARE * kind.steps(fitted)
         )
         self.ratios: list[float] = []
+        self.costs = kind.costs_from(self.record["calibration"]) if self.active else None
 
     def observe(self, done: int, seconds: float, about: Any) -> Run | None:
         """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th
         recorded, the re-fitted config if it differs."""
         if not self.active:
             return None
-        costs = self.kind.costs_from(self.record["calibration"])
+        costs = self.costs
         cost = self.kind.step_cost(costs, about)
         if cost <= 0:  # timed at 0 s (elapsed_s is in ms): nothing to compare with
             self.active = False
