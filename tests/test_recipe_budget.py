@@ -4,6 +4,7 @@ the factor it started with."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -23,9 +24,10 @@ from loong.recipe_budget import (
     project,
     scale,
 )
+from loong.train import budget
 from loong.train import lm as lm_loop
 from loong.train import tokenizer as tokenizer_loop
-from loong.train.budget import AIM
+from loong.train.budget import AIM, scale_lm, tokenizer_seconds
 from loong.video_tokenizer.model import VideoTokenizer
 from test_recipe import TOY, _sets
 
@@ -239,12 +241,20 @@ def test_a_budgeted_recipe_scales_its_steps_and_a_resumed_one_keeps_them(
     assert state["budget"]["fitted_min"] <= AIM * minutes + 0.05  # rounded to 0.1
     tok = json.loads((out / "tokenizer" / "config.json").read_text())
     assert (tok["steps"], tok["continuous_steps"], tok["eval_every"]) == (4, 2, 2)
-    lm = json.loads((out / "lm" / "config.json").read_text())
-    assert [s["steps"] for s in lm["stages"]] == [2, 2, 4]
-    steps = [json.loads(line)["step"] for line in (out / "lm" / "metrics.jsonl").open()]
-    assert steps[-1] == 8
     meta = json.loads((out / "shards" / "meta.json").read_text())
     assert meta["n_items"] == 6  # 12 halved
+    # the LM, fitted anew to the minutes the phases before it left (they took less than the
+    # costs projected here, so it gets more steps than the recipe's half)
+    lm_budget = json.loads((out / "lm" / "budget.json").read_text())
+    before = ("tokenizer", "tokenizer_long", "shards")
+    spent = state["calibration"]["seconds"] + sum(state[name]["seconds"] for name in before)
+    assert lm_budget["minutes"] == pytest.approx(minutes - spent / 60)
+    assert state["lm"]["factor"] == lm_budget["factor"] > state["budget"]["factor"]
+    stages = [s.steps for s in scale_lm(_toy(values).lm, lm_budget["factor"]).stages]
+    lm = json.loads((out / "lm" / "config.json").read_text())
+    assert [s["steps"] for s in lm["stages"]] == stages
+    steps = [json.loads(line)["step"] for line in (out / "lm" / "metrics.jsonl").open()]
+    assert steps[-1] == sum(stages)
 
     def no_calibration(cfg, scratch):
         raise AssertionError("a resumed run calibrates again")
@@ -259,7 +269,61 @@ def test_a_budgeted_recipe_scales_its_steps_and_a_resumed_one_keeps_them(
     assert sum("skipped" in r.message for r in caplog.records) == 3
     assert any("keeps its step counts" in r.message for r in caplog.records)
     lm = json.loads((out / "lm" / "config.json").read_text())
-    assert [s["steps"] for s in lm["stages"]] == [2, 2, 4]
+    assert [s["steps"] for s in lm["stages"]] == stages  # from the same minutes left
+    assert json.loads((out / "lm" / "budget.json").read_text()) == lm_budget
+
+
+@pytest.mark.parametrize("earlier", [0.5, 1.0, 1.5])
+def test_the_lm_is_fitted_to_the_minutes_the_phases_before_it_left(tmp_path, earlier):
+    """The recipe's LM phase, after phases that took ``earlier`` times their projection."""
+    cfg, costs = ShapesRecipeConfig(), _costs()
+    minutes = 0.7 * minutes_of(cfg, costs)
+    share = factor(cfg, costs, minutes)
+    fitted = scale(cfg, share)
+    tok_variable, tok_fixed = tokenizer_seconds(fitted.tokenizer, costs.tokenizer())
+    state = {
+        "calibration": dataclasses.asdict(costs),
+        "budget": {"minutes": minutes, "factor": share},
+        "tokenizer": {"seconds": earlier * (tok_variable + tok_fixed)},
+        "shards": {"seconds": earlier * fitted.shards.n_clips * costs.clip},
+    }
+    run = recipe._budget_lm(cfg.lm, fitted.lm, tmp_path, state)
+    spent = costs.seconds + state["tokenizer"]["seconds"] + state["shards"]["seconds"]
+    left = minutes - spent / 60
+    assert run == dataclasses.replace(cfg.lm, budget_minutes=run.budget_minutes)
+    assert run.budget_minutes == pytest.approx(left)
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert record["minutes"] == pytest.approx(left)
+    lm_minutes = budget.projected_minutes(budget.LM, cfg.lm, record["factor"], costs.lm())
+    assert 0.99 * AIM * left < lm_minutes <= AIM * left
+    # slower phases before it leave it fewer steps than the recipe's share, faster ones more
+    assert (record["factor"] < share) == (earlier > 1.0)
+
+
+def test_an_lm_left_too_little_time_trains_the_recipes_share_past_the_budget(tmp_path, caplog):
+    cfg, costs = ShapesRecipeConfig(), _costs()
+    minutes = 0.7 * minutes_of(cfg, costs)
+    fitted = scale(cfg, factor(cfg, costs, minutes))
+    state = {
+        "calibration": dataclasses.asdict(costs),
+        "budget": {"minutes": minutes, "factor": 0.7},
+        "tokenizer": {"seconds": 60 * minutes - 10},
+    }
+    with caplog.at_level("WARNING", logger="loong"):
+        assert recipe._budget_lm(cfg.lm, fitted.lm, tmp_path, state) == fitted.lm
+    assert "too few for its steps" in caplog.text and not (tmp_path / "budget.json").exists()
+    # an LM begun without a budget of its own (checkpoints, no budget.json) keeps the share
+    (tmp_path / "checkpoints" / "step_00000010").mkdir(parents=True)
+    state["tokenizer"]["seconds"] = 1.0
+    assert recipe._budget_lm(cfg.lm, fitted.lm, tmp_path, state) == fitted.lm
+
+
+def test_the_tokenizers_warm_start_is_projected_at_its_own_cost():
+    cfg = ShapesRecipeConfig()
+    assert cfg.tokenizer.continuous_steps > 0
+    slow, _ = project(cfg, _costs())
+    fast, _ = project(cfg, _costs(tokenizer_continuous_step=0.2))
+    assert slow - fast == pytest.approx(cfg.tokenizer.continuous_steps * (0.6 - 0.2))
 
 
 def test_a_run_started_without_a_budget_keeps_its_steps(tmp_path, monkeypatch):

@@ -20,7 +20,9 @@ One command runs the whole pipeline on the shapes world (``specs/shapes-world.md
 With a time budget (``minutes``, 90 by default) a calibration comes first: a few real steps
 of each phase are timed on this machine, and when the configured steps would not fit in the
 budget every step count is scaled down by one factor so that they do (:mod:`loong.recipe_budget`);
-on a machine fast enough nothing changes.
+on a machine fast enough nothing changes. The language model, last, is then fitted to the
+minutes the phases before it left, stops at the budget, and re-fits its steps once from its own
+step times when they run more than 10% off the calibration (its ``lm/budget.json``).
 
 Every step resumes: the training steps from their checkpoints, tokenizing from its finished
 shards, and a finished step is skipped (``recipe.json`` records it with its wall time and final
@@ -30,7 +32,8 @@ losses, and the budget's factor, which a resumed run keeps). Run directory::
       recipe.json        calibration (seconds of each unit of work) and the hash of the
                          config it timed, budget (factor), steps done, seconds each, final
                          losses
-      config.json        the recipe's config, its step counts scaled to the budget
+      config.json        the recipe's config, its step counts scaled to the budget (the
+                         LM's as the LM's own budget.json and config.json say)
       tokenizer/ tokenizer_long/ shards/ eval_shards/ lm/   the runs
       bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
 """
@@ -56,7 +59,7 @@ from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
 from loong.recipe_budget import Costs, calibrate, factor, minutes_of, scale
 from loong.text_tokenizer import TOKENIZER_FILE
-from loong.train.budget import config_sha256
+from loong.train.budget import BUDGET_FILE, LM, budget_from_costs, config_sha256
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
 from loong.train.parallel import cpu_has_bf16
@@ -348,6 +351,34 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
     return scale(cfg, share)
 
 
+def _budget_lm(
+    configured: LMTrainConfig, fitted: LMTrainConfig, out: Path, state: dict[str, Any]
+) -> LMTrainConfig:
+    """The LM phase of a budgeted recipe as a budgeted run of its own (``out/budget.json``):
+    its steps (``configured``, unscaled) fitted anew, at the recipe's calibrated LM costs, to
+    the minutes the phases before it left of the recipe's budget. So the LM takes up what the
+    earlier phases left or overran, stops at the budget, and re-fits its factor from its own
+    steps when they run slower or faster than calibrated (``loong.train.budget.Refit``).
+    ``fitted`` (the recipe's share of the steps, unstopped) when not even a twentieth of the
+    steps fits in what is left, or when the LM started without a budget of its own."""
+    budget, calibration = state["budget"], state["calibration"]
+    before = STEPS[: STEPS.index("lm")]
+    spent = calibration["seconds"] + sum(state[name]["seconds"] for name in before if name in state)
+    left = budget["minutes"] - spent / 60
+    try:
+        run = budget_from_costs(configured, out, LM, Costs.from_record(calibration).lm(), left)
+        return fitted if run is None else run
+    except ValueError:
+        log.warning(
+            "recipe: %.1f min of the budget of %g are left for the language model, too few for "
+            "its steps: it trains the recipe's share of them (%.2f), past the budget",
+            left,
+            budget["minutes"],
+            budget["factor"],
+        )
+        return fitted
+
+
 def run_shapes_recipe(
     cfg: ShapesRecipeConfig, out_dir: str | Path, *, progress: bool = True
 ) -> Path:
@@ -357,7 +388,7 @@ def run_shapes_recipe(
     _warn_if_fp32_cpu(cfg.lm, cfg.minutes)
     state_path = out / RECIPE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    cfg = _fit_budget(cfg, out, state)
+    configured, cfg = cfg, _fit_budget(cfg, out, state)
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     atomic_write_text(out / "config.json", config_json(cfg))  # the steps that run
 
@@ -413,8 +444,14 @@ def run_shapes_recipe(
             shards=(str(out / "shards"),),
             eval_shards=str(out / "eval_shards") if cfg.eval_clips else "",
         )
-        train_lm(dataclasses.replace(cfg.lm, data=data), out / "lm", progress=progress)
-        return _last_metrics(out / "lm" / "metrics.jsonl", ("loss", "eval_loss"))
+        run = dataclasses.replace(cfg.lm, data=data)
+        if "budget" in state:
+            run = _budget_lm(dataclasses.replace(configured.lm, data=data), run, out / "lm", state)
+        train_lm(run, out / "lm", progress=progress)
+        result = _last_metrics(out / "lm" / "metrics.jsonl", ("loss", "eval_loss"))
+        if (out / "lm" / BUDGET_FILE).is_file():  # the LM's own factor, perhaps re-fitted
+            result["factor"] = json.loads((out / "lm" / BUDGET_FILE).read_text())["factor"]
+        return result
 
     def bundle() -> dict[str, float]:
         lm_dir = write_bundle(

@@ -12,6 +12,13 @@ is over the budget scales every count that buys time by one factor (:func:`scale
 - shards: the training clips (the LM then sees each clip as often as before);
 - language model: every stage's steps, in proportion.
 
+The language model, the last and longest phase, then trains as a budgeted run of its own
+(``loong.recipe._budget_lm``): its steps are fitted anew, at the calibrated LM costs, to the
+minutes the phases before it left, so that it takes up what they left or overran; it stops at
+the recipe's budget, and fits its factor once more from its own steps when they run more than
+10% slower or faster than calibrated (``loong.train.budget.Refit``). ``OUT/lm/budget.json``
+records its factor.
+
 What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
 there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
 the configured recipe unchanged. A scaled recipe trains a weaker model: the budget buys a
@@ -65,6 +72,9 @@ class Costs:
 
     tokenizer_step: float
     """One tokenizer training step on the tokenizer's clips (quantized, no GAN)."""
+    tokenizer_continuous_step: float | None = None
+    """One before its quantizer starts (``continuous_steps``); None (no such phase, or a record
+    from before it was timed): as ``tokenizer_step``."""
     tokenizer_gan_step: float
     """One with the GAN on (the discriminator's update included)."""
     tokenizer_event: float
@@ -93,6 +103,7 @@ class Costs:
             gan_step=self.tokenizer_gan_step,
             event=self.tokenizer_event,
             setup=self.tokenizer_setup,
+            continuous_step=self.tokenizer_continuous_step,
         )
 
     def lm(self) -> LMCosts:
@@ -135,17 +146,20 @@ def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
         model = VideoTokenizer.from_pretrained(tokenizer).config
         tok = dataclasses.replace(tok, model=model, init_from=str(tokenizer))
     step = gan_step = event = setup = 0.0
+    continuous = None
     if not cfg.tokenizer_from or cfg.tokenizer_long.steps:
         # the long-clip run has no GAN phase
         gan = not cfg.tokenizer_from and has_gan_phase(tok)
         tc = calibrate_tokenizer(tok, scratch / "tokenizer", gan=gan)
         step, gan_step, event, setup = tc.step, tc.gan_step, tc.event, tc.setup
+        continuous = tc.continuous_step
     clip, shards_setup, shards = _calibrate_clips(cfg, tokenizer, scratch)
     data = dataclasses.replace(cfg.lm.data, shards=(str(shards),), eval_shards="")
     lm = calibrate_lm(dataclasses.replace(cfg.lm, data=data), scratch / "lm")
     shutil.rmtree(scratch, ignore_errors=True)
     return Costs(
         tokenizer_step=step,
+        tokenizer_continuous_step=continuous,
         tokenizer_gan_step=gan_step,
         tokenizer_event=event,
         tokenizer_setup=setup,

@@ -20,6 +20,7 @@ from loong.train.budget import (
     BUDGET_FILE,
     LM,
     TOKENIZER,
+    LMCosts,
     Refit,
     TokenizerCosts,
     events,
@@ -350,6 +351,42 @@ def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):
     slower = budget.LM.slower(costs, 3.0)
     variable, fixed = budget.lm_seconds(new, slower)
     assert (slower.seconds + variable + fixed) / 60 <= AIM * 60
+
+
+def test_costs_timed_elsewhere_give_a_run_its_budget_without_a_calibration(tmp_path, monkeypatch):
+    """``budget_from_costs`` (the recipe's LM phase): the factor fitted to the minutes given
+    and recorded as ``fit_run`` records its own, which then trains it as a budgeted run: it
+    keeps the factor, stops at the budget and re-fits from its steps."""
+
+    def no_calibration(*args):
+        raise AssertionError("costs timed elsewhere are timed again")
+
+    monkeypatch.setattr(budget, "calibrate_lm", no_calibration)
+    costs = budget.LMCosts(step={1: 0.5, 5: 2.0, 17: 6.0}, compile=10.0, event=3.0, setup=5.0)
+    cfg = LMTrainConfig()  # Loong's stages: t = 1, 5 and 17
+    full = budget.projected_minutes(LM, cfg, 1.0, costs)
+    minutes = 0.5 * full
+    given = budget.budget_from_costs(cfg, tmp_path, LM, costs, minutes)
+    assert given == dataclasses.replace(cfg, budget_minutes=minutes)
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert record["minutes"] == minutes and 0.3 < record["factor"] < 0.5
+    assert LMCosts.from_record(record["calibration"]) == costs
+    fitted = budget.fit_lm(given, tmp_path)
+    assert fitted.total_steps == budget.scale_lm(cfg, record["factor"]).total_steps
+    assert budget.projected_minutes(LM, cfg, record["factor"], costs) <= AIM * minutes
+    assert fitted.max_minutes == pytest.approx(minutes - 5.0 / 60)  # less the run's set-up
+    assert Refit(given, fitted, tmp_path, LM, resumed=False).active
+    # a resumed run keeps its record, whatever it is given now
+    assert budget.budget_from_costs(cfg, tmp_path, LM, costs, 2 * minutes) == given
+    assert json.loads((tmp_path / BUDGET_FILE).read_text()) == record
+    # a run that started without a budget gets none; a budget too short, none either
+    started = tmp_path / "started"
+    (started / "checkpoints" / "step_00000010").mkdir(parents=True)
+    assert budget.budget_from_costs(cfg, started, LM, costs, minutes) is None
+    assert not (started / BUDGET_FILE).exists()
+    with pytest.raises(ValueError, match="too short for this language-model run"):
+        budget.budget_from_costs(cfg, tmp_path / "short", LM, costs, 0.01 * full)
+    assert not (tmp_path / "short" / BUDGET_FILE).exists()
 
 
 def test_the_cli_refits_a_run_whose_steps_beat_the_calibration(tmp_path, train_config, monkeypatch):  # noqa: F811

@@ -16,7 +16,8 @@ machine fast enough runs the configured steps.
 ``budget_minutes`` of the tokenizer's and the LM's training configs turns it on
 (:func:`fit_run`; ``loong tokenizer train --minutes``, ``loong lm train --minutes``), for
 single-process runs; ``loong recipe shapes`` fits all its phases together the same way
-(:mod:`loong.recipe_budget`, which builds on the pieces here). The factor follows the speed
+(:mod:`loong.recipe_budget`, which builds on the pieces here) and then hands its language
+model a budget of its own from those costs (:func:`budget_from_costs`). The factor follows the speed
 measured, which on a shared machine moves by several percent from one minute to the next, so two
 budgeted runs may train different step counts; a resumed run keeps the factor it started with
 (``OUT/budget.json``).
@@ -459,41 +460,73 @@ def fit_run(cfg: Run, out: Path, kind: RunKind[Run], *, world_size: int = 1) -> 
                 shutil.rmtree(out / "calibration", ignore_errors=True)
             record = {"config": configured, "calibration": dataclasses.asdict(costs)}
             atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-        def minutes_at(share: float) -> float:
-            return projected_minutes(kind, base, share, costs)
-
-        share = fit(minutes_at, cfg.budget_minutes, kind.what)
-        record = {
-            "minutes": cfg.budget_minutes,
-            "factor": share,
-            "projected_min": round(minutes_at(1.0), 1),
-            "fitted_min": round(minutes_at(share), 1),
-            **record,
-        }
-        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-        if share < 1:
-            log.warning(
-                "budget: the configured %d steps would take %.1f min here (projected), over the "
-                "budget of %g: every step count is scaled by %.2f, to %d steps (projected %.1f "
-                "min); --minutes 0 runs them all in a new --out",
-                kind.steps(base),
-                record["projected_min"],
-                cfg.budget_minutes,
-                share,
-                kind.steps(kind.scale(base, share)),
-                record["fitted_min"],
-            )
-        else:
-            log.info(
-                "budget: projected %.1f min, within the budget of %g",
-                record["projected_min"],
-                cfg.budget_minutes,
-            )
+        record = _fit_and_record(kind, base, costs, cfg.budget_minutes, record, path)
     spent = record["calibration"]["seconds"] + record["calibration"]["setup"]
     stop = min(record["minutes"] - spent / 60, cfg.max_minutes or math.inf)
     fitted = kind.scale(base, record["factor"])
     return dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
+
+
+def _fit_and_record(
+    kind: RunKind[Run], base: Run, costs: Any, minutes: float, record: dict, path: Path
+) -> dict:
+    """Fit the factor of the run ``base`` to ``minutes`` at ``costs``, and write it with
+    ``record`` (the config's hash and the calibration) to ``path``; returns what it wrote."""
+
+    def minutes_at(share: float) -> float:
+        return projected_minutes(kind, base, share, costs)
+
+    share = fit(minutes_at, minutes, kind.what)
+    record = {
+        "minutes": minutes,
+        "factor": share,
+        "projected_min": round(minutes_at(1.0), 1),
+        "fitted_min": round(minutes_at(share), 1),
+        **record,
+    }
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    if share < 1:
+        log.warning(
+            "budget: the configured %d steps would take %.1f min here (projected), over the "
+            "budget of %g: every step count is scaled by %.2f, to %d steps (projected %.1f "
+            "min); --minutes 0 runs them all in a new --out",
+            kind.steps(base),
+            record["projected_min"],
+            minutes,
+            share,
+            kind.steps(kind.scale(base, share)),
+            record["fitted_min"],
+        )
+    else:
+        log.info(
+            "budget: projected %.1f min, within the budget of %g", record["projected_min"], minutes
+        )
+    return record
+
+
+def budget_from_costs(
+    cfg: Run, out: Path, kind: RunKind[Run], costs: Any, minutes: float
+) -> Run | None:
+    """The run ``cfg`` in ``out`` given a budget of ``minutes`` from costs timed elsewhere
+    (``loong recipe shapes`` times all its phases before the first): its factor fitted and
+    recorded in ``out/budget.json`` as :func:`fit_run` would, without a calibration of its own.
+    Returns ``cfg`` with that ``budget_minutes``, which then trains as a budgeted run: it keeps
+    the factor, stops at the budget and re-fits from its own steps (:class:`Refit`).
+
+    A run with a budget.json keeps it (a resumed one); a run that started without one (it has
+    checkpoints) gets none: None. ``costs.seconds`` is the time the calibration took from this
+    budget (0 when it was spent before it). Raises ValueError when not even ``MIN_FACTOR`` of
+    the steps fits."""
+    path = out / BUDGET_FILE
+    if path.is_file():
+        return dataclasses.replace(cfg, budget_minutes=json.loads(path.read_text())["minutes"])
+    if any((out / "checkpoints").glob("*")):
+        return None
+    base = dataclasses.replace(cfg, budget_minutes=0.0, max_minutes=0.0)
+    record = {"config": config_sha256(base), "calibration": dataclasses.asdict(costs)}
+    out.mkdir(parents=True, exist_ok=True)
+    _fit_and_record(kind, base, costs, minutes, record, path)
+    return dataclasses.replace(cfg, budget_minutes=minutes)
 
 
 class Refit(Generic[Run]):
