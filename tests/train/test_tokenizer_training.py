@@ -142,10 +142,15 @@ def test_two_ranks_train_like_one_with_the_same_global_batch_and_resume(
     # Tensor by tensor, not element by element: two ranks sum gradients in another order, and
     # Adam turns a rounding-level change in a near-zero gradient into an lr-sized change of that
     # one weight (on an AMD EPYC, 1 element of 6,912 moved 2e-5). A wrong gradient average or a
-    # lost optimizer state moves whole tensors by orders of magnitude more.
+    # lost optimizer state moves whole tensors by orders of magnitude more. A tensor that starts
+    # at zero (the adaptive norms' scale and shift convs) is only its six updates large, so its
+    # gap is taken against one learning-rate step of each element when that is larger (on an
+    # Intel Xeon, one shift bias of 16 elements, norm 0.0063, differed by at most 6.6e-7).
+    lr = cfg.optim.lr
     for key in a:
-        gap = (a[key].float() - b[key].float()).norm() / a[key].float().norm().clamp_min(1e-12)
-        assert gap < 1e-4, (key, float(gap))
+        size = max(float(a[key].float().norm()), lr * a[key].numel() ** 0.5)
+        gap = float((a[key].float() - b[key].float()).norm()) / size
+        assert gap < 1e-4, (key, gap)
 
 
 def _records(run: Path) -> dict[int, dict[str, float]]:
