@@ -241,6 +241,15 @@ def test_a_budgeted_recipe_scales_its_steps_and_a_resumed_one_keeps_them(
     assert state["budget"]["fitted_min"] <= AIM * minutes + 0.05  # rounded to 0.1
     tok = json.loads((out / "tokenizer" / "config.json").read_text())
     assert (tok["steps"], tok["continuous_steps"], tok["eval_every"]) == (4, 2, 2)
+    # the tokenizer, a budgeted run of its own: its share of the minutes, its steps fitted to it
+    tok_budget = json.loads((out / "tokenizer" / "budget.json").read_text())
+    fitted = scale(_toy(values), state["budget"]["factor"])
+    share = sum(tokenizer_seconds(fitted.tokenizer, costs.tokenizer())) / sum(
+        project(fitted, costs)
+    )
+    assert tok_budget["minutes"] == pytest.approx(share * minutes)
+    assert state["tokenizer"]["factor"] == tok_budget["factor"]
+    assert budget.scale_tokenizer(_toy(values).tokenizer, tok_budget["factor"]).steps == 4
     meta = json.loads((out / "shards" / "meta.json").read_text())
     assert meta["n_items"] == 6  # 12 halved
     # the LM, fitted anew to the minutes the phases before it left (they took less than the
@@ -298,6 +307,87 @@ def test_the_lm_is_fitted_to_the_minutes_the_phases_before_it_left(tmp_path, ear
     assert 0.99 * AIM * left < lm_minutes <= AIM * left
     # slower phases before it leave it fewer steps than the recipe's share, faster ones more
     assert (record["factor"] < share) == (earlier > 1.0)
+
+
+TIMED = (
+    "tokenizer_step",
+    "tokenizer_gan_step",
+    "tokenizer_event",
+    "tokenizer_setup",
+    "clip",
+    "shards_setup",
+    "lm_compile",
+    "lm_event",
+    "lm_setup",
+)
+"""``Costs``' fields of seconds a unit, ``lm_step`` aside."""
+
+
+def _tokenizer_state(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> dict:
+    share = factor(cfg, costs, minutes)
+    return {
+        "calibration": dataclasses.asdict(costs),
+        "budget": {"minutes": minutes, "factor": share},
+    }
+
+
+def test_the_tokenizer_is_fitted_to_its_share_of_the_budget(tmp_path):
+    cfg, costs = ShapesRecipeConfig(), _costs()
+    minutes = 0.7 * minutes_of(cfg, costs)
+    state = _tokenizer_state(cfg, costs, minutes)
+    fitted = scale(cfg, state["budget"]["factor"])
+    run = recipe._budget_tokenizer(cfg, fitted, tmp_path, state)
+    mine = sum(tokenizer_seconds(fitted.tokenizer, costs.tokenizer()))
+    share = mine / sum(project(fitted, costs))
+    assert 0.05 < share < 0.5
+    expected = share * (minutes - costs.seconds / 60)
+    assert run == dataclasses.replace(cfg.tokenizer, budget_minutes=run.budget_minutes)
+    assert run.budget_minutes == pytest.approx(expected)
+    record = json.loads((tmp_path / "budget.json").read_text())
+    assert record["minutes"] == pytest.approx(expected)
+    own = budget.projected_minutes(
+        budget.TOKENIZER, cfg.tokenizer, record["factor"], costs.tokenizer()
+    )
+    assert own <= AIM * expected  # the calibration's seconds were spent before it
+    # well calibrated, it trains about the recipe's share of its steps
+    assert record["factor"] == pytest.approx(state["budget"]["factor"], rel=0.1)
+    # resumed: the record stays, whatever the state says now
+    state["budget"]["minutes"] *= 2
+    again = recipe._budget_tokenizer(cfg, fitted, tmp_path, state)
+    assert again.budget_minutes == pytest.approx(expected)
+    assert json.loads((tmp_path / "budget.json").read_text()) == record
+
+
+def test_a_tokenizer_timed_in_a_busy_minute_refits_to_its_share_of_the_real_minutes(tmp_path):
+    """A calibration timed at 3× the machine's real speed: the recipe's factor is far too small,
+    and the tokenizer's re-fit, from its first steps at a third of the calibrated cost, brings
+    its steps back to about what a calibration at the real speed would have given it."""
+    cfg, real = ShapesRecipeConfig(), _costs(seconds=0.0)
+    minutes = 0.5 * minutes_of(cfg, real)
+    busy = _costs(
+        **{name: 3 * getattr(real, name) for name in TIMED},
+        lm_step={1: 0.6, 5: 2.4, 9: 4.8},
+        seconds=0.0,
+    )
+    runs = {}
+    for name, costs in (("busy", busy), ("real", real)):
+        state = _tokenizer_state(cfg, costs, minutes)
+        fitted = scale(cfg, state["budget"]["factor"])
+        out = tmp_path / name
+        run = recipe._budget_tokenizer(cfg, fitted, out, state)
+        runs[name] = (state["budget"]["factor"], json.loads((out / "budget.json").read_text()))
+        if name == "busy":
+            fitted_run = budget.fit_tokenizer(run, out)  # as train_tokenizer does
+            refit = budget.Refit(run, fitted_run, out, budget.TOKENIZER, resumed=False)
+            for done in range(1, refit.due + 1):  # warm-start steps at a third of the cost
+                refitted = refit.observe(done, busy.tokenizer_step / 3, (False, False))
+            assert refitted is not None and refitted.steps > fitted_run.steps
+            busy_refit = json.loads((out / "budget.json").read_text())
+    (busy_share, busy_record), (real_share, real_record) = runs["busy"], runs["real"]
+    assert busy_share < 0.5 * real_share  # the recipe's factor, from the busy calibration
+    assert busy_record["factor"] < 0.5 * real_record["factor"]
+    assert busy_refit["refit"]["step_ratio"] == pytest.approx(1 / 3, abs=1e-3)
+    assert busy_refit["factor"] == pytest.approx(real_record["factor"], rel=0.15)
 
 
 def test_an_lm_left_too_little_time_trains_the_recipes_share_past_the_budget(tmp_path, caplog):

@@ -20,9 +20,11 @@ One command runs the whole pipeline on the shapes world (``specs/shapes-world.md
 With a time budget (``minutes``, 90 by default) a calibration comes first: a few real steps
 of each phase are timed on this machine, and when the configured steps would not fit in the
 budget every step count is scaled down by one factor so that they do (:mod:`loong.recipe_budget`);
-on a machine fast enough nothing changes. The language model, last, is then fitted to the
-minutes the phases before it left, stops at the budget, and re-fits its steps once from its own
-step times when they run more than 10% off the calibration (its ``lm/budget.json``).
+on a machine fast enough nothing changes. The tokenizer and the language model then train as
+budgeted runs of their own (their ``budget.json``): each stops at its minutes and re-fits its
+steps once from its own step times when they run more than 10% off the calibration. The
+tokenizer's minutes are its share of the fitted recipe's projection; the language model's, last,
+are what the phases before it left of the budget.
 
 Every step resumes: the training steps from their checkpoints, tokenizing from its finished
 shards, and a finished step is skipped (``recipe.json`` records it with its wall time and final
@@ -33,7 +35,8 @@ losses, and the budget's factor, which a resumed run keeps). Run directory::
                          config it timed, budget (factor), steps done, seconds each, final
                          losses
       config.json        the recipe's config, its step counts scaled to the budget (the
-                         LM's as the LM's own budget.json and config.json say)
+                         tokenizer's and the LM's as their own budget.json and
+                         config.json say)
       tokenizer/ tokenizer_long/ shards/ eval_shards/ lm/   the runs
       bundle/            lm/ + tokenizer/, float16 (≈ 20 MB)
 """
@@ -57,9 +60,18 @@ from loong.data.shards import TokenizeConfig, tokenize_dataset
 from loong.generate import GenerationMetadata
 from loong.lm.model import VideoLM
 from loong.pretrained import atomic_write_text
-from loong.recipe_budget import Costs, calibrate, factor, minutes_of, scale
+from loong.recipe_budget import Costs, calibrate, factor, minutes_of, project, scale
 from loong.text_tokenizer import TOKENIZER_FILE
-from loong.train.budget import BUDGET_FILE, LM, budget_from_costs, config_sha256
+from loong.train.budget import (
+    BUDGET_FILE,
+    LM,
+    TOKENIZER,
+    Run,
+    RunKind,
+    budget_from_costs,
+    config_sha256,
+    tokenizer_seconds,
+)
 from loong.train.lm import train_lm
 from loong.train.lm_config import LMTrainConfig, lm_train_preset
 from loong.train.parallel import cpu_has_bf16
@@ -269,6 +281,12 @@ def _last_metrics(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
     return found
 
 
+def _own_factor(run: Path) -> dict[str, float]:
+    """A phase's own budget factor (perhaps re-fitted) for ``recipe.json``; {} without one."""
+    path = run / BUDGET_FILE
+    return {"factor": json.loads(path.read_text())["factor"]} if path.is_file() else {}
+
+
 def _warn_if_fp32_cpu(lm: LMTrainConfig, minutes: float = 0.0) -> None:
     """Say so when the LM, the recipe's longest step, will train on a CPU without native bf16,
     where its "auto" precision stays fp32 and the configured steps take far longer than the
@@ -351,32 +369,76 @@ def _fit_budget(cfg: ShapesRecipeConfig, out: Path, state: dict[str, Any]) -> Sh
     return scale(cfg, share)
 
 
+def _own_budget(
+    phase: str,
+    kind: RunKind[Run],
+    costs: Any,
+    configured: Run,
+    fitted: Run,
+    out: Path,
+    minutes: float,
+    state: dict[str, Any],
+) -> Run:
+    """The recipe's ``phase`` as a budgeted run of its own in ``out`` (``out/budget.json``): its
+    steps (``configured``, unscaled) fitted anew to ``minutes`` at the recipe's calibrated
+    ``costs`` (their calibration already spent), so that it stops there and re-fits its factor
+    once from its own steps when they run slower or faster than calibrated
+    (``loong.train.budget.Refit``). ``fitted`` (the recipe's share of the steps, unstopped) when
+    not even a twentieth of the steps fits, or when the phase started without a budget of its
+    own (a resumed run keeps the one it has)."""
+    try:
+        run = budget_from_costs(configured, out, kind, costs, minutes)
+        return fitted if run is None else run
+    except ValueError:
+        log.warning(
+            "recipe: %.1f min of the budget of %g are for the %s, too few for its steps: it "
+            "trains the recipe's share of them (%.2f), past its minutes",
+            minutes,
+            state["budget"]["minutes"],
+            phase,
+            state["budget"]["factor"],
+        )
+        return fitted
+
+
+def _budget_tokenizer(
+    configured: ShapesRecipeConfig, fitted: ShapesRecipeConfig, out: Path, state: dict[str, Any]
+) -> TokenizerTrainConfig:
+    """The tokenizer phase of a budgeted recipe as a budgeted run of its own (:func:`_own_budget`),
+    given the share of the budget after the calibration that it takes of the fitted recipe's
+    projection. The share, not the projected minutes: when the calibration ran slow (a busy
+    minute) every phase is projected too long by the same ratio, and the tokenizer's re-fit then
+    fills its share of the real minutes with steps instead of ending early."""
+    budget, calibration = state["budget"], state["calibration"]
+    costs = Costs.from_record(calibration)
+    mine = sum(tokenizer_seconds(fitted.tokenizer, costs.tokenizer()))
+    share = mine / sum(project(fitted, costs))
+    minutes = share * (budget["minutes"] - calibration["seconds"] / 60)
+    tokenizer = dataclasses.replace(costs.tokenizer(), seconds=0.0)
+    return _own_budget(
+        "tokenizer",
+        TOKENIZER,
+        tokenizer,
+        configured.tokenizer,
+        fitted.tokenizer,
+        out,
+        minutes,
+        state,
+    )
+
+
 def _budget_lm(
     configured: LMTrainConfig, fitted: LMTrainConfig, out: Path, state: dict[str, Any]
 ) -> LMTrainConfig:
-    """The LM phase of a budgeted recipe as a budgeted run of its own (``out/budget.json``):
-    its steps (``configured``, unscaled) fitted anew, at the recipe's calibrated LM costs, to
-    the minutes the phases before it left of the recipe's budget. So the LM takes up what the
-    earlier phases left or overran, stops at the budget, and re-fits its factor from its own
-    steps when they run slower or faster than calibrated (``loong.train.budget.Refit``).
-    ``fitted`` (the recipe's share of the steps, unstopped) when not even a twentieth of the
-    steps fits in what is left, or when the LM started without a budget of its own."""
+    """The LM phase of a budgeted recipe as a budgeted run of its own (:func:`_own_budget`),
+    given the minutes the phases before it left of the recipe's budget: so the LM takes up what
+    they left or overran."""
     budget, calibration = state["budget"], state["calibration"]
     before = STEPS[: STEPS.index("lm")]
     spent = calibration["seconds"] + sum(state[name]["seconds"] for name in before if name in state)
     left = budget["minutes"] - spent / 60
-    try:
-        run = budget_from_costs(configured, out, LM, Costs.from_record(calibration).lm(), left)
-        return fitted if run is None else run
-    except ValueError:
-        log.warning(
-            "recipe: %.1f min of the budget of %g are left for the language model, too few for "
-            "its steps: it trains the recipe's share of them (%.2f), past the budget",
-            left,
-            budget["minutes"],
-            budget["factor"],
-        )
-        return fitted
+    costs = Costs.from_record(calibration).lm()
+    return _own_budget("language model", LM, costs, configured, fitted, out, left, state)
 
 
 def run_shapes_recipe(
@@ -408,8 +470,12 @@ def run_shapes_recipe(
             VideoTokenizer.from_pretrained(cfg.tokenizer_from).save_pretrained(export)
             log.info("recipe: tokenizer from %s, not trained", cfg.tokenizer_from)
             return {}
-        train_tokenizer(cfg.tokenizer, out / "tokenizer", progress=progress)
-        return _last_metrics(out / "tokenizer" / "metrics.jsonl", TOKENIZER_METRICS)
+        run = cfg.tokenizer
+        if "budget" in state:
+            run = _budget_tokenizer(configured, cfg, out / "tokenizer", state)
+        train_tokenizer(run, out / "tokenizer", progress=progress)
+        result = _last_metrics(out / "tokenizer" / "metrics.jsonl", TOKENIZER_METRICS)
+        return result | _own_factor(out / "tokenizer")
 
     def tokenizer_long() -> dict[str, float]:
         if cfg.tokenizer_long.steps == 0:
@@ -449,9 +515,7 @@ def run_shapes_recipe(
             run = _budget_lm(dataclasses.replace(configured.lm, data=data), run, out / "lm", state)
         train_lm(run, out / "lm", progress=progress)
         result = _last_metrics(out / "lm" / "metrics.jsonl", ("loss", "eval_loss"))
-        if (out / "lm" / BUDGET_FILE).is_file():  # the LM's own factor, perhaps re-fitted
-            result["factor"] = json.loads((out / "lm" / BUDGET_FILE).read_text())["factor"]
-        return result
+        return result | _own_factor(out / "lm")
 
     def bundle() -> dict[str, float]:
         lm_dir = write_bundle(

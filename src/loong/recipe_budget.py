@@ -12,12 +12,16 @@ is over the budget scales every count that buys time by one factor (:func:`scale
 - shards: the training clips (the LM then sees each clip as often as before);
 - language model: every stage's steps, in proportion.
 
-The language model, the last and longest phase, then trains as a budgeted run of its own
-(``loong.recipe._budget_lm``): its steps are fitted anew, at the calibrated LM costs, to the
-minutes the phases before it left, so that it takes up what they left or overran; it stops at
-the recipe's budget, and fits its factor once more from its own steps when they run more than
-10% slower or faster than calibrated (``loong.train.budget.Refit``). ``OUT/lm/budget.json``
-records its factor.
+The tokenizer and the language model then train as budgeted runs of their own
+(``loong.recipe._own_budget``): their steps are fitted anew, at the calibrated costs, to their
+minutes; each stops there and fits its factor once more from its own steps when they run more
+than 10% slower or faster than calibrated (``loong.train.budget.Refit``), and
+``OUT/tokenizer/budget.json`` and ``OUT/lm/budget.json`` record the factors. The tokenizer's
+minutes are the share of the budget (after the calibration) that it takes of the fitted
+projection: a calibration timed in a busy minute projects every phase too long by the same
+ratio, so the share still holds and the re-fit fills it. The language model, the last and
+longest phase, gets the minutes the phases before it left, so that it takes up what they left
+or overran. The shards and the long-clip run keep the recipe's factor.
 
 What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
 there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
