@@ -252,6 +252,7 @@ def test_a_budgeted_recipe_scales_its_steps_and_a_resumed_one_keeps_them(
     assert budget.scale_tokenizer(_toy(values).tokenizer, tok_budget["factor"]).steps == 4
     meta = json.loads((out / "shards" / "meta.json").read_text())
     assert meta["n_items"] == 6  # 12 halved
+    assert state["shards"]["clips"] == 6  # the tokenizer ran too few steps to re-fit
     # the LM, fitted anew to the minutes the phases before it left (they took less than the
     # costs projected here, so it gets more steps than the recipe's half)
     lm_budget = json.loads((out / "lm" / "budget.json").read_text())
@@ -388,6 +389,24 @@ def test_a_tokenizer_timed_in_a_busy_minute_refits_to_its_share_of_the_real_minu
     assert busy_record["factor"] < 0.5 * real_record["factor"]
     assert busy_refit["refit"]["step_ratio"] == pytest.approx(1 / 3, abs=1e-3)
     assert busy_refit["factor"] == pytest.approx(real_record["factor"], rel=0.15)
+
+
+def test_the_shards_follow_the_tokenizers_refit(tmp_path):
+    cfg = ShapesRecipeConfig()
+    fitted = scale(cfg, 0.1)
+    assert recipe._shard_clips(cfg, fitted, tmp_path) == fitted.shards.n_clips  # no record
+    path = tmp_path / "tokenizer" / "budget.json"
+    path.parent.mkdir()
+    record = {"factor": 0.1, "calibrated_factor": 0.1, "refit": {"step": 40, "step_ratio": 1.05}}
+    path.write_text(json.dumps(record))
+    assert recipe._shard_clips(cfg, fitted, tmp_path) == fitted.shards.n_clips  # kept its factor
+    for ratio, clips in ((0.25, 4 * fitted.shards.n_clips), (2.0, fitted.shards.n_clips // 2)):
+        record = {"factor": 0.3, "calibrated_factor": 0.1, "refit": {"step_ratio": ratio}}
+        path.write_text(json.dumps(record))
+        assert recipe._shard_clips(cfg, fitted, tmp_path) == pytest.approx(clips, abs=1)
+    record["refit"]["step_ratio"] = 0.01  # never more than the configured clips
+    path.write_text(json.dumps(record))
+    assert recipe._shard_clips(cfg, fitted, tmp_path) == cfg.shards.n_clips
 
 
 def test_an_lm_left_too_little_time_trains_the_recipes_share_past_the_budget(tmp_path, caplog):

@@ -23,8 +23,8 @@ budget every step count is scaled down by one factor so that they do (:mod:`loon
 on a machine fast enough nothing changes. The tokenizer and the language model then train as
 budgeted runs of their own (their ``budget.json``): each stops at its minutes and re-fits its
 steps once from its own step times when they run more than 10% off the calibration. The
-tokenizer's minutes are its share of the fitted recipe's projection; the language model's, last,
-are what the phases before it left of the budget.
+tokenizer's minutes are its share of the fitted recipe's projection, and the shards' clips follow
+its re-fit; the language model's minutes, last, are what the phases before it left of the budget.
 
 Every step resumes: the training steps from their checkpoints, tokenizing from its finished
 shards, and a finished step is skipped (``recipe.json`` records it with its wall time and final
@@ -427,6 +427,27 @@ def _budget_tokenizer(
     )
 
 
+def _shard_clips(configured: ShapesRecipeConfig, fitted: ShapesRecipeConfig, out: Path) -> int:
+    """The training clips of a budgeted recipe's shards: the recipe's share of them, divided by
+    the ratio of the tokenizer's first steps to their calibrated time when the tokenizer re-fitted
+    its steps from them (the same machine tokenizes a clip that much faster or slower than the
+    calibration timed), at most the configured clips. So the shards too fill the minutes the
+    projection gave them after a calibration timed in a busy minute."""
+    path = out / "tokenizer" / BUDGET_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if "refit" not in record or record["factor"] == record["calibrated_factor"]:
+        return fitted.shards.n_clips
+    clips = round(fitted.shards.n_clips / record["refit"]["step_ratio"])
+    clips = max(1, min(configured.shards.n_clips, clips))
+    log.info(
+        "recipe: the tokenizer's steps took %.2f× their calibrated time: %d shard clips, not %d",
+        record["refit"]["step_ratio"],
+        clips,
+        fitted.shards.n_clips,
+    )
+    return clips
+
+
 def _budget_lm(
     configured: LMTrainConfig, fitted: LMTrainConfig, out: Path, state: dict[str, Any]
 ) -> LMTrainConfig:
@@ -495,14 +516,18 @@ def run_shapes_recipe(
         long = out / "tokenizer_long" / "export"
         return long if (long / "config.json").is_file() else out / "tokenizer" / "export"
 
-    def shards() -> None:
-        tokenize = dataclasses.replace(cfg.shards, video_tokenizer=str(video_tokenizer()))
+    def shards() -> dict[str, float]:
+        clips = _shard_clips(configured, cfg, out) if "budget" in state else cfg.shards.n_clips
+        tokenize = dataclasses.replace(
+            cfg.shards, n_clips=clips, video_tokenizer=str(video_tokenizer())
+        )
         tokenize_dataset(tokenize, out / "shards", progress=progress)
         if cfg.eval_clips:
             held_out = dataclasses.replace(
                 tokenize, n_clips=cfg.eval_clips, seed=cfg.shards.seed + EVAL_SEED
             )
             tokenize_dataset(held_out, out / "eval_shards", progress=progress)
+        return {"clips": clips}
 
     def lm() -> dict[str, float]:
         data = dataclasses.replace(

@@ -21,7 +21,9 @@ minutes are the share of the budget (after the calibration) that it takes of the
 projection: a calibration timed in a busy minute projects every phase too long by the same
 ratio, so the share still holds and the re-fit fills it. The language model, the last and
 longest phase, gets the minutes the phases before it left, so that it takes up what they left
-or overran. The shards and the long-clip run keep the recipe's factor.
+or overran. The shards' clips follow the tokenizer's re-fit (``loong.recipe._shard_clips``:
+the recipe's share over the ratio its first steps ran at); the long-clip run keeps the recipe's
+factor.
 
 What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
 there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
