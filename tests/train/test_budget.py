@@ -330,14 +330,35 @@ def test_a_refit_never_restarts_a_phase_and_skips_runs_it_does_not_fit(
         Refit(cfg, cfg, tmp_path / "run", TOKENIZER, resumed=False, world_size=2),
         Refit(cfg, cfg, tmp_path / "no budget", TOKENIZER, resumed=False),
         Refit(_long(cfg, steps=1001), cfg, tmp_path / "run", TOKENIZER, resumed=False),
-        Refit(cfg, scale_tokenizer(cfg, 0.1), tmp_path / "run", TOKENIZER, resumed=False),
-    ):  # resumed, ranks, no factor, another config, 100 steps: too short
+    ):  # resumed, ranks, no factor, another config
         assert not inactive.active and inactive.observe(1, 100.0, (True, False)) is None
     free = TokenizerCosts(step=0.0, gan_step=0.0, event=0.0, setup=0.0)  # timed at 0 ms
     monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: free)
     fitted = fit_tokenizer(cfg, tmp_path / "free")
     refit = Refit(cfg, fitted, tmp_path / "free", TOKENIZER, resumed=False)
     assert refit.active and refit.observe(1, 0.1, (True, False)) is None and not refit.active
+
+
+def test_a_short_run_is_refitted_only_to_a_run_long_enough(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """A run fitted to too few steps to re-fit early in it (a calibration timed in a busy
+    minute): found slower it keeps its factor and stops at its budget; found much faster it is
+    re-fitted, to a run in which the re-fit still came early."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=3.0)
+    fitted, new, timed = _refit(tmp_path / "slow", cfg, seconds=1.5)
+    assert fitted.steps < timed / (2 * budget.REFIT_SHARE)  # too short to re-fit early
+    record = json.loads((tmp_path / "slow" / BUDGET_FILE).read_text())
+    assert new is None and record["factor"] == record["calibrated_factor"]
+    assert record["refit"]["step_ratio"] == 1.5
+    fitted, new, timed = _refit(tmp_path / "fast", cfg, seconds=0.1)  # a tenth of the timed 1.0 s
+    assert new is not None and new.steps > fitted.steps
+    assert timed <= 2 * budget.REFIT_SHARE * new.steps
+    fast = TokenizerCosts(step=0.1, gan_step=0.3, event=0.2, setup=5.0, seconds=30.0)
+    assert _minutes(new, fast) <= AIM * 3.0
 
 
 def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):

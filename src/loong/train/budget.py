@@ -69,8 +69,10 @@ BUDGET_FILE = "budget.json"
 REFIT_SHARE = 0.03
 """The share of a budgeted run's steps it times before fitting its factor again (``Refit``)."""
 REFIT_MIN_STEPS = 20
-"""The fewest steps a re-fit times. It times them within twice ``REFIT_SHARE`` of the run, so a
-run of fewer than about 380 steps is not re-fitted."""
+"""The fewest steps a re-fit times. A re-fit must come within twice ``REFIT_SHARE`` of the run as
+fitted or as re-fitted, so runs of fewer than about 380 steps keep their factor (and stop at
+their budget) unless their steps run fast enough to re-fit them to a run that long (after a
+calibration timed in a busy minute)."""
 REFIT_SKIP = 3
 """Steps left out at the start of a re-fit's timing (allocation, compilation)."""
 REFIT_TOLERANCE = 0.10
@@ -539,7 +541,9 @@ class Refit(Generic[Run]):
     checkpoints the step (a resumed run takes the re-fitted factor from ``budget.json``, so an
     earlier checkpoint could resume a phase the re-fit moved past it). Inactive (``observe`` always
     None) for a run without a recorded factor, a resumed run, a re-fitted one, one whose config
-    changed since its fit, one too short, and under torchrun (``world_size`` > 1).
+    changed since its fit, and under torchrun (``world_size`` > 1); a run too short to re-fit
+    early in it (``REFIT_MIN_STEPS``) keeps its factor unless its steps run fast enough to
+    re-fit it to a run long enough.
     """
 
     def __init__(
@@ -562,7 +566,6 @@ class Refit(Generic[Run]):
             and "factor" in self.record
             and "refit" not in self.record
             and self.record.get("config") == config_sha256(self.base)
-            and self.due <= 2 * REFIT_SHARE * kind.steps(fitted)
         )
         self.ratios: list[float] = []
         self.costs = kind.costs_from(self.record["calibration"]) if self.active else None
@@ -596,6 +599,18 @@ class Refit(Generic[Run]):
                 share = MIN_FACTOR
             least = (done + 1) / self.kind.steps(self.base)  # never fewer steps than taken
             share = max(share, min(1.0, least))
+            steps = self.kind.steps(self.kind.scale(self.base, share))
+            longer = max(steps, self.kind.steps(self.fitted))
+            if done > 2 * REFIT_SHARE * longer:  # too late in the run it is and would be
+                log.info(
+                    "budget: a re-fit to the factor %.3f (%d steps) would come after %d of "
+                    "them, too late: the factor %.3f stays",
+                    share,
+                    steps,
+                    done,
+                    was,
+                )
+                share = was
             before = self.kind.starts(self.fitted)
             after = self.kind.starts(self.kind.scale(self.base, share))
             # a phase some steps ran in may not start after the next step (``done``)
