@@ -409,6 +409,47 @@ def test_the_shards_follow_the_tokenizers_refit(tmp_path):
     assert recipe._shard_clips(cfg, fitted, tmp_path) == cfg.shards.n_clips
 
 
+def test_the_lm_is_timed_again_when_the_tokenizer_found_the_calibration_off(tmp_path, monkeypatch):
+    """A calibration timed in a busy minute slows each latent length's steps by its own ratio,
+    and the LM's re-fit times only its first stage's: when the tokenizer's steps showed the
+    calibration off, the LM's steps are timed again, and that time comes out of its minutes."""
+    cfg, costs = ShapesRecipeConfig(), _costs()
+    minutes = 0.7 * minutes_of(cfg, costs)
+    fitted = scale(cfg, factor(cfg, costs, minutes))
+    state = {
+        "calibration": dataclasses.asdict(costs),
+        "budget": {"minutes": minutes, "factor": 0.7},
+        "tokenizer": {"seconds": 120.0},
+        "shards": {"seconds": 30.0},
+    }
+    left = minutes - (costs.seconds + 150.0) / 60
+    now = budget.LMCosts(step={1: 0.05, 5: 0.3, 9: 0.5}, compile=2.0, event=1.0, setup=4.0)
+    timed = []
+
+    def calibrate_lm(lm, scratch):
+        timed.append(lm)
+        return dataclasses.replace(now, seconds=45.0)
+
+    monkeypatch.setattr(recipe, "calibrate_lm", calibrate_lm)
+    tokenizer = tmp_path / "tokenizer" / "budget.json"
+    tokenizer.parent.mkdir()
+    for ratio, again in ((1.05, False), (0.25, True)):
+        tokenizer.write_text(json.dumps({"refit": {"step": 23, "step_ratio": ratio}}))
+        out = tmp_path / f"lm_{ratio}"
+        run = recipe._budget_lm(cfg.lm, fitted.lm, out, state)
+        record = json.loads((out / "budget.json").read_text())
+        assert (len(timed) == 1) == again and (not again or timed[0] == cfg.lm)
+        expected = left - 45.0 / 60 if again else left
+        assert run.budget_minutes == pytest.approx(expected)
+        assert record["minutes"] == pytest.approx(expected)
+        calibrated = dataclasses.replace(now, seconds=0.0) if again else costs.lm()
+        assert budget.LMCosts.from_record(record["calibration"]) == dataclasses.replace(
+            calibrated, seconds=0.0
+        )
+    # resumed, the LM keeps its budget and is not timed again
+    assert recipe._budget_lm(cfg.lm, fitted.lm, out, state) == run and len(timed) == 1
+
+
 def test_an_lm_left_too_little_time_trains_the_recipes_share_past_the_budget(tmp_path, caplog):
     cfg, costs = ShapesRecipeConfig(), _costs()
     minutes = 0.7 * minutes_of(cfg, costs)

@@ -23,8 +23,9 @@ budget every step count is scaled down by one factor so that they do (:mod:`loon
 on a machine fast enough nothing changes. The tokenizer and the language model then train as
 budgeted runs of their own (their ``budget.json``): each stops at its minutes and re-fits its
 steps once from its own step times when they run more than 10% off the calibration. The
-tokenizer's minutes are its share of the fitted recipe's projection, and the shards' clips follow
-its re-fit; the language model's minutes, last, are what the phases before it left of the budget.
+tokenizer's minutes are its share of the fitted recipe's projection; the language model's, last,
+are what the phases before it left of the budget. When the tokenizer's steps show the
+calibration off, the shards' clips follow them and the language model's steps are timed again.
 
 Every step resumes: the training steps from their checkpoints, tokenizing from its finished
 shards, and a finished step is skipped (``recipe.json`` records it with its wall time and final
@@ -65,10 +66,12 @@ from loong.text_tokenizer import TOKENIZER_FILE
 from loong.train.budget import (
     BUDGET_FILE,
     LM,
+    REFIT_TOLERANCE,
     TOKENIZER,
     Run,
     RunKind,
     budget_from_costs,
+    calibrate_lm,
     config_sha256,
     tokenizer_seconds,
 )
@@ -427,21 +430,29 @@ def _budget_tokenizer(
     )
 
 
-def _shard_clips(configured: ShapesRecipeConfig, fitted: ShapesRecipeConfig, out: Path) -> int:
-    """The training clips of a budgeted recipe's shards: the recipe's share of them, divided by
-    the ratio of the tokenizer's first steps to their calibrated time when the tokenizer re-fitted
-    its steps from them (the same machine tokenizes a clip that much faster or slower than the
-    calibration timed), at most the configured clips. So the shards too fill the minutes the
-    projection gave them after a calibration timed in a busy minute."""
+def _tokenizer_ratio(out: Path) -> float | None:
+    """How many times their calibrated time a budgeted recipe's tokenizer steps took, when its
+    re-fit found them more than ``REFIT_TOLERANCE`` off (the calibration ran at another speed
+    than the machine's now: a busy minute); None otherwise."""
     path = out / "tokenizer" / BUDGET_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
-    if "refit" not in record or record["factor"] == record["calibrated_factor"]:
+    ratio = record.get("refit", {}).get("step_ratio")
+    return ratio if ratio is not None and abs(ratio - 1) > REFIT_TOLERANCE else None
+
+
+def _shard_clips(configured: ShapesRecipeConfig, fitted: ShapesRecipeConfig, out: Path) -> int:
+    """The training clips of a budgeted recipe's shards: the recipe's share of them, divided by
+    the ratio of the tokenizer's first steps to their calibrated time when it is off
+    (:func:`_tokenizer_ratio`: the same machine tokenizes a clip that much faster or slower than
+    the calibration timed), at most the configured clips. So the shards too fill the minutes the
+    projection gave them after a calibration timed in a busy minute."""
+    ratio = _tokenizer_ratio(out)
+    if ratio is None:
         return fitted.shards.n_clips
-    clips = round(fitted.shards.n_clips / record["refit"]["step_ratio"])
-    clips = max(1, min(configured.shards.n_clips, clips))
+    clips = max(1, min(configured.shards.n_clips, round(fitted.shards.n_clips / ratio)))
     log.info(
         "recipe: the tokenizer's steps took %.2f× their calibrated time: %d shard clips, not %d",
-        record["refit"]["step_ratio"],
+        ratio,
         clips,
         fitted.shards.n_clips,
     )
@@ -453,12 +464,31 @@ def _budget_lm(
 ) -> LMTrainConfig:
     """The LM phase of a budgeted recipe as a budgeted run of its own (:func:`_own_budget`),
     given the minutes the phases before it left of the recipe's budget: so the LM takes up what
-    they left or overran."""
+    they left or overran. When the tokenizer's steps showed the calibration off
+    (:func:`_tokenizer_ratio`), the LM's steps are timed again first, on the shards just made:
+    a busy minute slows the steps of each latent length by its own ratio, and the LM's re-fit
+    times only its first stage's (the time this takes comes out of the LM's minutes)."""
     budget, calibration = state["budget"], state["calibration"]
     before = STEPS[: STEPS.index("lm")]
     spent = calibration["seconds"] + sum(state[name]["seconds"] for name in before if name in state)
     left = budget["minutes"] - spent / 60
     costs = Costs.from_record(calibration).lm()
+    ratio = _tokenizer_ratio(out.parent)
+    started = (out / BUDGET_FILE).is_file() or any((out / "checkpoints").glob("*"))
+    if ratio is not None and not started:
+        log.warning(
+            "recipe: the tokenizer's steps took %.2f× their calibrated time, so the calibration "
+            "ran at another speed than this machine's now: timing the language model's steps "
+            "again",
+            ratio,
+        )
+        shutil.rmtree(out / "calibration", ignore_errors=True)
+        try:
+            costs = calibrate_lm(configured, out / "calibration")
+        finally:
+            shutil.rmtree(out / "calibration", ignore_errors=True)
+        left -= costs.seconds / 60
+        costs = dataclasses.replace(costs, seconds=0.0)
     return _own_budget("language model", LM, costs, configured, fitted, out, left, state)
 
 

@@ -21,9 +21,11 @@ minutes are the share of the budget (after the calibration) that it takes of the
 projection: a calibration timed in a busy minute projects every phase too long by the same
 ratio, so the share still holds and the re-fit fills it. The language model, the last and
 longest phase, gets the minutes the phases before it left, so that it takes up what they left
-or overran. The shards' clips follow the tokenizer's re-fit (``loong.recipe._shard_clips``:
-the recipe's share over the ratio its first steps ran at); the long-clip run keeps the recipe's
-factor.
+or overran. When the tokenizer's first steps show the calibration off (more than 10% from
+their calibrated time), the shards' clips follow them (``loong.recipe._shard_clips``: the
+recipe's share over that ratio) and the language model's steps are timed again before it is
+fitted (``loong.recipe._budget_lm``: a busy minute slows each latent length by its own ratio).
+The long-clip run keeps the recipe's factor.
 
 What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
 there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
