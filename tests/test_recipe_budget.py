@@ -324,18 +324,21 @@ TIMED = (
 """``Costs``' fields of seconds a unit, ``lm_step`` aside."""
 
 
-def _tokenizer_state(cfg: ShapesRecipeConfig, costs: Costs, minutes: float) -> dict:
+def _state(cfg: ShapesRecipeConfig, costs: Costs, minutes: float, **seconds: float) -> dict:
+    """A budgeted recipe's ``recipe.json`` after its calibration and the phases given their
+    ``seconds``."""
     share = factor(cfg, costs, minutes)
     return {
         "calibration": dataclasses.asdict(costs),
         "budget": {"minutes": minutes, "factor": share},
+        **{phase: {"seconds": value} for phase, value in seconds.items()},
     }
 
 
 def test_the_tokenizer_is_fitted_to_its_share_of_the_budget(tmp_path):
     cfg, costs = ShapesRecipeConfig(), _costs()
     minutes = 0.7 * minutes_of(cfg, costs)
-    state = _tokenizer_state(cfg, costs, minutes)
+    state = _state(cfg, costs, minutes)
     fitted = scale(cfg, state["budget"]["factor"])
     run = recipe._budget_tokenizer(cfg, fitted, tmp_path, state)
     mine = sum(tokenizer_seconds(fitted.tokenizer, costs.tokenizer()))
@@ -372,7 +375,7 @@ def test_a_tokenizer_timed_in_a_busy_minute_refits_to_its_share_of_the_real_minu
     )
     runs = {}
     for name, costs in (("busy", busy), ("real", real)):
-        state = _tokenizer_state(cfg, costs, minutes)
+        state = _state(cfg, costs, minutes)
         fitted = scale(cfg, state["budget"]["factor"])
         out = tmp_path / name
         run = recipe._budget_tokenizer(cfg, fitted, out, state)
@@ -416,12 +419,7 @@ def test_the_lm_is_timed_again_when_the_tokenizer_found_the_calibration_off(tmp_
     cfg, costs = ShapesRecipeConfig(), _costs()
     minutes = 0.7 * minutes_of(cfg, costs)
     fitted = scale(cfg, factor(cfg, costs, minutes))
-    state = {
-        "calibration": dataclasses.asdict(costs),
-        "budget": {"minutes": minutes, "factor": 0.7},
-        "tokenizer": {"seconds": 120.0},
-        "shards": {"seconds": 30.0},
-    }
+    state = _state(cfg, costs, minutes, tokenizer=120.0, shards=30.0)
     left = minutes - (costs.seconds + 150.0) / 60
     now = budget.LMCosts(step={1: 0.05, 5: 0.3, 9: 0.5}, compile=2.0, event=1.0, setup=4.0)
     timed = []
@@ -454,11 +452,7 @@ def test_an_lm_left_too_little_time_trains_the_recipes_share_past_the_budget(tmp
     cfg, costs = ShapesRecipeConfig(), _costs()
     minutes = 0.7 * minutes_of(cfg, costs)
     fitted = scale(cfg, factor(cfg, costs, minutes))
-    state = {
-        "calibration": dataclasses.asdict(costs),
-        "budget": {"minutes": minutes, "factor": 0.7},
-        "tokenizer": {"seconds": 60 * minutes - 10},
-    }
+    state = _state(cfg, costs, minutes, tokenizer=60 * minutes - 10)
     with caplog.at_level("WARNING", logger="loong"):
         assert recipe._budget_lm(cfg.lm, fitted.lm, tmp_path, state) == fitted.lm
     assert "too few for its steps" in caplog.text and not (tmp_path / "budget.json").exists()
