@@ -1,5 +1,6 @@
-"""What a budgeted tokenizer run's re-fit (``loong.train.budget.Refit``) does with a run's
-real step times: replays ``RUN/metrics.jsonl`` through it.
+"""What a budgeted tokenizer run's re-fits (``loong.train.budget.Refit``) do with a run's
+real step times: replays ``RUN/metrics.jsonl`` through them, the first re-fit and the rest of
+the run's from each later kind of step.
 
 Give the command the run was started with (its preset, ``--steps``, ``--minutes`` and
 ``--set``s): the config is rebuilt from it and checked against the one ``RUN/budget.json`` was
@@ -7,8 +8,9 @@ fitted to. Steps come from the metrics' ``elapsed_s`` (every ``log_every`` steps
 a span gets the span's mean); spans with an evaluation, preview or checkpoint in them are left
 out, as the loop leaves an event's time out of its step, and so is the first (the run's start)
 and any a resume restarted ``elapsed_s`` in; so the replay re-fits a little later than the run
-would (the steps of the spans left out are not counted towards ``due``). The run's files are not
-changed.
+would (the steps of the spans left out are not counted towards ``due``). Each step's kind is
+the one it had in the run (``RUN/config.json``), whatever the replay's re-fits move. The run's
+files are not changed.
 
     python benchmarks/budget_refit_replay.py runs/exp36/cvq_whole_c10_fit_aborted --preset shapes \\
         --steps 9600 --minutes 30 --set 'model.quantizer.kind="cvq"' ...
@@ -24,7 +26,14 @@ import tempfile
 from pathlib import Path
 
 from loong.config import resolve_config
-from loong.train.budget import BUDGET_FILE, NEVER, TOKENIZER, Refit, config_sha256
+from loong.train.budget import (
+    BUDGET_FILE,
+    NEVER,
+    TOKENIZER,
+    Refit,
+    config_sha256,
+    run_minutes,
+)
 from loong.train.tokenizer_config import tokenizer_train_preset
 
 
@@ -46,12 +55,14 @@ def main() -> None:
     if config_sha256(base) != record["config"]:
         raise SystemExit(f"{args.run}: these options are not the command its budget was fitted to")
     fitted = TOKENIZER.scale(base, record.get("calibrated_factor", record["factor"]))
-    intervals = (fitted.eval_every, fitted.preview_every, fitted.checkpoint_every)
-    gan_start = fitted.loss.disc_start_step if fitted.loss.gan_weight > 0 else NEVER
+    ran = json.loads((args.run / "config.json").read_text())  # the steps' kinds in the run
+    intervals = (ran["eval_every"], ran["preview_every"], ran["checkpoint_every"])
+    gan_start = ran["loss"]["disc_start_step"] if ran["loss"]["gan_weight"] > 0 else NEVER
     rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
 
     with tempfile.TemporaryDirectory() as scratch:
         record.pop("refit", None)
+        record.pop("rest", None)
         record["factor"] = record.pop("calibrated_factor", record["factor"])
         (Path(scratch) / BUDGET_FILE).write_text(json.dumps(record))
         refit = Refit(configured, fitted, Path(scratch), TOKENIZER, resumed=False)
@@ -68,17 +79,26 @@ def main() -> None:
             seconds = (row["elapsed_s"] - previous["elapsed_s"]) / len(span)
             if seconds > 0 and not any(s % i == 0 for s in before for i in intervals):
                 for step in span:  # its 0-based index step - 1
-                    about = (step - 1 >= fitted.continuous_steps, step - 1 >= gan_start)
+                    about = (step - 1 >= ran["continuous_steps"], step - 1 >= gan_start)
                     new = refit.observe(step, seconds, about)
                     if new is not None:
-                        print(f"re-fitted at step {step}: {new.steps} steps")
+                        fitted = new
+                        print(
+                            f"re-fitted at step {step}: {new.steps} steps, the quantizer from "
+                            f"{new.continuous_steps}, the GAN from {new.loss.disc_start_step}"
+                        )
             previous = row
             if not refit.active:
                 break
-        if refit.active:
-            print(f"the run's metrics end before its re-fit ({len(refit.ratios)} steps timed)")
+        if not refit.timed:
+            print("the run's metrics end before its first re-fit")
         after = json.loads((Path(scratch) / BUDGET_FILE).read_text())
-        print(json.dumps(after.get("refit", {})))
+        print(json.dumps({key: after[key] for key in ("refit", "rest") if key in after}))
+        measured = TOKENIZER.measured(TOKENIZER.costs_from(record["calibration"]), refit.timed, 1)
+        print(
+            f"{fitted.steps} steps, projected at the steps' measured times: "
+            f"{run_minutes(TOKENIZER, fitted, measured):.1f} min of {record['minutes']:g}"
+        )
 
 
 if __name__ == "__main__":

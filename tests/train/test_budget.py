@@ -28,7 +28,8 @@ from loong.train.budget import (
     scale_tokenizer,
     tokenizer_seconds,
 )
-from loong.train.lm_config import LMTrainConfig
+from loong.train.lm_config import LMTrainConfig, stage_at
+from loong.train.tokenizer_config import TokenizerTrainConfig
 
 COSTS = TokenizerCosts(step=1.0, gan_step=3.0, event=2.0, setup=5.0, seconds=30.0)
 
@@ -259,7 +260,7 @@ def _refit(tmp_path, cfg, seconds: float, about=(True, False), kind=TOKENIZER, *
     refit = Refit(cfg, fitted, tmp_path, kind, resumed=False, **kwargs)
     for n in range(1, 10_000):
         new = refit.observe(n, seconds, about)
-        if new is not None or not refit.active:
+        if new is not None or not refit.active or refit.timed:
             return fitted, new, n
     raise AssertionError("never re-fitted")
 
@@ -372,6 +373,109 @@ def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):
     slower = budget.LM.slower(costs, 3.0)
     variable, fixed = budget.lm_seconds(new, slower)
     assert (slower.seconds + variable + fixed) / 60 <= AIM * 60
+
+
+def _run_tokenizer(refit, cfg, seconds):
+    """Step the budgeted tokenizer run ``cfg`` to its end as the loop would, each step taking
+    ``seconds[(quantized, gan on)]``, switching to each re-fitted config; the config it ended
+    with and the steps at which it switched."""
+    step, switched = 0, []
+    while step < cfg.steps:
+        quantized, gan = step >= cfg.continuous_steps, step >= cfg.loss.disc_start_step
+        step += 1
+        new = refit.observe(step, seconds[quantized, gan], (quantized, gan))
+        if new is not None:
+            cfg = new
+            switched.append(step)
+    return cfg, switched
+
+
+def test_each_kind_of_step_is_timed_and_the_rest_of_the_run_refitted(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """A calibration that over-timed the warm-start steps only (1.25 s against 1.0 s; the
+    quantized and GAN steps as calibrated): the first re-fit takes the warm-start steps' ratio
+    for every kind and gives the run steps it has no time for; the quantized steps' own ratio
+    fits the rest of the run again, to the budget, and the GAN steps, as fitted, change
+    nothing. The steps taken and the phases begun stay; a resumed run replays the re-fits."""
+    calibrated = dataclasses.replace(COSTS, continuous_step=1.25)
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: calibrated)
+    cfg = _long(train_config, budget_minutes=20.0)
+    fitted = fit_tokenizer(cfg, tmp_path)
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    real = {(False, False): 1.0, (True, False): 1.0, (True, True): 3.0}
+    ended, switched = _run_tokenizer(refit, fitted, real)
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert record["refit"]["step_ratio"] == 0.8 and len(switched) == 2
+    first = scale_tokenizer(cfg, record["factor"])
+    true = dataclasses.replace(calibrated, continuous_step=1.0)
+    assert _minutes(first, true) > 20  # the first re-fit alone: cut by the budget's stop
+    assert 0.97 * AIM * 20 < _minutes(ended, true) <= AIM * 20  # the budget, filled
+    [quantized, gan] = record["rest"]
+    assert (quantized["step"], quantized["step_ratio"]) == (switched[1], 1.0)
+    assert quantized["kind"] == repr((True, False)) and quantized["share"] < 1
+    assert gan["step_ratio"] == 1.0 and gan["share"] == 1.0  # as fitted
+    assert ended.continuous_steps == first.continuous_steps < switched[1]  # begun: stays
+    assert switched[1] < ended.loss.disc_start_step < first.loss.disc_start_step
+    assert ended.eval_every == first.eval_every
+    resumed = fit_tokenizer(cfg, tmp_path)
+    assert resumed == ended
+    assert not Refit(cfg, resumed, tmp_path, TOKENIZER, resumed=True).active
+
+
+def test_the_rest_of_a_run_scales_after_its_steps_taken():
+    tok = apply_overrides(
+        TokenizerTrainConfig(),
+        {"steps": 1000, "continuous_steps": 300, "loss.disc_start_step": 800},
+    )
+    assert budget.rest_tokenizer(tok, 400, 1.0) is tok
+    rest = budget.rest_tokenizer(tok, 400, 0.5)
+    assert (rest.steps, rest.continuous_steps, rest.loss.disc_start_step) == (700, 300, 600)
+    rest = budget.rest_tokenizer(tok, 100, 2.0)
+    assert (rest.steps, rest.continuous_steps, rest.loss.disc_start_step) == (1900, 500, 1500)
+    no_gan = apply_overrides(tok, {"loss.disc_start_step": 1000})
+    assert budget.rest_tokenizer(no_gan, 400, 0.5).loss.disc_start_step == 700  # still none
+    lm = LMTrainConfig()  # stages of 1,000, 1,000 and 2,000 steps
+    assert budget.rest_lm(lm, 1500, 1.0) is lm
+    rest = budget.rest_lm(lm, 1500, 0.5)
+    assert [stage.steps for stage in rest.stages] == [1000, 750, 1000]
+    assert [stage.lengths for stage in rest.stages] == [stage.lengths for stage in lm.stages]
+    rest = budget.rest_lm(lm, 1999, 0.001)
+    assert [stage.steps for stage in rest.stages] == [1000, 1000, 1]  # each keeps a step
+
+
+def test_an_lm_run_is_refitted_again_from_its_later_lengths(tmp_path, monkeypatch):
+    """t = 1 steps as calibrated, t = 5 steps at twice their calibrated time: the rest of the
+    run is re-fitted when the second stage's t = 5 steps are timed, to the budget at those
+    speeds (t = 17, not timed yet, taken at t = 5's ratio); the first stage stays."""
+    costs = budget.LMCosts(step={1: 0.5, 5: 2.0, 17: 6.0}, compile=10.0, event=3.0, setup=5.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    cfg = LMTrainConfig(budget_minutes=240.0)
+    fitted = budget.fit_lm(cfg, tmp_path)
+    refit = Refit(cfg, fitted, tmp_path, LM, resumed=False)
+    real = {1: 0.5, 5: 4.0, 17: 12.0}
+    run, step, switched = fitted, 0, []
+    while step < run.total_steps:
+        stage = run.stages[stage_at(run.stages, step)]
+        length = stage.lengths[step % len(stage.lengths)]
+        step += 1
+        new = refit.observe(step, real[length], [length])
+        if new is not None:
+            run = new
+            switched.append(step)
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert record["refit"]["step_ratio"] == 1.0 and record["factor"] == record["calibrated_factor"]
+    [short, long] = record["rest"]
+    assert (short["kind"], short["step_ratio"]) == ("(5,)", 2.0) and short["share"] < 1
+    assert (long["kind"], long["step_ratio"], long["share"]) == ("(17,)", 2.0, 1.0)  # as fitted
+    assert switched == [short["step"]]
+    assert run.stages[0] == fitted.stages[0] and run.total_steps < fitted.total_steps
+    slower = budget.LM.measured(costs, {(1,): 1.0, (5,): 2.0}, 2.0)
+    assert slower.step == {1: 0.5, 5: 4.0, 17: 12.0}
+    assert 0.97 * AIM * 240 < budget.run_minutes(LM, run, slower) <= AIM * 240
+    assert budget.fit_lm(cfg, tmp_path) == run
 
 
 def test_costs_timed_elsewhere_give_a_run_its_budget_without_a_calibration(tmp_path, monkeypatch):

@@ -30,6 +30,18 @@ median time is more than ``REFIT_TOLERANCE`` away from the calibrated one, the c
 are scaled by that ratio and the factor fitted again. Early, so that the learning rate's schedule
 and the phases' starts move little; once, and recorded in ``budget.json`` (``refit``, with the
 calibration's ``calibrated_factor``), so that a resumed run keeps the re-fitted factor.
+
+That first re-fit times one kind of step (a tokenizer's warm-start steps, an LM's first stage's
+lengths) and takes its ratio for every kind, but a calibration can be off by a different ratio
+for each: one 30-minute tokenizer's warm-start steps ran at 0.83× their calibrated time and its
+quantized steps at 1.0×, so the re-fit gave it steps it had no time for and the budget's stop cut
+it before its last 225; a busy calibration slowed an LM's lengths 1, 5 and 9 by 0.08×, 0.09× and
+0.21×. So each later kind of step is timed too, over its own first steps, and when its ratio is
+more than ``REFIT_TOLERANCE`` off the one the run was fitted with, the rest of the run is fitted
+again (:func:`rest_tokenizer`, :func:`rest_lm`): the steps still to come, and the phases still
+to start, scale by one share so that the whole run, its kinds of step each at their own measured
+speed, fits the budget; the steps taken and the phases begun stay as they are. Each is recorded
+in ``budget.json`` (``rest``) and replayed on resume; a resumed run times no more kinds.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -185,6 +197,31 @@ def tokenizer_seconds(tok: TokenizerTrainConfig, costs: TokenizerCosts) -> tuple
     return variable, events(tok.steps, *intervals) * costs.event + costs.setup
 
 
+def _later(n: int, done: int, share: float) -> int:
+    """Step ``n`` of a run whose steps after ``done`` scale by ``share``."""
+    return n if n <= done else done + scaled(n - done, share)
+
+
+def rest_tokenizer(tok: TokenizerTrainConfig, done: int, share: float) -> TokenizerTrainConfig:
+    """``tok`` with its steps after ``done``, and the starts of its phases still to come, times
+    ``share``; the steps taken and the phases begun stay, and so do the event intervals."""
+    if share == 1.0:
+        return tok
+    steps = _later(tok.steps, done, share)
+    continuous = tok.continuous_steps
+    if continuous > done:
+        continuous = min(_later(continuous, done, share), steps - 1)
+    disc_start = _later(tok.loss.disc_start_step, done, share)
+    if done < tok.loss.disc_start_step < tok.steps:  # a GAN phase still to come stays
+        disc_start = min(disc_start, steps - 1)
+    return dataclasses.replace(
+        tok,
+        steps=steps,
+        continuous_steps=continuous,
+        loss=dataclasses.replace(tok.loss, disc_start_step=disc_start),
+    )
+
+
 def scale_tokenizer(tok: TokenizerTrainConfig, share: float) -> TokenizerTrainConfig:
     """``tok`` with its steps, its phases' start steps and its event intervals times ``share``;
     the phases stay valid (a continuous phase and a configured GAN phase end before the last
@@ -295,27 +332,50 @@ def scale_lm(lm: LMTrainConfig, share: float) -> LMTrainConfig:
     )
 
 
+def rest_lm(lm: LMTrainConfig, done: int, share: float) -> LMTrainConfig:
+    """``lm`` with its steps after ``done`` times ``share``: the stages that ended stay, the
+    one under way and those to come scale their steps still to run (each keeps one at least);
+    the event intervals stay."""
+    if share == 1.0:
+        return lm
+    ends: list[int] = []
+    for end in itertools.accumulate(stage.steps for stage in lm.stages):
+        ends.append(max(_later(end, done, share), ends[-1] + 1 if ends else 1))
+    stages = tuple(
+        dataclasses.replace(stage, steps=end - start)
+        for stage, start, end in zip(lm.stages, [0, *ends[:-1]], ends, strict=True)
+    )
+    return dataclasses.replace(lm, stages=stages)
+
+
 def config_sha256(cfg: Any) -> str:
     """The hash of a config's JSON: whether a stored calibration or factor was fitted to it."""
     return hashlib.sha256(config_json(cfg).encode()).hexdigest()
 
 
-def fit(minutes_at: Callable[[float], float], minutes: float, what: str) -> float:
-    """The largest share of the configured step counts, at most 1, whose projected minutes
-    (``minutes_at(share)``, calibration included) fit in ``AIM`` of ``minutes``.
+def fit(
+    minutes_at: Callable[[float], float],
+    minutes: float,
+    what: str,
+    *,
+    low: float = MIN_FACTOR,
+    high: float = 1.0,
+) -> float:
+    """The largest share of the configured step counts, at most ``high``, whose projected
+    minutes (``minutes_at(share)``, calibration included) fit in ``AIM`` of ``minutes``.
 
     Found by bisection on the projection itself, so that the rounded step counts and intervals
-    (which change how often evaluations and checkpoints coincide) are the ones projected."""
+    (which change how often evaluations and checkpoints coincide) are the ones projected.
+    Raises ValueError when not even ``low`` fits."""
     aim = AIM * minutes
-    if minutes_at(1.0) <= aim:
-        return 1.0
-    low, high = MIN_FACTOR, 1.0
+    if minutes_at(high) <= aim:
+        return high
     least = minutes_at(low)
     if least > aim:
         need = least / AIM
         raise ValueError(
             f"minutes={minutes:g} is too short for {what} on this machine: its configured "
-            f"steps would take {minutes_at(1.0):.1f} min, and even {MIN_FACTOR:.0%} of them "
+            f"steps would take {minutes_at(high):.1f} min, and even {low:.0%} of them "
             f"{least:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to run "
             "every configured step"
         )
@@ -349,12 +409,45 @@ class RunKind(Generic[Run]):
     """The calibrated seconds of one step, given what the loop says of it (``Refit.observe``)."""
     slower: Callable[[Any, float], Any]
     """Costs with every part a step or an event costs times a ratio."""
+    key: Callable[[Any], Hashable]
+    """The kind of a step, from what the loop says of it: each kind is timed against its
+    calibrated cost apart."""
+    measured: Callable[[Any, dict[Hashable, float], float], Any]
+    """Costs with each kind of step's times its own measured ratio (keyed by ``key``), the
+    kinds not measured and the events times the last argument."""
+    rest: Callable[[Run, int, float], Run]
+    """A config with its steps after a step, and its phases still to start, times a share."""
+
+
+def run_minutes(kind: RunKind[Run], run: Run, costs: Any) -> float:
+    """Minutes of the run ``run``, calibration included, at ``costs``."""
+    variable, fixed = kind.seconds(run, costs)
+    return (costs.seconds + variable + fixed) / 60
 
 
 def projected_minutes(kind: RunKind[Run], base: Run, share: float, costs: Any) -> float:
     """Minutes of the run ``base`` scaled by ``share``, calibration included, at ``costs``."""
-    variable, fixed = kind.seconds(kind.scale(base, share), costs)
-    return (costs.seconds + variable + fixed) / 60
+    return run_minutes(kind, kind.scale(base, share), costs)
+
+
+def _tokenizer_measured(costs: TokenizerCosts, ratios: dict, other: float) -> TokenizerCosts:
+    warm = ratios.get((False, False), other)
+    return dataclasses.replace(
+        costs,
+        step=costs.step * ratios.get((True, False), other),
+        gan_step=costs.gan_step * ratios.get((True, True), other),
+        event=costs.event * other,
+        continuous_step=None if costs.continuous_step is None else costs.continuous_step * warm,
+    )
+
+
+def _lm_measured(costs: LMCosts, ratios: dict, other: float) -> LMCosts:
+    def ratio(t: int) -> float:  # a length's own steps', else those of steps it was among
+        among = (r for key, r in ratios.items() if t in key)
+        return ratios.get((t,), next(among, other))
+
+    step = {t: s * ratio(t) for t, s in costs.step.items()}
+    return dataclasses.replace(costs, step=step, event=costs.event * other)
 
 
 TOKENIZER: RunKind[TokenizerTrainConfig] = RunKind(
@@ -373,13 +466,10 @@ TOKENIZER: RunKind[TokenizerTrainConfig] = RunKind(
     step_cost=lambda costs, about: (
         costs.warm_start_step if not about[0] else costs.gan_step if about[1] else costs.step
     ),
-    slower=lambda costs, ratio: dataclasses.replace(
-        costs,
-        step=costs.step * ratio,
-        gan_step=costs.gan_step * ratio,
-        event=costs.event * ratio,
-        continuous_step=None if costs.continuous_step is None else costs.continuous_step * ratio,
-    ),
+    slower=lambda costs, ratio: _tokenizer_measured(costs, {}, ratio),
+    key=lambda about: (bool(about[0]), bool(about[0] and about[1])),
+    measured=_tokenizer_measured,
+    rest=lambda run, done, share: rest_tokenizer(run, done, share),
 )
 """A tokenizer run; its loop tells ``Refit.observe`` whether a step was quantized and whether it
 had the GAN on."""
@@ -393,9 +483,10 @@ LM: RunKind[LMTrainConfig] = RunKind(
     steps=lambda run: run.total_steps,
     starts=lambda run: tuple(itertools.accumulate(stage.steps for stage in run.stages))[:-1],
     step_cost=lambda costs, lengths: statistics.mean(costs.step[t] for t in lengths),
-    slower=lambda costs, ratio: dataclasses.replace(
-        costs, step={t: s * ratio for t, s in costs.step.items()}, event=costs.event * ratio
-    ),
+    slower=lambda costs, ratio: _lm_measured(costs, {}, ratio),
+    key=lambda lengths: tuple(sorted(set(lengths))),
+    measured=_lm_measured,
+    rest=lambda run, done, share: rest_lm(run, done, share),
 )
 """A language-model run; its loop tells ``Refit.observe`` the latent length of each of a step's
 micro-batches."""
@@ -466,6 +557,8 @@ def fit_run(cfg: Run, out: Path, kind: RunKind[Run], *, world_size: int = 1) -> 
     spent = record["calibration"]["seconds"] + record["calibration"]["setup"]
     stop = min(record["minutes"] - spent / 60, cfg.max_minutes or math.inf)
     fitted = kind.scale(base, record["factor"])
+    for later in record.get("rest", []):  # the re-fits from later kinds of step
+        fitted = kind.rest(fitted, later["step"], later["share"])
     return dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
 
 
@@ -532,18 +625,18 @@ def budget_from_costs(
 
 
 class Refit(Generic[Run]):
-    """A budgeted run's factor fitted once more, from the run's own step times (see the module's
-    docstring).
+    """A budgeted run's factor fitted once more from the run's own step times, and the rest of
+    the run again from each later kind of step's (see the module's docstring).
 
     The loop calls :meth:`observe` after each step with the steps done, the step's seconds (its
-    events left out) and what ``kind.step_cost`` needs to know of it; once ``due`` steps are
-    timed it gets back the re-fitted config, or None while there is none to switch to, and
-    checkpoints the step (a resumed run takes the re-fitted factor from ``budget.json``, so an
-    earlier checkpoint could resume a phase the re-fit moved past it). Inactive (``observe`` always
-    None) for a run without a recorded factor, a resumed run, a re-fitted one, one whose config
-    changed since its fit, and under torchrun (``world_size`` > 1); a run too short to re-fit
-    early in it (``REFIT_MIN_STEPS``) keeps its factor unless its steps run fast enough to
-    re-fit it to a run long enough.
+    events left out) and what ``kind.key`` and ``kind.step_cost`` need to know of it; once
+    ``due`` steps of a kind are timed it gets back the re-fitted config, or None while there is
+    none to switch to, and checkpoints the step (a resumed run takes the re-fitted config from
+    ``budget.json``, so an earlier checkpoint could resume a phase the re-fit moved past it).
+    Inactive (``observe`` always None) for a run without a recorded factor, a resumed run, a
+    re-fitted one, one whose config changed since its fit, and under torchrun (``world_size`` >
+    1); a run too short to re-fit early in it (``REFIT_MIN_STEPS``) keeps its factor unless its
+    steps run fast enough to re-fit it to a run long enough.
     """
 
     def __init__(
@@ -567,24 +660,46 @@ class Refit(Generic[Run]):
             and "refit" not in self.record
             and self.record.get("config") == config_sha256(self.base)
         )
-        self.ratios: list[float] = []
+        self.samples: dict[Hashable, list[float]] = {}
+        """Each kind's steps' seconds over their calibrated cost, until the kind is timed."""
+        self.timed: dict[Hashable, float] = {}
+        """Each timed kind's median ratio, in the order they were timed."""
+        self.planned = 1.0
+        """The ratio the run's current steps were fitted with for the kinds not timed."""
         self.costs = kind.costs_from(self.record["calibration"]) if self.active else None
 
     def observe(self, done: int, seconds: float, about: Any) -> Run | None:
-        """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th
-        recorded, the re-fitted config if it differs."""
+        """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th step
+        of a kind, the re-fitted config if it differs."""
         if not self.active:
             return None
-        costs = self.costs
-        cost = self.kind.step_cost(costs, about)
+        key = self.kind.key(about)
+        if key in self.timed:
+            return None
+        cost = self.kind.step_cost(self.costs, about)
         if cost <= 0:  # timed at 0 s (elapsed_s is in ms): nothing to compare with
             self.active = False
             return None
-        self.ratios.append(seconds / cost)
-        if len(self.ratios) < self.due:
+        samples = self.samples.setdefault(key, [])
+        samples.append(seconds / cost)
+        if len(samples) < self.due:
             return None
-        self.active = False
-        ratio = statistics.median(self.ratios[REFIT_SKIP:])
+        self.timed[key] = ratio = statistics.median(samples[REFIT_SKIP:])
+        if len(self.timed) == 1:
+            new = self._refit(done, ratio)
+        else:
+            new = self._refit_rest(done, key, ratio)
+        if new is None:
+            return None
+        self.fitted = new
+        return new
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.record, indent=2) + "\n")
+
+    def _refit(self, done: int, ratio: float) -> Run | None:
+        """The first kind timed: every step count scaled by a factor fitted again."""
+        costs = self.costs
         was = self.record["factor"]
         share = was
         if abs(ratio - 1) > REFIT_TOLERANCE:
@@ -627,7 +742,7 @@ class Refit(Generic[Run]):
                 share = was
         refit = {"step": done, "step_ratio": round(ratio, 3), "factor": share}
         self.record |= {"factor": share, "calibrated_factor": was, "refit": refit}
-        atomic_write_text(self.path, json.dumps(self.record, indent=2) + "\n")
+        self._write()
         if share == was:
             log.info(
                 "budget: the first %d steps took %.2f× the calibrated time: the factor %.3f stays",
@@ -636,6 +751,7 @@ class Refit(Generic[Run]):
                 was,
             )
             return None
+        self.planned = ratio
         new = self.kind.scale(self.base, share)
         log.warning(
             "budget: the first %d steps took %.2f× the calibrated time: the factor is re-fitted "
@@ -650,6 +766,49 @@ class Refit(Generic[Run]):
         return dataclasses.replace(
             new, budget_minutes=self.fitted.budget_minutes, max_minutes=self.fitted.max_minutes
         )
+
+    def _refit_rest(self, done: int, key: Hashable, ratio: float) -> Run | None:
+        """A later kind timed: the steps after ``done`` scaled by a share fitted at each timed
+        kind's own speed (the kinds still to come at this one's), when this kind's ratio is
+        more than ``REFIT_TOLERANCE`` off the one the run was fitted with."""
+        was = self.fitted
+        steps = self.kind.steps(was)
+        share = 1.0
+        if abs(ratio / self.planned - 1) > REFIT_TOLERANCE and done < steps:
+            measured = self.kind.measured(self.costs, self.timed, ratio)
+
+            def minutes_at(share: float) -> float:
+                return run_minutes(self.kind, self.kind.rest(was, done, share), measured)
+
+            most = (self.kind.steps(self.base) - done) / (steps - done)  # the configured steps
+            try:
+                share = fit(minutes_at, self.record["minutes"], self.kind.what, high=most)
+            except ValueError:  # not even the least share fits: the stop at the budget ends it
+                share = MIN_FACTOR
+        new = self.kind.rest(was, done, share)
+        entry = {"step": done, "kind": repr(key), "step_ratio": round(ratio, 3), "share": share}
+        self.record.setdefault("rest", []).append(entry)
+        self._write()
+        if new == was:
+            log.info(
+                "budget: steps of the kind %r took %.2f× the calibrated time: the steps stay",
+                key,
+                ratio,
+            )
+            return None
+        log.warning(
+            "budget: steps of the kind %r took %.2f× the calibrated time (the run was fitted "
+            "at %.2f×): the steps after %d are re-fitted by %.3f, %d steps instead of %d",
+            key,
+            ratio,
+            self.planned,
+            done,
+            share,
+            self.kind.steps(new),
+            steps,
+        )
+        self.planned = ratio
+        return new
 
 
 def fit_tokenizer(
