@@ -54,7 +54,6 @@ from loong.train.budget import (
     TokenizerCosts,
     calibrate_lm,
     calibrate_tokenizer,
-    events,
     fit,
     has_gan_phase,
     lm_seconds,
@@ -89,6 +88,13 @@ class Costs:
     """An evaluation with a preview and a checkpoint, on top of its step."""
     tokenizer_setup: float
     """A tokenizer run's start, first step's warm-up, last evaluation and export."""
+    tokenizer_evaluation: float | None = None
+    """A tokenizer's evaluation alone, on top of its step; None (a record from before each
+    event was timed apart): each event at ``tokenizer_event``."""
+    tokenizer_preview: float | None = None
+    """A tokenizer's preview alone, on top of its step."""
+    tokenizer_checkpoint: float | None = None
+    """A tokenizer's checkpoint alone, on top of its step."""
     clip: float
     """Tokenizing one shard clip."""
     shards_setup: float
@@ -112,6 +118,9 @@ class Costs:
             event=self.tokenizer_event,
             setup=self.tokenizer_setup,
             continuous_step=self.tokenizer_continuous_step,
+            evaluation=self.tokenizer_evaluation,
+            preview=self.tokenizer_preview,
+            checkpoint=self.tokenizer_checkpoint,
         )
 
     def lm(self) -> LMCosts:
@@ -153,24 +162,24 @@ def calibrate(cfg: ShapesRecipeConfig, scratch: str | Path) -> Costs:
         tokenizer = Path(cfg.tokenizer_from)
         model = VideoTokenizer.from_pretrained(tokenizer).config
         tok = dataclasses.replace(tok, model=model, init_from=str(tokenizer))
-    step = gan_step = event = setup = 0.0
-    continuous = None
+    tc = TokenizerCosts(step=0.0, gan_step=0.0, event=0.0, setup=0.0)
     if not cfg.tokenizer_from or cfg.tokenizer_long.steps:
         # the long-clip run has no GAN phase
         gan = not cfg.tokenizer_from and has_gan_phase(tok)
         tc = calibrate_tokenizer(tok, scratch / "tokenizer", gan=gan)
-        step, gan_step, event, setup = tc.step, tc.gan_step, tc.event, tc.setup
-        continuous = tc.continuous_step
     clip, shards_setup, shards = _calibrate_clips(cfg, tokenizer, scratch)
     data = dataclasses.replace(cfg.lm.data, shards=(str(shards),), eval_shards="")
     lm = calibrate_lm(dataclasses.replace(cfg.lm, data=data), scratch / "lm")
     shutil.rmtree(scratch, ignore_errors=True)
     return Costs(
-        tokenizer_step=step,
-        tokenizer_continuous_step=continuous,
-        tokenizer_gan_step=gan_step,
-        tokenizer_event=event,
-        tokenizer_setup=setup,
+        tokenizer_step=tc.step,
+        tokenizer_continuous_step=tc.continuous_step,
+        tokenizer_gan_step=tc.gan_step,
+        tokenizer_event=tc.event,
+        tokenizer_setup=tc.setup,
+        tokenizer_evaluation=tc.evaluation,
+        tokenizer_preview=tc.preview,
+        tokenizer_checkpoint=tc.checkpoint,
         clip=clip,
         shards_setup=shards_setup,
         lm_step=lm.step,
@@ -191,8 +200,9 @@ def project(cfg: ShapesRecipeConfig, costs: Costs) -> tuple[float, float]:
     if long.steps:  # clips this many times longer: steps as many times slower
         longer = long.n_frames / tok.data.n_frames
         variable += long.steps * costs.tokenizer_step * longer
-        n_events = events(long.steps, long.steps, tok.preview_every, tok.checkpoint_every)
-        fixed += (n_events * costs.tokenizer_event + costs.tokenizer_setup) * longer
+        every = (long.steps, tok.preview_every, tok.checkpoint_every)  # one evaluation: the last
+        run_events = costs.tokenizer().events_seconds(long.steps, *every)
+        fixed += (run_events + costs.tokenizer_setup) * longer
     variable += cfg.shards.n_clips * costs.clip
     fixed += cfg.eval_clips * costs.clip + (2 if cfg.eval_clips else 1) * costs.shards_setup
     lm_variable, lm_fixed = lm_seconds(cfg.lm, costs.lm())

@@ -67,6 +67,8 @@ def test_gan_steps_and_events_are_projected_at_their_own_cost(train_config):  # 
     variable, fixed = tokenizer_seconds(cfg, COSTS)
     assert variable == pytest.approx(800 * 1.0 + 200 * 3.0)
     assert fixed == pytest.approx(10 * 2.0 + 5.0)  # every 100th step has an event
+    apart = dataclasses.replace(COSTS, evaluation=1.0, preview=0.5, checkpoint=0.25)
+    assert tokenizer_seconds(cfg, apart)[1] == pytest.approx(10 * 1.0 + 2 * 0.5 + 5 * 0.25 + 5.0)
     no_gan = _long(train_config, **{"loss.gan_weight": 0.0})
     assert tokenizer_seconds(no_gan, COSTS)[0] == pytest.approx(1000 * 1.0)
 
@@ -85,8 +87,15 @@ def test_a_real_calibration_times_the_steps_before_the_quantizer_too(tmp_path, t
     costs = budget.calibrate_tokenizer(cfg, tmp_path, gan=True)
     assert costs.continuous_step > 0 and costs.step > 0 and costs.gan_step > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    c, n = budget.STEPS + 1, 2 * budget.STEPS + 1
+    c, n = budget.STEPS + 1, 2 * budget.STEPS + 4
     assert len(rows) == c + n + budget.STEPS + 1  # continuous, quantized, GAN steps
+    # each kind of event timed after a step of its own
+    assert min(costs.evaluation, costs.preview, costs.checkpoint) >= 0
+    assert costs.event == costs.evaluation + costs.preview + costs.checkpoint
+    assert [r["step"] for r in rows if "eval_psnr" in r] == [c + n - 1, len(rows)]
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir())[0].startswith(
+        f"step_{c + n - 2:07d}"
+    )
     assert [r["quant"] == 0 for r in rows[: c + 1]] == [True] * c + [False]
     assert "g" not in rows[c + n - 1] and "g" in rows[c + n]
     plain = budget.calibrate_tokenizer(
@@ -127,6 +136,9 @@ def test_a_new_run_is_fitted_and_recorded_and_a_resumed_one_keeps_its_factor(
         "setup": 5.0,
         "seconds": 30.0,
         "continuous_step": None,
+        "evaluation": None,
+        "preview": None,
+        "checkpoint": None,
     }
     assert 0.99 * AIM * 10 < _minutes(fitted) <= AIM * 10  # the steps that run fit the aim
     assert fitted.steps == round(1000 * record["factor"])

@@ -113,6 +113,25 @@ class TokenizerCosts:
     continuous_step: float | None = None
     """One step before the quantizer starts (``continuous_steps``); None (a run without that
     phase, or a record from before it was timed): as ``step``."""
+    evaluation: float | None = None
+    """An evaluation alone, on top of its step; None (a record from before each event was
+    timed apart): every event, alone or not, costs ``event``."""
+    preview: float | None = None
+    """A preview alone, on top of its step."""
+    checkpoint: float | None = None
+    """A checkpoint alone, on top of its step."""
+
+    def events_seconds(self, steps: int, eval_every: int, preview_every: int, every: int) -> float:
+        """Seconds of the evaluations, previews and checkpoints (every ``every`` steps) of a
+        run of ``steps`` steps, on top of their steps: each kind at its own cost where they
+        were timed apart, else each step with any of them at ``event``."""
+        if self.evaluation is None or self.preview is None or self.checkpoint is None:
+            return events(steps, eval_every, preview_every, every) * self.event
+        return (
+            events(steps, eval_every) * self.evaluation
+            + events(steps, preview_every) * self.preview
+            + events(steps, every) * self.checkpoint
+        )
 
     @property
     def warm_start_step(self) -> float:
@@ -151,7 +170,9 @@ def calibrate_tokenizer(tok: TokenizerTrainConfig, scratch: Path, *, gan: bool) 
 
     started = time.monotonic()
     c = STEPS + 1 if tok.continuous_steps > 0 else 0  # continuous steps, the first a warm-up
-    n = 2 * STEPS + 1  # quantized steps, the first a warm-up; an event after the last but one
+    # quantized steps, the first a warm-up; after the last but three a checkpoint, after the
+    # last but two a preview, after the last but one an evaluation: each delays the next step
+    n = 2 * STEPS + 4
     q = c + n  # steps before the GAN's
     run = dataclasses.replace(
         tok,
@@ -159,26 +180,31 @@ def calibrate_tokenizer(tok: TokenizerTrainConfig, scratch: Path, *, gan: bool) 
         continuous_steps=c,
         loss=dataclasses.replace(tok.loss, disc_start_step=q if gan else NEVER),
         eval_every=q - 1,
-        preview_every=q - 1,
-        checkpoint_every=q - 1,
+        preview_every=q - 2,
+        checkpoint_every=q - 3,  # none falls twice: 2 (q - 3) > q + STEPS + 1
         log_every=1,
         max_minutes=0.0,
         budget_minutes=0.0,
     )
     times = step_times(train_tokenizer(run, scratch, progress=False).parent / "metrics.jsonl")
     wall = time.monotonic() - started
-    step = statistics.median(times[c + 1 : q - 1])
+    step = statistics.median(times[c + 1 : q - 3])
     continuous = statistics.median(times[1:c]) if c else None
     setup = wall - sum(times) + max(0.0, times[0] - (continuous or step))
     if c:  # the quantizer's first step: a warm-up too
         setup += max(0.0, times[c] - step)
+    # the event after step k (1-based) delays step k + 1, whose seconds are times[k]
+    checkpoint, preview, evaluation = (max(0.0, times[k] - step) for k in (q - 3, q - 2, q - 1))
     return TokenizerCosts(
         step=step,
         gan_step=statistics.median(times[q + 1 :]) if gan else step,
-        event=max(0.0, times[q - 1] - step),  # the event after step q - 1 delays step q
+        event=evaluation + preview + checkpoint,
         setup=max(0.0, setup),
         seconds=wall,
         continuous_step=continuous,
+        evaluation=evaluation,
+        preview=preview,
+        checkpoint=checkpoint,
     )
 
 
@@ -194,7 +220,7 @@ def tokenizer_seconds(tok: TokenizerTrainConfig, costs: TokenizerCosts) -> tuple
     n_plain = tok.steps - n_gan - n_continuous
     variable = n_continuous * costs.warm_start_step + n_plain * costs.step + n_gan * costs.gan_step
     intervals = (tok.eval_every, tok.preview_every, tok.checkpoint_every)
-    return variable, events(tok.steps, *intervals) * costs.event + costs.setup
+    return variable, costs.events_seconds(tok.steps, *intervals) + costs.setup
 
 
 def _later(n: int, done: int, share: float) -> int:
@@ -430,14 +456,20 @@ def projected_minutes(kind: RunKind[Run], base: Run, share: float, costs: Any) -
     return run_minutes(kind, kind.scale(base, share), costs)
 
 
+def _times(value: float | None, ratio: float) -> float | None:
+    return None if value is None else value * ratio
+
+
 def _tokenizer_measured(costs: TokenizerCosts, ratios: dict, other: float) -> TokenizerCosts:
-    warm = ratios.get((False, False), other)
     return dataclasses.replace(
         costs,
         step=costs.step * ratios.get((True, False), other),
         gan_step=costs.gan_step * ratios.get((True, True), other),
         event=costs.event * other,
-        continuous_step=None if costs.continuous_step is None else costs.continuous_step * warm,
+        continuous_step=_times(costs.continuous_step, ratios.get((False, False), other)),
+        evaluation=_times(costs.evaluation, other),
+        preview=_times(costs.preview, other),
+        checkpoint=_times(costs.checkpoint, other),
     )
 
 
