@@ -22,7 +22,8 @@ of each phase are timed on this machine, and when the configured steps would not
 budget every step count is scaled down by one factor so that they do (:mod:`loong.recipe_budget`);
 on a machine fast enough nothing changes. The tokenizer and the language model then train as
 budgeted runs of their own (their ``budget.json``): each stops at its minutes and re-fits its
-steps once from its own step times when they run more than 10% off the calibration. The
+steps from its own step times (each kind of step against its own timing) when they run more
+than 10% off the calibration. The
 tokenizer's minutes are its share of the fitted recipe's projection; the language model's, last,
 are what the phases before it left of the budget. When the tokenizer's steps show the
 calibration off, the shards' clips follow them and the language model's steps are timed again.

@@ -15,7 +15,8 @@ is over the budget scales every count that buys time by one factor (:func:`scale
 The tokenizer and the language model then train as budgeted runs of their own
 (``loong.recipe._own_budget``): their steps are fitted anew, at the calibrated costs, to their
 minutes; each stops there and fits its factor once more from its own steps when they run more
-than 10% slower or faster than calibrated (``loong.train.budget.Refit``), and
+than 10% slower or faster than calibrated, and the steps still to come again from each later
+kind of step's own (``loong.train.budget.Refit``), and
 ``OUT/tokenizer/budget.json`` and ``OUT/lm/budget.json`` record the factors. The tokenizer's
 minutes are the share of the budget (after the calibration) that it takes of the fitted
 projection: a calibration timed in a busy minute projects every phase too long by the same
