@@ -19,7 +19,14 @@ def psnr(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssim(
     recon: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5
 ) -> torch.Tensor:
-    """Mean SSIM per video over frames and channels (Gaussian window 11, σ 1.5) → ``(B,)``."""
+    """Mean SSIM per video over frames and channels (Gaussian window 11, σ 1.5) → ``(B,)``.
+
+    In fp32 under autocast too: its blurs in bf16 scored one tokenizer 0.730 against 0.918."""
+    with torch.autocast(target.device.type, enabled=False):
+        return _ssim(recon, target, window, sigma)
+
+
+def _ssim(recon: torch.Tensor, target: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
     b, c = target.shape[:2]
     x = rearrange((recon.clamp(-1, 1) + 1) / 2, "b c t h w -> (b t) c h w").float()
     y = rearrange((target + 1) / 2, "b c t h w -> (b t) c h w").float()
