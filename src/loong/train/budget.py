@@ -228,17 +228,13 @@ def _later(n: int, done: int, share: float) -> int:
     return n if n <= done else done + scaled(n - done, share)
 
 
-def rest_tokenizer(tok: TokenizerTrainConfig, done: int, share: float) -> TokenizerTrainConfig:
-    """``tok`` with its steps after ``done``, and the starts of its phases still to come, times
-    ``share``; the steps taken and the phases begun stay, and so do the event intervals."""
-    if share == 1.0:
-        return tok
-    steps = _later(tok.steps, done, share)
-    continuous = tok.continuous_steps
-    if continuous > done:
-        continuous = min(_later(continuous, done, share), steps - 1)
-    disc_start = _later(tok.loss.disc_start_step, done, share)
-    if done < tok.loss.disc_start_step < tok.steps:  # a GAN phase still to come stays
+def _moved(tok: TokenizerTrainConfig, at: Callable[[int, int], int]) -> TokenizerTrainConfig:
+    """``tok`` with its steps and its phases' start steps moved by ``at(n, least)``; the phases
+    stay valid (a continuous phase and a configured GAN phase end before the last step)."""
+    steps = at(tok.steps, 1)
+    continuous = min(at(tok.continuous_steps, 0), steps - 1)
+    disc_start = at(tok.loss.disc_start_step, 0)
+    if tok.loss.disc_start_step < tok.steps:  # a GAN phase configured stays
         disc_start = min(disc_start, steps - 1)
     return dataclasses.replace(
         tok,
@@ -248,22 +244,21 @@ def rest_tokenizer(tok: TokenizerTrainConfig, done: int, share: float) -> Tokeni
     )
 
 
+def rest_tokenizer(tok: TokenizerTrainConfig, done: int, share: float) -> TokenizerTrainConfig:
+    """``tok`` with its steps after ``done``, and the starts of its phases still to come, times
+    ``share``; the steps taken and the phases begun stay, and so do the event intervals."""
+    if share == 1.0:
+        return tok
+    return _moved(tok, lambda n, least: _later(n, done, share))
+
+
 def scale_tokenizer(tok: TokenizerTrainConfig, share: float) -> TokenizerTrainConfig:
     """``tok`` with its steps, its phases' start steps and its event intervals times ``share``;
-    the phases stay valid (a continuous phase and a configured GAN phase end before the last
-    step). ``share`` = 1 returns ``tok`` itself."""
+    ``share`` = 1 returns ``tok`` itself."""
     if share >= 1.0:
         return tok
-    steps = scaled(tok.steps, share)
-    continuous = min(scaled(tok.continuous_steps, share, least=0), steps - 1)
-    disc_start = scaled(tok.loss.disc_start_step, share, least=0)
-    if tok.loss.disc_start_step < tok.steps:  # a GAN phase configured stays
-        disc_start = min(disc_start, steps - 1)
     return dataclasses.replace(
-        tok,
-        steps=steps,
-        continuous_steps=continuous,
-        loss=dataclasses.replace(tok.loss, disc_start_step=disc_start),
+        _moved(tok, lambda n, least: scaled(n, share, least)),
         eval_every=scaled(tok.eval_every, share),
         preview_every=scaled(tok.preview_every, share),
         checkpoint_every=scaled(tok.checkpoint_every, share),
