@@ -121,17 +121,14 @@ class TokenizerCosts:
     checkpoint: float | None = None
     """A checkpoint alone, on top of its step."""
 
-    def events_seconds(self, steps: int, eval_every: int, preview_every: int, every: int) -> float:
-        """Seconds of the evaluations, previews and checkpoints (every ``every`` steps) of a
-        run of ``steps`` steps, on top of their steps: each kind at its own cost where they
-        were timed apart, else each step with any of them at ``event``."""
-        if self.evaluation is None or self.preview is None or self.checkpoint is None:
-            return events(steps, eval_every, preview_every, every) * self.event
-        return (
-            events(steps, eval_every) * self.evaluation
-            + events(steps, preview_every) * self.preview
-            + events(steps, every) * self.checkpoint
-        )
+    def events_seconds(self, steps: int, *intervals: int) -> float:
+        """Seconds of the evaluations, previews and checkpoints of a run of ``steps`` steps,
+        on top of their steps, given their ``intervals`` in that order: each kind at its own
+        cost where they were timed apart, else each step with any of them at ``event``."""
+        costs = (self.evaluation, self.preview, self.checkpoint)
+        if None in costs:
+            return events(steps, *intervals) * self.event
+        return sum(events(steps, n) * cost for n, cost in zip(intervals, costs, strict=True))
 
     @property
     def warm_start_step(self) -> float:
