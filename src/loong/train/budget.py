@@ -376,7 +376,6 @@ def fit(
     minutes: float,
     what: str,
     *,
-    low: float = MIN_FACTOR,
     high: float = 1.0,
 ) -> float:
     """The largest share of the configured step counts, at most ``high``, whose projected
@@ -384,16 +383,17 @@ def fit(
 
     Found by bisection on the projection itself, so that the rounded step counts and intervals
     (which change how often evaluations and checkpoints coincide) are the ones projected.
-    Raises ValueError when not even ``low`` fits."""
+    Raises ValueError when not even ``MIN_FACTOR`` fits."""
     aim = AIM * minutes
     if minutes_at(high) <= aim:
         return high
+    low = MIN_FACTOR
     least = minutes_at(low)
     if least > aim:
         need = least / AIM
         raise ValueError(
             f"minutes={minutes:g} is too short for {what} on this machine: its configured "
-            f"steps would take {minutes_at(high):.1f} min, and even {low:.0%} of them "
+            f"steps would take {minutes_at(high):.1f} min, and even {MIN_FACTOR:.0%} of them "
             f"{least:.1f} min; give --minutes {math.ceil(need)} or more, or --minutes 0 to run "
             "every configured step"
         )
@@ -708,7 +708,7 @@ class Refit(Generic[Run]):
         samples.append(seconds / cost)
         if len(samples) < self.due:
             return None
-        self.timed[key] = ratio = statistics.median(samples[REFIT_SKIP:])
+        self.timed[key] = ratio = statistics.median(self.samples.pop(key)[REFIT_SKIP:])
         if len(self.timed) == 1:
             new = self._refit(done, ratio)
         else:
