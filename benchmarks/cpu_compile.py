@@ -10,7 +10,13 @@ eager and compiled steps alternate, the order flipped every round, so that both 
 machine's noise. Medians per length, and the mean over the last stage's length mixture
 (weights 1, 2, 4), are printed with the ratio eager / compiled (> 1: compiled is faster).
 
+With ``--model tokenizer`` the same for the ``shapes`` video tokenizer (its encoder and decoder
+blocks compiled, ``parallel.compile`` of ``loong tokenizer train``): a step is forward +
+backward + AdamW on ``(B, 3, 9, 64, 64)`` random clips, L2 reconstruction plus the quantizer's
+loss, as the quantized phase of its training computes them (no discriminator).
+
     .venv/bin/python benchmarks/cpu_compile.py --json runs/cpu_compile.json
+    .venv/bin/python benchmarks/cpu_compile.py --model tokenizer --json runs/cpu_compile_tok.json
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from pathlib import Path
 import torch
 
 from common import block_network, machine, write_json
-from cpu_precision import CPU, lm_train_step
+from cpu_precision import CPU, lm_train_step, tokenizer_train_step
 from loong.lm.model import VideoLM
 from loong.train.parallel import ParallelConfig, cpu_can_compile, parallelize
+from loong.video_tokenizer.model import VideoTokenizer
 
 LAST_STAGE = {1: 1, 5: 2, 9: 4}
 """The ``shapes`` preset's last stage: latent lengths and their weights."""
@@ -35,7 +42,13 @@ LAST_STAGE = {1: 1, 5: 2, 9: 4}
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--batch", type=int, default=8, help="the preset's batch size")
+    parser.add_argument("--model", choices=("lm", "tokenizer"), default="lm")
+    parser.add_argument(
+        "--batch", type=int, help="batch size (default: the preset's, 8 for the LM, 4 clips)"
+    )
+    parser.add_argument(
+        "--decoder-blocks", type=int, help="tokenizer: blocks a decoder stage (preset: 1)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -49,6 +62,52 @@ def lm_step(compile_blocks: bool) -> Callable[[torch.Tensor], float]:
     return lambda ids: lm_train_step(model, opt, cfg, ids)
 
 
+def tokenizer_step(
+    compile_blocks: bool, decoder_blocks: int | None
+) -> Callable[[torch.Tensor], float]:
+    """A training step of the ``shapes`` video tokenizer on ``clips``; returns the loss."""
+    torch.manual_seed(0)
+    cfg = ParallelConfig(cpu_mixed_precision="auto", compile=compile_blocks)
+    overrides = {} if decoder_blocks is None else {"decoder_blocks": decoder_blocks}
+    model = parallelize(VideoTokenizer.from_preset("shapes", **overrides), cfg, CPU)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return lambda clips: tokenizer_train_step(model, opt, cfg, clips)
+
+
+def time_steps(
+    steps: dict[str, Callable[[torch.Tensor], float]], batch: torch.Tensor, repeats: int
+) -> dict[str, float]:
+    """Eager and compiled steps on ``batch``: two untimed each (the compiled side compiles
+    there), then ``repeats`` timed rounds, the order flipped every round; medians, printed."""
+    first: dict[str, float] = {}
+    warm: dict[str, float] = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        first[name] = step(batch)
+        step(batch)
+        warm[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(repeats):
+        for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+            start = time.perf_counter()
+            steps[name](batch)
+            times[name].append(time.perf_counter() - start)
+    eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    print(
+        f"eager {eager:.3f} s  compiled {compiled:.3f} s  eager/compiled {eager / compiled:.2f}x  "
+        f"first two compiled steps {warm['compiled']:.1f} s  "
+        f"first loss {first['eager']:.4f} / {first['compiled']:.4f}"
+    )
+    return {
+        "eager_s": eager,
+        "compiled_s": compiled,
+        "ratio": eager / compiled,
+        "compile_s": warm["compiled"] - 2 * compiled,
+        "first_loss_eager": first["eager"],
+        "first_loss_compiled": first["compiled"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     block_network("cpu_compile")
@@ -56,41 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("cpu_compile: inductor cannot build CPU kernels here (see the warning)")
     result: dict[str, object] = machine()
     print(f"{result['cpu']}, {result['threads']} threads, torch {result['torch']}")
+    gen = torch.Generator().manual_seed(0)
+    if args.model == "tokenizer":
+        steps = {
+            "eager": tokenizer_step(False, args.decoder_blocks),
+            "compiled": tokenizer_step(True, args.decoder_blocks),
+        }
+        clips = torch.rand(args.batch or 4, 3, 9, 64, 64, generator=gen) * 2 - 1
+        result["tokenizer"] = time_steps(steps, clips, args.repeats)
+        write_json(args.json, result)
+        return 0
     steps = {"eager": lm_step(False), "compiled": lm_step(True)}
     vocab = VideoLM.from_preset("shapes").config.vocab_size
-    gen = torch.Generator().manual_seed(0)
     batches = {
-        t: torch.randint(vocab, (args.batch, 16 + 64 * t), generator=gen) for t in LAST_STAGE
+        t: torch.randint(vocab, (args.batch or 8, 16 + 64 * t), generator=gen) for t in LAST_STAGE
     }
     per_length: dict[int, dict[str, float]] = {}
     for t, ids in batches.items():
-        first: dict[str, float] = {}
-        warm: dict[str, float] = {}
-        for name, step in steps.items():
-            start = time.perf_counter()
-            first[name] = step(ids)
-            step(ids)
-            warm[name] = time.perf_counter() - start
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for r in range(args.repeats):
-            for name in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
-                start = time.perf_counter()
-                steps[name](ids)
-                times[name].append(time.perf_counter() - start)
-        eager, compiled = statistics.median(times["eager"]), statistics.median(times["compiled"])
-        per_length[t] = {
-            "eager_s": eager,
-            "compiled_s": compiled,
-            "ratio": eager / compiled,
-            "compile_s": warm["compiled"] - 2 * compiled,
-            "first_loss_eager": first["eager"],
-            "first_loss_compiled": first["compiled"],
-        }
-        print(
-            f"t={t} L={ids.shape[1]:4d}  eager {eager:.3f} s  compiled {compiled:.3f} s  "
-            f"eager/compiled {eager / compiled:.2f}x  first two compiled steps "
-            f"{warm['compiled']:.1f} s  first loss {first['eager']:.4f} / {first['compiled']:.4f}"
-        )
+        print(f"t={t} L={ids.shape[1]:4d}  ", end="")
+        per_length[t] = time_steps(steps, ids, args.repeats)
     weight = sum(LAST_STAGE.values())
     mix = {
         name: sum(LAST_STAGE[t] * per_length[t][f"{name}_s"] for t in LAST_STAGE) / weight

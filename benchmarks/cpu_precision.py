@@ -87,16 +87,21 @@ def tokenizer_step(batch: int, frames: int) -> Callable[[bool], float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     clips = torch.rand(batch, 3, frames, 64, 64) * 2 - 1
 
-    def step(bf16: bool) -> float:
-        with autocast(precision(bf16), CPU):
-            out = model(clips)
-        loss = F.mse_loss(out.recon.float(), clips) + out.quantizer_loss.float()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
+    return lambda bf16: tokenizer_train_step(model, opt, precision(bf16), clips)
 
-    return step
+
+def tokenizer_train_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: ParallelConfig, clips: torch.Tensor
+) -> float:
+    """Forward under ``cfg``'s autocast, L2 reconstruction plus the quantizer's loss in fp32,
+    backward, AdamW; returns the loss. ``clips``: ``(B, 3, T, H, W)`` in [−1, 1]."""
+    with autocast(cfg, CPU):
+        out = model(clips)
+    loss = F.mse_loss(out.recon.float(), clips) + out.quantizer_loss.float()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def first_losses(make: Callable[[], Callable[[bool], float]]) -> dict[str, float]:

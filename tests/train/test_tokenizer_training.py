@@ -213,6 +213,8 @@ def test_continuous_steps_are_checked(train_config, small_tokenizer_config):
     with pytest.raises(ValueError, match="CVQ codebook gets none"):
         apply_overrides(cvq, {"continuous_steps": 2, "parallel.mode": "ddp"})
     assert apply_overrides(cvq, {"continuous_steps": 2}).continuous_steps == 2
+    with pytest.raises(ValueError, match=r"set parallel\.compile=false"):
+        apply_overrides(train_config, {"parallel.compile": True})
 
 
 def test_loss_config_rejects_bad_values():

@@ -158,7 +158,8 @@ class TokenizerTrainConfig:
     """"auto" (cuda if available), "cpu", "cuda", ...; under torchrun each rank takes its GPU."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Data parallelism under torchrun (tokenizer and discriminator alike), bf16 autocast on
-    CUDA (and on CPUs when asked), activation checkpointing, compile."""
+    CUDA (and on CPUs when asked), activation checkpointing; not compile (refused: see
+    ``__post_init__``)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -188,6 +189,13 @@ class TokenizerTrainConfig:
             raise ValueError(
                 'continuous_steps trains the decoder on a latent that trainable="decoder" never '
                 "gives it: set continuous_steps=0"
+            )
+        if self.parallel.compile:
+            raise ValueError(
+                "parallel.compile: the tokenizer's blocks pass a streaming cache whose entries "
+                "grow block by block, so torch.compile recompiles at nearly every block and "
+                "hits its recompile limit (on a CPU the step was 0.82x as fast as eager; "
+                "BENCHMARKS.md): set parallel.compile=false"
             )
         cvq = self.model.quantizer.kind == "cvq"
         if self.continuous_steps and cvq and self.parallel.mode == "ddp":
