@@ -213,8 +213,12 @@ def test_continuous_steps_are_checked(train_config, small_tokenizer_config):
     with pytest.raises(ValueError, match="CVQ codebook gets none"):
         apply_overrides(cvq, {"continuous_steps": 2, "parallel.mode": "ddp"})
     assert apply_overrides(cvq, {"continuous_steps": 2}).continuous_steps == 2
-    with pytest.raises(ValueError, match=r"set parallel\.compile=false"):
+
+
+def test_compiling_the_tokenizer_is_refused_with_the_fix(train_config):
+    with pytest.raises(ValueError, match=r"recompiles.*set parallel\.compile=false"):
         apply_overrides(train_config, {"parallel.compile": True})
+    assert not apply_overrides(train_config, {"parallel.compile": False}).parallel.compile
 
 
 def test_loss_config_rejects_bad_values():
