@@ -11,7 +11,8 @@ machine's noise. Medians per length, and the mean over the last stage's length m
 (weights 1, 2, 4), are printed with the ratio eager / compiled (> 1: compiled is faster).
 
 With ``--model tokenizer`` the same for the ``shapes`` video tokenizer (its encoder and decoder
-blocks compiled, ``parallel.compile`` of ``loong tokenizer train``): a step is forward +
+blocks compiled by ``parallelize``; ``loong tokenizer train`` refuses ``parallel.compile``
+because of what this measures, BENCHMARKS.md): a step is forward +
 backward + AdamW on ``(B, 3, 9, 64, 64)`` random clips, L2 reconstruction plus the quantizer's
 loss, as the quantized phase of its training computes them (no discriminator).
 
