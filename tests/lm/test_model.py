@@ -62,19 +62,39 @@ def test_kv_cache_decoding_equals_full_forward(make_lm, fields):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
 
 
-def test_fused_inference_projections_equal_the_separate_ones(make_lm):
-    """Without autograd q/k/v and w1/w3 run as one matmul each; with it, as separate layers."""
+def test_stacked_projections_in_generation_equal_the_separate_ones(make_lm):
+    """With a KV cache and no autograd, q/k/v and w1/w3 run as one matmul each, their weights
+    stacked once per cache; otherwise as separate layers. A new cache sees changed weights."""
     model = make_lm()
     ids = random_ids(model, 2, 16)
     reference = model(ids).detach()  # autograd on: the separate projections
     with torch.no_grad():
-        fused = model(ids)
-        torch.testing.assert_close(fused, reference, atol=ATOL, rtol=0)
-        model.layers[0].feed_forward.w1.weight.mul_(0.5)  # an in-place change is seen
+        stacked = model(ids, cache=new_cache(model, 2, 16), input_pos=torch.arange(16))
+        torch.testing.assert_close(stacked, reference, atol=ATOL, rtol=0)
+        model.layers[0].feed_forward.w1.weight.mul_(0.5)
         model.layers[0].attention.wk.weight.mul_(2.0)
-        changed = model(ids)
+        changed = model(ids, cache=new_cache(model, 2, 16), input_pos=torch.arange(16))
     torch.testing.assert_close(changed, model(ids).detach(), atol=ATOL, rtol=0)
-    assert not torch.allclose(changed, fused, atol=1e-3)
+    assert not torch.allclose(changed, stacked, atol=1e-3)
+
+
+def test_an_evaluation_sees_weights_written_behind_their_version_counters(make_lm):
+    """FSDP2 gathers a block's weights before each forward into storage that can come back at
+    the same address, with the version counter kept still: a forward without a KV cache must
+    read the weights as they are, never a stack of them kept from an earlier forward."""
+    model = make_lm()
+    ids = random_ids(model, 2, 16)
+    weights = [model.layers[0].attention.wq.weight, model.layers[0].feed_forward.w3.weight]
+    with torch.no_grad():
+        before = model(ids)
+        pointers = [w.data_ptr() for w in weights]
+        with torch.autograd._unsafe_preserve_version_counter(tuple(weights)):
+            for w in weights:
+                w.mul_(-1.5)  # in place: same address, same version counter
+        assert [w.data_ptr() for w in weights] == pointers
+        after = model(ids)
+    torch.testing.assert_close(after, model(ids).detach(), atol=ATOL, rtol=0)
+    assert not torch.allclose(after, before, atol=1e-3)
 
 
 def test_dense_cache_decode_equals_the_masked_decode(make_lm):

@@ -279,9 +279,9 @@ def test_compiled_checkpointed_blocks_keep_loss_and_gradients():
 
 @pytest.mark.skipif(not parallel.cpu_can_compile(), reason="inductor cannot build CPU kernels")
 def test_a_block_compiles_whole_without_autograd():
-    """Without autograd a block stacks its weights (``fused_weight``); compiled, that must stay
-    in the graph: a break there made a frame per block, and past eight blocks' worth of
-    frames (the shapes preset's evaluations) inductor's recompile limit warned and gave up."""
+    """Without autograd (an evaluation during training) a compiled block must stay one graph:
+    a break there made a frame per block, and past eight blocks' worth of frames (the shapes
+    preset's evaluations) inductor's recompile limit warned and gave up."""
     model = tiny_lm()
     cfg = model.config
     length = 8

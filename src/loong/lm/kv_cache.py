@@ -61,13 +61,18 @@ class KVCache:
         """One past the last written slot while the cache is dense."""
         self.dense = True
         """Slots 0 .. end − 1 were written in order, each once, none of them padding."""
+        self.stacks: dict[object, torch.Tensor] = {}
+        """Each block's projection weights stacked for one matmul (``loong.lm.model``'s
+        ``stacked_weight``), built at their first use: a cache serves one generation, during
+        which the weights do not change."""
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
     def reset(self) -> None:
-        """Forget every cached token (the buffers stay allocated)."""
+        """Forget every cached token and stacked weight (the buffers stay allocated)."""
+        self.stacks.clear()
         self.k.zero_()
         self.v.zero_()
         self.valid.zero_()

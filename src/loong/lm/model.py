@@ -213,25 +213,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def fused_weight(owner: nn.Module, layers: tuple[nn.Linear, ...]) -> torch.Tensor:
-    """The weights of ``layers`` stacked along their outputs, for one matmul instead of several.
+def stacked_weight(owner: nn.Module, layers: tuple[nn.Linear, ...], cache: KVCache) -> torch.Tensor:
+    """The weights of ``layers`` stacked along their outputs, for one matmul instead of several
+    in a generation step: built at ``owner``'s first forward with ``cache`` and kept there.
 
-    Used only without autograd (generation): the stack is kept on ``owner`` and rebuilt when any
-    weight changes (new storage or an in-place update, seen by the weights' version counters;
-    a writer that leaves those alone, such as torch's fused optimizers, must move them, as
-    ``loong.train.optim.adamw`` does), so it never serves stale values. Inside a
-    compiled block (an evaluation during training) it is built in the graph instead: dynamo
-    cannot trace the cache's data-pointer check, and the graph break left a frame per module that
-    ran into its recompile limit.
+    A KV cache serves one generation, during which the weights do not change, so the stack is
+    never stale. Forwards without a cache (training, evaluations during training) run the
+    separate projections instead: a stack kept from one such forward to the next would have to
+    see every write to the weights, and FSDP2 gathers a block's weights before each forward
+    into storage that can come back at the same address with its version counter unmoved.
     """
-    if torch.compiler.is_compiling():
-        return torch.cat([w.weight for w in layers])
-    key = tuple((w.weight.data_ptr(), w.weight._version) for w in layers)
-    cached = owner.__dict__.get("_fused")
-    if cached is None or cached[0] != key:
-        cached = (key, torch.cat([w.weight for w in layers]))
-        owner.__dict__["_fused"] = cached
-    return cached[1]
+    stack = cache.stacks.get(owner)
+    if stack is None:
+        stack = cache.stacks[owner] = torch.cat([w.weight for w in layers])
+    return stack
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -275,12 +270,12 @@ class Attention(nn.Module):
         # new tokens, or ATTEND_ALL: one new token that sees every cached slot below cache.end
         b, length, _ = x.shape
         n, m, e = self.n_heads, self.n_kv_heads, self.head_dim
-        if torch.is_grad_enabled():
+        if cache is None or torch.is_grad_enabled():
             q = apply_rope(self.wq(x).view(b, length, n, e), cos, sin)  # (B, L, N, E)
             k = apply_rope(self.wk(x).view(b, length, m, e), cos, sin)  # (B, L, M, E)
             v = self.wv(x).view(b, length, m, e)
         else:  # generation: one matmul for q, k, v and one rotation for q and k
-            qkv = F.linear(x, fused_weight(self, (self.wq, self.wk, self.wv)))
+            qkv = F.linear(x, stacked_weight(self, (self.wq, self.wk, self.wv), cache))
             qkv = qkv.view(b, length, n + 2 * m, e)
             qk = apply_rope(qkv[:, :, : n + m], cos, sin)  # (B, L, N + M, E)
             q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + m :]
@@ -317,11 +312,11 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, L, D) → (B, L, F) → (B, L, D)
-        if torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        # (B, L, D) → (B, L, F) → (B, L, D); with ``cache`` (generation) w1 and w3 in one matmul
+        if cache is None or torch.is_grad_enabled():
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = F.linear(x, fused_weight(self, (self.w1, self.w3))).chunk(2, dim=-1)
+        gate, up = F.linear(x, stacked_weight(self, (self.w1, self.w3), cache)).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -344,7 +339,7 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         # x: (B, L, D) → (B, L, D)
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, input_pos)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x), cache)
 
 
 # --- the model -------------------------------------------------------------------------------

@@ -53,9 +53,9 @@ def adamw(
     Fused: one kernel updates every tensor, where torch's default steps them one by one in
     Python: on two CPU cores 21 → 3 ms a step for the ``shapes`` tokenizer's 110 tensors and
     14 → 6 ms for the ``shapes`` LM's 45 (BENCHMARKS.md). That kernel writes the weights without
-    moving their version counters, by which caches of derived weights (the LM's
-    ``fused_weight``, for evaluations during training) see an update; a hook moves them after
-    every step.
+    moving their version counters, which torch's default AdamW moves, as every in-place write
+    does; a hook moves them after every step, so that whatever watches them (autograd's check
+    that a tensor saved for backward is unchanged, a cache of derived weights) sees the update.
     """
     opt = torch.optim.AdamW(
         params,
