@@ -3,8 +3,9 @@ CPU processes joined in one gloo process group."""
 
 from __future__ import annotations
 
-import socket
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,17 +29,11 @@ def tiny_lm(seed: int = 0, *, max_seq_len: int = 12) -> VideoLM:
     return VideoLM(config)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
+def _rank_main(rank: int, world_size: int, store: str, fn, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store}",
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=60),
@@ -50,10 +45,13 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args: tuple) -> None:
 
 
 def run_ranks(fn, *args: object, world_size: int = 2) -> None:
-    """``fn(*args)`` in ``world_size`` forked processes joined in one gloo group."""
-    mp.start_processes(
-        _rank_main,
-        args=(world_size, _free_port(), fn, args),
-        nprocs=world_size,
-        start_method="fork",
-    )
+    """``fn(*args)`` in ``world_size`` forked processes joined in one gloo group. The ranks meet
+    through a file, not a TCP port: a port found free beforehand can be taken before they bind
+    it."""
+    with tempfile.TemporaryDirectory() as directory:
+        mp.start_processes(
+            _rank_main,
+            args=(world_size, str(Path(directory) / "store"), fn, args),
+            nprocs=world_size,
+            start_method="fork",
+        )
