@@ -36,9 +36,15 @@ ids that never repeat, which is no workload for drafts.
 Before timing, the logits of both models on the training batch are compared (max abs diff), and
 the greedy token sequences of both are compared, so the two sides do the same work.
 
+``--dtype bfloat16`` times both models in bfloat16 (weights and activations). ``--int8`` times
+ours with int8 weights and bfloat16 activations (``loong.lm.int8``, sampling only) against HF in
+``--dtype``: not the same arithmetic, so the report adds how far the timed logits are from ours in
+float32, and the greedy agreement is that of the timed models.
+
     .venv/bin/python benchmarks/lm_speed.py --json runs/lm_speed.json
     .venv/bin/python benchmarks/lm_speed.py --model bundled --skip train \
         --json runs/lm_speed_model.json
+    .venv/bin/python benchmarks/lm_speed.py --skip train --int8 --json runs/lm_speed_int8.json
 """
 
 from __future__ import annotations
@@ -89,11 +95,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--skip", choices=("train", "sample"), action="append", default=[], help="leave out"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and activations of both models",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="ours with int8 weights and bfloat16 activations (loong.lm.int8); HF stays in --dtype",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.int8 and "train" not in args.skip:
+        parser.error("--int8 weights are for sampling: pass --skip train with it")
     if args.prompt < 2 or args.new_tokens < 1 or args.seq < 2 or args.batch < 1:
         parser.error("--prompt and --seq must be >= 2, --new-tokens and --batch >= 1")
     return args
@@ -197,7 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         logits_hf = hf(batch).logits
         max_abs_diff = float((logits_ours - logits_hf).abs().max())
         logit_scale = float(logits_ours.abs().max())
-    del logits_ours, logits_hf
+    del logits_hf
+
+    # --- the timed precision: both models in --dtype, or ours with int8 weights
+    dtype = getattr(torch, args.dtype)
+    hf.to(dtype)
+    if args.int8:
+        from loong.lm.int8 import int8_weights
+
+        int8_weights(ours)
+    else:
+        ours.to(dtype)
+    precision_diff = None
+    if args.int8 or dtype != torch.float32:
+        with torch.inference_mode():  # against float32 ours: the rounding of the timed weights
+            precision_diff = float((ours(batch).float() - logits_ours).abs().max())
+    del logits_ours
 
     class VideoIdsOnly(LogitsProcessor):
         """Every id outside the video range to −inf, as ``generate_video_tokens`` does."""
@@ -417,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio["speculative_over_hf_plain"] = plain
     if n_ours != n_hf:
         print(f"warning: parameter counts differ ({n_ours} vs {n_hf})")
+    precision = "int8 weights, bfloat16 activations" if args.int8 else args.dtype
+    print(f"timed precision: ours {precision}; HF {args.dtype}")
+    if precision_diff is not None:
+        print(
+            f"logits max |ours timed − ours float32| = {precision_diff:.2e} (the rounding of "
+            f"the timed precision; greedy agreement above is of the timed models)"
+        )
     if max_abs_diff > 1e-3 * max(1.0, logit_scale):
         print(f"warning: the logits differ by {max_abs_diff:.2e}: the models are not the same")
 
@@ -428,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             "weights": args.model or "random",
             "params": {"ours": n_ours, "HF": n_hf},
             "hf_attn_implementation": attn_impl,
+            "precision": {"ours": precision, "HF": args.dtype},
             "logits_max_abs_diff": max_abs_diff,
+            "logits_max_abs_diff_timed_vs_float32": precision_diff,
             "greedy_tokens_agree": greedy_match,
             "metrics": {m: labels[m] for m in metrics},
             "tokens_per_call": tokens_per_call,

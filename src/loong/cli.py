@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "float32", "float16", "bfloat16"),
-        help="language model dtype while sampling (auto: float32 on CPU, bfloat16 on GPU)",
+        choices=("auto", "float32", "float16", "bfloat16", "int8"),
+        help="language model dtype while sampling (auto: float32 on CPU, bfloat16 on GPU; "
+        "int8: int8 weights, bfloat16 activations)",
     )
     gen.add_argument(
         "--set",
@@ -176,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--save-videos", action="store_true", help="also write every video (mp4)")
     fid.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     fid.add_argument(
-        "--dtype", default="auto", help="language model dtype (auto: float32 on CPU, else bf16)"
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "float16", "bfloat16", "int8"),
+        help="language model dtype (auto: float32 on CPU, else bf16; int8: int8 weights, bf16 "
+        "activations)",
     )
     fid.add_argument(
         "--set",

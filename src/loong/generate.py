@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from loong.config import config_from_dict, config_to_dict
 from loong.data.video import VideoWriter, tensor_to_frames
+from loong.lm.int8 import int8_weights
 from loong.lm.model import VideoLM
 from loong.lm.sampling import decode_video_ids, left_pad, prefill
 from loong.lm.vocab import Vocabulary
@@ -86,9 +87,22 @@ def resolve_lm_dtype(dtype: str | torch.dtype, device: str | torch.device) -> to
         return dtype
     if dtype == "auto":
         return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if dtype == "int8":  # int8 weights; the activations' dtype
+        return torch.bfloat16
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"lm_dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+        raise ValueError(
+            f"lm_dtype must be auto, float32, float16, bfloat16 or int8, got {dtype!r}"
+        )
     return getattr(torch, dtype)
+
+
+def load_lm(model_dir: Path, device: str | torch.device, lm_dtype: str | torch.dtype) -> VideoLM:
+    """The LM export in ``model_dir`` for sampling in ``lm_dtype`` (see :func:`resolve_lm_dtype`;
+    "int8": the blocks' weights in int8, activations in bfloat16, :mod:`loong.lm.int8`)."""
+    lm = VideoLM.from_pretrained(model_dir, device)
+    if lm_dtype == "int8":
+        return int8_weights(lm, resolve_lm_dtype(lm_dtype, device))
+    return lm.to(resolve_lm_dtype(lm_dtype, device))
 
 
 def default_model_dir() -> Path:
@@ -397,8 +411,10 @@ class TextToVideo:
         is float32 on CPU and bfloat16 on accelerators. float16 halves the bytes each decoded
         token reads (a 5.5M-parameter model's matmuls alone ran ~4× faster), but end to end a
         one-minute video took as long as in float32 on a 2-core CPU (see BENCHMARKS.md), so it
-        is an option, not the CPU default. Norms, RoPE tables and the sampling softmax run in
-        float32 either way; the video tokenizer stays float32."""
+        is an option, not the CPU default. "int8" keeps the blocks' weights in int8 (one scale a
+        row) with bfloat16 activations: a quarter of the bytes of float32 a token, for CPUs that
+        compute in bfloat16 natively (:mod:`loong.lm.int8`). Norms, RoPE tables and the sampling
+        softmax run in float32 either way; the video tokenizer stays float32."""
         model_dir = default_model_dir() if model_dir is None else Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(
@@ -424,7 +440,7 @@ class TextToVideo:
                 f"= {list(expected)}: is {video_tokenizer_dir} the paired tokenizer?"
             )
         return cls(
-            lm=VideoLM.from_pretrained(model_dir, device).to(resolve_lm_dtype(lm_dtype, device)),
+            lm=load_lm(model_dir, device, lm_dtype),
             text_tokenizer=TextTokenizer.load(model_dir),
             video_tokenizer=video_tokenizer,
             grid=meta.latent_grid,

@@ -26,6 +26,8 @@ Axes: B batch, L new tokens, S cache slots (``max_len``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -61,9 +63,9 @@ class KVCache:
         """One past the last written slot while the cache is dense."""
         self.dense = True
         """Slots 0 .. end − 1 were written in order, each once, none of them padding."""
-        self.stacks: dict[object, torch.Tensor] = {}
-        """Each block's projection weights stacked for one matmul (``loong.lm.model``'s
-        ``stacked_weight``), built at their first use: a cache serves one generation, during
+        self.stacks: dict[object, Callable[[torch.Tensor], torch.Tensor]] = {}
+        """Each block's projections stacked into one (``loong.lm.model``'s
+        ``stacked_projection``), built at their first use: a cache serves one generation, during
         which the weights do not change."""
 
     @property

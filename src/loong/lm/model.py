@@ -37,7 +37,9 @@ N heads, M key/value heads, E head width, F feed-forward width, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loong.lm.int8 import Int8Linear, has_int8_weights
 from loong.lm.kv_cache import KVCache
 from loong.lm.vocab import BOV, VocabConfig
 
@@ -213,9 +216,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def stacked_weight(owner: nn.Module, layers: tuple[nn.Linear, ...], cache: KVCache) -> torch.Tensor:
-    """The weights of ``layers`` stacked along their outputs, for one matmul instead of several
-    in a generation step: built at ``owner``'s first forward with ``cache`` and kept there.
+def stacked_projection(
+    owner: nn.Module, layers: tuple[nn.Module, ...], cache: KVCache
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The projections ``layers`` (``nn.Linear`` or :class:`~loong.lm.int8.Int8Linear`, no
+    bias) as one, their outputs concatenated in order: one matmul instead of several in a
+    generation step. Built at ``owner``'s first forward with ``cache`` and kept there.
 
     A KV cache serves one generation, during which the weights do not change, so the stack is
     never stale. Forwards without a cache (training, evaluations during training) run the
@@ -225,7 +231,11 @@ def stacked_weight(owner: nn.Module, layers: tuple[nn.Linear, ...], cache: KVCac
     """
     stack = cache.stacks.get(owner)
     if stack is None:
-        stack = cache.stacks[owner] = torch.cat([w.weight for w in layers])
+        if all(isinstance(m, Int8Linear) for m in layers):
+            stack = Int8Linear.cat(layers)
+        else:
+            stack = functools.partial(F.linear, weight=torch.cat([m.weight for m in layers]))
+        cache.stacks[owner] = stack
     return stack
 
 
@@ -275,7 +285,7 @@ class Attention(nn.Module):
             k = apply_rope(self.wk(x).view(b, length, m, e), cos, sin)  # (B, L, M, E)
             v = self.wv(x).view(b, length, m, e)
         else:  # generation: one matmul for q, k, v and one rotation for q and k
-            qkv = F.linear(x, stacked_weight(self, (self.wq, self.wk, self.wv), cache))
+            qkv = stacked_projection(self, (self.wq, self.wk, self.wv), cache)(x)
             qkv = qkv.view(b, length, n + 2 * m, e)
             qk = apply_rope(qkv[:, :, : n + m], cos, sin)  # (B, L, N + M, E)
             q, k, v = qk[:, :, :n], qk[:, :, n:], qkv[:, :, n + m :]
@@ -316,7 +326,7 @@ class FeedForward(nn.Module):
         # (B, L, D) → (B, L, F) → (B, L, D); with ``cache`` (generation) w1 and w3 in one matmul
         if cache is None or torch.is_grad_enabled():
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = F.linear(x, stacked_weight(self, (self.w1, self.w3), cache)).chunk(2, dim=-1)
+        gate, up = stacked_projection(self, (self.w1, self.w3), cache)(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -677,6 +687,11 @@ class VideoLM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         from loong.pretrained import save_pretrained
 
+        if has_int8_weights(self):
+            raise ValueError(
+                "this model holds int8 weights (loong.lm.int8.int8_weights), which are for "
+                "sampling: save the float model and convert it after loading"
+            )
         model = self.folded()  # an export never holds training-only parameters
         save_pretrained(model, model.config, directory, kind="video_lm")
 
