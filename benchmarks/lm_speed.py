@@ -39,12 +39,15 @@ the greedy token sequences of both are compared, so the two sides do the same wo
 ``--dtype bfloat16`` times both models in bfloat16 (weights and activations). ``--int8`` times
 ours with int8 weights and bfloat16 activations (``loong.lm.int8``, sampling only) against HF in
 ``--dtype``: not the same arithmetic, so the report adds how far the timed logits are from ours in
-float32, and the greedy agreement is that of the timed models.
+float32, and the greedy agreement is that of the timed models. ``--hf-int8`` gives HF's block
+projections int8 weights too, with torchao's ``Int8WeightOnlyConfig`` (``pip install torchao``;
+a benchmark-only peer, not a dependency): int8 against int8.
 
     .venv/bin/python benchmarks/lm_speed.py --json runs/lm_speed.json
     .venv/bin/python benchmarks/lm_speed.py --model bundled --skip train \
         --json runs/lm_speed_model.json
     .venv/bin/python benchmarks/lm_speed.py --skip train --int8 --json runs/lm_speed_int8.json
+    .venv/bin/python benchmarks/lm_speed.py --skip train --int8 --hf-int8 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -106,13 +109,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="ours with int8 weights and bfloat16 activations (loong.lm.int8); HF stays in --dtype",
     )
+    parser.add_argument(
+        "--hf-int8",
+        action="store_true",
+        help="HF's block projections in int8 too, by torchao's Int8WeightOnlyConfig (pip install "
+        "torchao; not a project dependency), activations in --dtype",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
-    if args.int8 and "train" not in args.skip:
-        parser.error("--int8 weights are for sampling: pass --skip train with it")
+    if (args.int8 or args.hf_int8) and "train" not in args.skip:
+        parser.error("int8 weights are for sampling: pass --skip train with --int8 or --hf-int8")
     if args.prompt < 2 or args.new_tokens < 1 or args.seq < 2 or args.batch < 1:
         parser.error("--prompt and --seq must be >= 2, --new-tokens and --batch >= 1")
     return args
@@ -221,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     # --- the timed precision: both models in --dtype, or ours with int8 weights
     dtype = getattr(torch, args.dtype)
     hf.to(dtype)
+    if args.hf_int8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        # the decoder layers' projections, as ours (both keep the head in float)
+        quantize_(
+            hf,
+            Int8WeightOnlyConfig(),
+            filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn,
+        )
     if args.int8:
         from loong.lm.int8 import int8_weights
 
@@ -452,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     if n_ours != n_hf:
         print(f"warning: parameter counts differ ({n_ours} vs {n_hf})")
     precision = "int8 weights, bfloat16 activations" if args.int8 else args.dtype
-    print(f"timed precision: ours {precision}; HF {args.dtype}")
+    hf_precision = (
+        f"int8 weights (torchao), {args.dtype} activations" if args.hf_int8 else args.dtype
+    )
+    print(f"timed precision: ours {precision}; HF {hf_precision}")
     if precision_diff is not None:
         print(
             f"logits max |ours timed − ours float32| = {precision_diff:.2e} (the rounding of "
@@ -469,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "weights": args.model or "random",
             "params": {"ours": n_ours, "HF": n_hf},
             "hf_attn_implementation": attn_impl,
-            "precision": {"ours": precision, "HF": args.dtype},
+            "precision": {"ours": precision, "HF": hf_precision},
             "logits_max_abs_diff": max_abs_diff,
             "logits_max_abs_diff_timed_vs_float32": precision_diff,
             "greedy_tokens_agree": greedy_match,

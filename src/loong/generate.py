@@ -57,6 +57,7 @@ import dataclasses
 import importlib.resources
 import json
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,13 @@ def load_lm(model_dir: Path, device: str | torch.device, lm_dtype: str | torch.d
     "int8": the blocks' weights in int8, activations in bfloat16, :mod:`loong.lm.int8`)."""
     lm = VideoLM.from_pretrained(model_dir, device)
     if lm_dtype == "int8":
+        if torch.device(device).type != "cpu":
+            warnings.warn(
+                f"lm_dtype='int8' on {device}: torch has its int8 matmul kernel for CPUs only, "
+                f"so each product dequantizes the weights first (slower than bfloat16 there); "
+                f"pass lm_dtype='bfloat16' on an accelerator",
+                stacklevel=2,
+            )
         return int8_weights(lm, resolve_lm_dtype(lm_dtype, device))
     return lm.to(resolve_lm_dtype(lm_dtype, device))
 
