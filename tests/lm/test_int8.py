@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loong.lm.hf import to_hf_llama
 from loong.lm.int8 import Int8Linear, int8_weights
 from loong.lm.kv_cache import KVCache
 from loong.lm.sampling import generate_video_tokens
@@ -96,11 +97,13 @@ def test_int8_logits_stay_near_the_float_models(make_lm):
     assert (rounded.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
 
 
-def test_a_model_with_int8_weights_is_neither_saved_nor_trained_by_mistake(make_lm, tmp_path):
+def test_a_model_with_int8_weights_is_not_saved_converted_or_trained(make_lm, tmp_path):
     model = int8_weights(make_lm())
     assert next(model.tok_embeddings.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="save the float model"):
         model.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match="convert the float model"):
+        to_hf_llama(model)
     assert not any(p.dtype == torch.int8 for p in model.parameters())  # buffers, never trained
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loong.lm.int8 import has_int8_weights
 from loong.lm.model import VideoLM, VideoLMConfig
 from loong.lm.vocab import VocabConfig, Vocabulary
 
@@ -54,6 +55,11 @@ def to_hf_llama(model: VideoLM) -> LlamaForCausalLM:
     """A ``LlamaForCausalLM`` (float32, eval mode) with ``model``'s weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if has_int8_weights(model):
+        raise ValueError(
+            "this model holds int8 weights (loong.lm.int8.int8_weights), which are for sampling: "
+            "convert the float model"
+        )
     model = model.folded()  # video_code_bits' terms, if any, into the plain tables
     cfg = model.config
     if cfg.video_grid is not None:
