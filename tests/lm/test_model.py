@@ -8,6 +8,7 @@ import torch
 from loong.lm.kv_cache import KVCache
 from loong.lm.model import CONTEXT_OFFSETS, VideoLM, VideoLMConfig
 from loong.lm.presets import PRESETS, lm_preset
+from loong.lm.sampling import prefill
 from loong.lm.vocab import VocabConfig, Vocabulary
 
 ATOL = 1e-5
@@ -521,3 +522,24 @@ def test_video_code_bits_are_validated():
     with pytest.raises(ValueError, match="video_code_bits"):
         VideoLMConfig(video_code_bits=-1)
     assert VideoLMConfig(vocab=VocabConfig(video_vocab_size=4096), video_code_bits=12)
+
+
+def test_a_bfloat16_model_attends_over_a_float32_cache_on_a_cpu(make_lm):
+    """On a CPU the sampling cache holds keys and values in float32 for a lower-precision
+    model, and the attention over it runs in float32; the logits stay the model's own."""
+    model = make_lm()
+    model.init_weights()  # the training init's sizes: a tame network for bfloat16
+    model = model.to(torch.bfloat16)
+    vocab = Vocabulary(model.config.vocab)
+    ids = random_ids(model, 2, 20)
+    with torch.no_grad():
+        full = model(ids).float()  # (B, L, V), attention in bfloat16
+        cache, _ = prefill(model, ids[:, :12], 8, vocab=vocab)
+        steps = [
+            model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i])).float()
+            for i in range(12, 20)
+        ]
+    assert cache.k.dtype == cache.v.dtype == torch.float32
+    decoded = torch.cat(steps, dim=1)  # (B, 8, V)
+    assert steps[0].shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(decoded, full[:, 12:], atol=0.02 * float(full.abs().max()), rtol=0)

@@ -297,8 +297,9 @@ class Attention(nn.Module):
             elif mask is not None:  # the mask spans the slots written so far
                 k, v = k_all[:, :, : mask.shape[-1]], v_all[:, :, : mask.shape[-1]]
             # With no mask this is a prefill from slot 0: the new keys are the whole context.
+        q = q.to(k.dtype)  # a cache may hold keys in float32 for a lower-precision model
         if mask is ATTEND_ALL:
-            out = decode_attention(q, k, v)  # (B, N, 1, E)
+            out = decode_attention(q, k, v).to(x.dtype)  # (B, N, 1, E)
             return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, 1, D)
         # Each key/value head serves n_heads / n_kv_heads consecutive query heads; SDPA reads
         # them in place (enable_gqa) rather than from a repeated copy of the cache.
@@ -309,7 +310,7 @@ class Attention(nn.Module):
             attn_mask=None if mask is ATTEND_ALL else mask,
             is_causal=mask is None,
             enable_gqa=m != n,
-        )  # (B, N, L, E)
+        ).to(x.dtype)  # (B, N, L, E)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, L, D)
 
 

@@ -162,13 +162,16 @@ def prefill(
     """
     rows, length = ids.shape
     cfg = model.config
+    # On a CPU the cache, and the attention over it, are float32 whatever the model's dtype:
+    # there one query against the cache took twice as long in bfloat16 as in float32.
+    dtype = torch.float32 if ids.device.type == "cpu" else next(model.parameters()).dtype
     cache = KVCache(
         n_layers=cfg.n_layers,
         batch_size=rows,
         n_kv_heads=cfg.kv_heads,
         max_len=length + n_tokens,
         head_dim=cfg.head_dim,
-        dtype=next(model.parameters()).dtype,
+        dtype=dtype,
         device=ids.device,
     )
     mask = ids != vocab.pad  # (R, L)
