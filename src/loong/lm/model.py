@@ -297,9 +297,14 @@ class Attention(nn.Module):
             elif mask is not None:  # the mask spans the slots written so far
                 k, v = k_all[:, :, : mask.shape[-1]], v_all[:, :, : mask.shape[-1]]
             # With no mask this is a prefill from slot 0: the new keys are the whole context.
-        q = q.to(k.dtype)  # a cache may hold keys in float32 for a lower-precision model
+        # A cache may hold keys and values in float32 for a lower-precision model: attend in
+        # float32 and return to the model's dtype (never otherwise: under autocast q is float32
+        # after RoPE and SDPA's output bfloat16, as the memory planner counts).
+        dtype = q.dtype if q.dtype != k.dtype else None
+        q = q.to(k.dtype)
         if mask is ATTEND_ALL:
-            out = decode_attention(q, k, v).to(x.dtype)  # (B, N, 1, E)
+            out = decode_attention(q, k, v)  # (B, N, 1, E)
+            out = out if dtype is None else out.to(dtype)
             return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, 1, D)
         # Each key/value head serves n_heads / n_kv_heads consecutive query heads; SDPA reads
         # them in place (enable_gqa) rather than from a repeated copy of the cache.
@@ -310,7 +315,8 @@ class Attention(nn.Module):
             attn_mask=None if mask is ATTEND_ALL else mask,
             is_causal=mask is None,
             enable_gqa=m != n,
-        ).to(x.dtype)  # (B, N, L, E)
+        )  # (B, N, L, E)
+        out = out if dtype is None else out.to(dtype)
         return self.wo(out.transpose(1, 2).reshape(b, length, -1))  # (B, L, D)
 
 
