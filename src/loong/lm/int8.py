@@ -23,12 +23,15 @@ Axes: N output features, K input features.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 INT8_MAX = 127
+
+Model = TypeVar("Model", bound=nn.Module)
 
 
 class Int8Linear(nn.Module):
@@ -80,7 +83,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def int8_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def int8_weights(model: Model, dtype: torch.dtype = torch.bfloat16) -> Model:
     """Cast ``model`` (a :class:`~loong.lm.model.VideoLM`) to ``dtype`` and replace the linear
     layers of its blocks by :class:`Int8Linear` in place; returns it, in eval mode.
 
@@ -105,4 +108,5 @@ def int8_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mo
 
 
 def has_int8_weights(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is an :class:`Int8Linear`."""
     return any(isinstance(m, Int8Linear) for m in model.modules())
