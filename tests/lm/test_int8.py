@@ -81,6 +81,21 @@ def test_an_int8_model_decodes_with_its_cache_as_its_full_forward(make_lm):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
+def test_an_untied_head_is_rounded_and_sliced_by_id_range_a_tied_one_stays_float(make_lm):
+    ids = torch.randint(0, 104, (2, 10), generator=torch.Generator().manual_seed(3))
+    model = int8_weights(make_lm(), torch.float32)
+    assert isinstance(model.output, Int8Linear)
+    with torch.no_grad():
+        full, part = model(ids), model(ids, last_only=True, id_range=(40, 104))
+    torch.testing.assert_close(part, full[:, -1:, 40:104], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="id_range"):
+        model(ids, id_range=(40, 200))
+    tied = int8_weights(make_lm(tie_embeddings=True), torch.float32)
+    assert tied.output is None and isinstance(tied.layers[0].attention.wo, Int8Linear)
+    with torch.no_grad():
+        assert tied(ids).shape == (2, 10, tied.config.vocab_size)
+
+
 def test_int8_logits_stay_near_the_float_models(make_lm):
     """At the training init's weight sizes (the fixture's std 0.3 makes a chaotic network, in
     which rounding the blocks to bfloat16 alone moves the logits by 3%)."""

@@ -14,8 +14,8 @@ and 7.2 ms in float32, but 9.2 ms with int8 weights and float32 activations (a 2
 with AVX-512 BF16; BENCHMARKS.md), which is why :func:`int8_weights` defaults them to bfloat16.
 
 Sampling only: the int8 weights are buffers, never trained, and a model holding them is not
-saved (save the float model; convert when loading). The head, the embeddings and the norms stay
-in float.
+saved (save the float model; convert when loading). An untied head is rounded too; a tied head
+(the embedding table), the embeddings and the norms stay in float.
 
 Axes: N output features, K input features.
 """
@@ -66,21 +66,29 @@ class Int8Linear(nn.Module):
         """One layer whose outputs are those of ``layers`` in order (one matmul for several)."""
         return cls(torch.cat([m.weight for m in layers]), torch.cat([m.scales for m in layers]))
 
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Int8 rows and scales of outputs ``lo .. hi − 1`` (views), for :func:`int8_linear`."""
+        return self.weight[lo:hi], self.scales[lo:hi]
+
     def dequantized(self) -> torch.Tensor:
         """The weight the layer stands for, ``q · s`` (N, K) in the scales' dtype."""
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (..., K) → (..., N)
-        fast = x.device.type == "cpu" and x.dtype == self.scales.dtype and not x.requires_grad
-        if not fast:  # the reference path: other devices, other dtypes, autograd
-            return F.linear(x, self.dequantized().to(x.dtype))
-        rows = x.reshape(-1, self.in_features).contiguous()  # (M, K)
-        out = torch._weight_int8pack_mm(rows, self.weight, self.scales)  # (M, N)
-        return out.view(*x.shape[:-1], self.out_features)
+        return int8_linear(x, self.weight, self.scales)  # (..., K) → (..., N)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., K) times int8 rows ``weight`` (N, K) scaled by ``scales`` (N,) → (..., N)."""
+    fast = x.device.type == "cpu" and x.dtype == scales.dtype and not x.requires_grad
+    if not fast:  # the reference path: other devices, other dtypes, autograd
+        return F.linear(x, (weight.to(scales.dtype) * scales[:, None]).to(x.dtype))
+    rows = x.reshape(-1, weight.shape[1]).contiguous()  # (M, K)
+    out = torch._weight_int8pack_mm(rows, weight, scales)  # (M, N)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def int8_weights(model: Model, dtype: torch.dtype = torch.bfloat16) -> Model:
@@ -104,6 +112,10 @@ def int8_weights(model: Model, dtype: torch.dtype = torch.bfloat16) -> Model:
                 layer = getattr(owner, name)
                 if isinstance(layer, nn.Linear):
                     setattr(owner, name, Int8Linear.from_linear(layer, dtype))
+    # An untied head too (in a folded model: code-bit terms would add to its weight)
+    output = getattr(model, "output", None)
+    if isinstance(output, nn.Linear) and getattr(model, "code_head", None) is None:
+        model.output = Int8Linear.from_linear(output, dtype)
     return model.to(dtype).eval()
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loong.lm.int8 import Int8Linear, has_int8_weights
+from loong.lm.int8 import Int8Linear, has_int8_weights, int8_linear
 from loong.lm.kv_cache import KVCache
 from loong.lm.vocab import BOV, VocabConfig
 
@@ -489,13 +489,14 @@ class VideoLM(nn.Module):
         elif output_mask is not None:
             x = x[output_mask]  # (N, D)
         x = self.norm(x)
-        head = self._head_weight()  # (V, D)
-        if id_range is not None:
-            lo, hi = id_range
-            if not 0 <= lo < hi <= head.shape[0]:
-                raise ValueError(f"id_range {id_range} is empty or outside [0, {head.shape[0]})")
-            head = head[lo:hi]
-        return F.linear(x, head)  # (B, L, V), (N, V) or (…, hi − lo)
+        lo, hi = (0, self.config.vocab_size) if id_range is None else id_range
+        if not 0 <= lo < hi <= self.config.vocab_size:
+            raise ValueError(
+                f"id_range {id_range} is empty or outside [0, {self.config.vocab_size})"
+            )
+        if isinstance(self.output, Int8Linear):  # sampling with int8 weights (loong.lm.int8)
+            return int8_linear(x, *self.output.rows(lo, hi))
+        return F.linear(x, self._head_weight()[lo:hi])  # (B, L, V), (N, V) or (…, hi − lo)
 
     # -- tables indexed by ids (with video_code_bits: plain rows + the shared bit terms)
 
