@@ -99,7 +99,8 @@ def resolve_lm_dtype(dtype: str | torch.dtype, device: str | torch.device) -> to
 
 def load_lm(model_dir: Path, device: str | torch.device, lm_dtype: str | torch.dtype) -> VideoLM:
     """The LM export in ``model_dir`` for sampling in ``lm_dtype`` (see :func:`resolve_lm_dtype`;
-    "int8": the blocks' weights in int8, activations in bfloat16, :mod:`loong.lm.int8`)."""
+    "int8": the blocks' weights and an untied head in int8, activations in bfloat16; see
+    :mod:`loong.lm.int8`)."""
     lm = VideoLM.from_pretrained(model_dir, device)
     if lm_dtype == "int8":
         if torch.device(device).type != "cpu":
@@ -419,10 +420,11 @@ class TextToVideo:
         is float32 on CPU and bfloat16 on accelerators. float16 halves the bytes each decoded
         token reads (a 5.5M-parameter model's matmuls alone ran ~4× faster), but end to end a
         one-minute video took as long as in float32 on a 2-core CPU (see BENCHMARKS.md), so it
-        is an option, not the CPU default. "int8" keeps the blocks' weights in int8 (one scale a
-        row) with bfloat16 activations: a quarter of the bytes of float32 a token, for CPUs that
-        compute in bfloat16 natively (:mod:`loong.lm.int8`). Norms, RoPE tables and the sampling
-        softmax run in float32 either way; the video tokenizer stays float32."""
+        is an option, not the CPU default. "int8" keeps the blocks' weights and an untied head in
+        int8 (one scale a row) with bfloat16 activations: a quarter of the bytes of float32 a
+        token, for CPUs that compute in bfloat16 natively (:mod:`loong.lm.int8`). Norms, RoPE
+        tables and the sampling softmax run in float32 either way; the video tokenizer stays
+        float32."""
         model_dir = default_model_dir() if model_dir is None else Path(model_dir)
         if not model_dir.is_dir():
             raise FileNotFoundError(
