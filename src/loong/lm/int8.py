@@ -93,7 +93,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 def int8_weights(model: Model, dtype: torch.dtype = torch.bfloat16) -> Model:
     """Cast ``model`` (a :class:`~loong.lm.model.VideoLM`) to ``dtype`` and replace the linear
-    layers of its blocks by :class:`Int8Linear` in place; returns it, in eval mode.
+    layers of its blocks and an untied head by :class:`Int8Linear` in place; returns it, in
+    eval mode.
 
     Rounded from the weights as they are in ``model`` (float32 weights are not rounded to
     ``dtype`` first)."""
