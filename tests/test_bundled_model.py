@@ -52,7 +52,7 @@ def test_the_bundle_samples_with_int8_weights_seeded_and_close_to_float():
     # A different rounding draws another sample, but of the same scene: the background and
     # the blue object, so nearly every pixel agrees with the float model's video.
     agree = (abs(first.astype(int) - float_frames.astype(int)).max(axis=-1) < 40).mean()
-    assert agree > 0.9, agree  # 1.0 measured; with every scale doubled 0.72
+    assert agree > 0.9, agree  # 0.998 measured; with every scale doubled 0.84
 
 
 def test_one_seed_makes_one_mp4(tmp_path):

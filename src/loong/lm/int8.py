@@ -72,7 +72,7 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight the layer stands for, ``q · s`` (N, K) in the scales' dtype."""
-        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+        return dequantize(self.weight, self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scales)  # (..., K) → (..., N)
@@ -81,11 +81,16 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def dequantize(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Int8 rows ``weight`` (N, K) times their ``scales`` (N,) → (N, K) in the scales' dtype."""
+    return weight.to(scales.dtype) * scales[:, None]
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x`` (..., K) times int8 rows ``weight`` (N, K) scaled by ``scales`` (N,) → (..., N)."""
     fast = x.device.type == "cpu" and x.dtype == scales.dtype and not x.requires_grad
     if not fast:  # the reference path: other devices, other dtypes, autograd
-        return F.linear(x, (weight.to(scales.dtype) * scales[:, None]).to(x.dtype))
+        return F.linear(x, dequantize(weight, scales).to(x.dtype))
     rows = x.reshape(-1, weight.shape[1]).contiguous()  # (M, K)
     out = torch._weight_int8pack_mm(rows, weight, scales)  # (M, N)
     return out.view(*x.shape[:-1], weight.shape[0])
