@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import socket
 from pathlib import Path
@@ -18,6 +19,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def default_threads() -> int:
+    """The threads a benchmark uses unless told: ``OMP_NUM_THREADS`` when it is set (so that
+    ``OMP_NUM_THREADS=1`` runs two benchmarks side by side on two cores without each taking
+    both, which slows each several times over), else every core this process may run on."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+THREADS_HELP = "torch threads (default: OMP_NUM_THREADS if set, else every core)"
 
 
 def block_network(name: str) -> None:

@@ -64,13 +64,12 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from common import block_network, cpu_model
+from common import THREADS_HELP, block_network, cpu_model, default_threads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=default_threads or os.cpu_count())
+    parser.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--preset", default="tiny", help="our preset (vocabulary) to resize")

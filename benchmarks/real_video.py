@@ -55,7 +55,7 @@ import av
 import numpy as np
 import torch
 
-from common import cpu_model
+from common import THREADS_HELP, cpu_model, default_threads
 from loong.config import apply_overrides, config_to_dict, parse_set
 from loong.data.video import (
     cut_clips,
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["yuv420p", "yuv444p"],
         help="yuv420p: what H.264 is used with; yuv444p (High 4:4:4): no chroma subsampling",
     )
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     parser.add_argument("--json", type=Path, default=None, help="default: OUT/real_video.json")
     args = parser.parse_args(argv)
     if not 0 < args.heldout < 1:

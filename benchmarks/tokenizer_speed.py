@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from common import block_network, cpu_model
+from common import THREADS_HELP, block_network, cpu_model, default_threads
 
 SETUP_HINT = """\
 magvit2_pytorch is not importable from this Python ({python}): {error}
@@ -115,9 +115,8 @@ def gflops(fn: Callable[[], object]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=default_threads or os.cpu_count())
+    parser.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--frames", type=int, default=17)
