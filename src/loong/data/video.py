@@ -63,14 +63,20 @@ def _decode(
     _check_readable(path)
     frames: list[np.ndarray] = []
     times: list[float | None] = []
+    # In a forked DataLoader worker FFmpeg's slice threads (the decoder's and swscale's) can wait
+    # forever on a lock the parent held at the fork: seen as a worker stuck in swscale's
+    # avpriv_slicethread_execute. Workers already run side by side, so each decodes on one thread.
+    threads = 1 if get_worker_info() is not None else 0  # 0: FFmpeg's own choice
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoReadError(f"{path}: has no video stream; pass a video or image file")
             stream = container.streams.video[0]
+            if threads:
+                stream.thread_count = threads
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
+                frames.append(frame.to_ndarray(format="rgb24", threads=threads))  # (H, W, 3)
                 times.append(frame.time)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
