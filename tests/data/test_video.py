@@ -195,6 +195,21 @@ def test_video_folder_splits_files_across_workers(tmp_path: Path, monkeypatch) -
     assert len(set(seen[0] + seen[1])) == 5  # every file once, in one worker only
 
 
+def test_forked_workers_read_videos_after_the_parent_did(tmp_path: Path) -> None:
+    """PyAV (>= 18.1.1) keeps one frame converter a thread, with its slice threads; a worker
+    forked after the parent converted frames must not reuse it (it hung in swscale). A hung
+    worker fails here on the loader's timeout instead of hanging the suite."""
+    for i in range(4):
+        write_video(tmp_path / f"{i}.mp4", smooth_video(n_frames=10), fps=8)
+    read_video(tmp_path / "0.mp4")  # the parent converts frames first
+    dataset = VideoFolder(tmp_path, n_frames=5, size=16, shuffle=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=2, timeout=60, multiprocessing_context="fork"
+    )
+    clips = list(loader)
+    assert len(clips) == 8 and all(c.shape == (3, 5, 16, 16) for c in clips)
+
+
 def test_video_folder_shuffles_per_epoch(tmp_path: Path) -> None:
     for i in range(8):
         write_png(tmp_path / f"{i}.png", index_video(1)[0] + 8 * i)

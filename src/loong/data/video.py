@@ -23,6 +23,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 from torch.utils.data import IterableDataset, get_worker_info
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
@@ -63,9 +64,12 @@ def _decode(
     _check_readable(path)
     frames: list[np.ndarray] = []
     times: list[float | None] = []
-    # In a forked DataLoader worker FFmpeg's slice threads (the decoder's and swscale's) can wait
-    # forever on a lock the parent held at the fork: seen as a worker stuck in swscale's
-    # avpriv_slicethread_execute. Workers already run side by side, so each decodes on one thread.
+    # PyAV >= 18.1.1 converts frames through one swscale context a thread, kept for the thread's
+    # life; a forked DataLoader worker inherits the parent's, whose slice threads it does not
+    # have, and hangs in swscale on first use. So every call converts through a context of its
+    # own, and inside a worker (workers already run side by side) decodes and converts on one
+    # thread, with no slice threads to inherit.
+    reformatter = VideoReformatter()
     threads = 1 if get_worker_info() is not None else 0  # 0: FFmpeg's own choice
     try:
         with av.open(str(path)) as container:
@@ -76,7 +80,8 @@ def _decode(
                 stream.thread_count = threads
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24", threads=threads))  # (H, W, 3)
+                rgb = reformatter.reformat(frame, format="rgb24", threads=threads)
+                frames.append(rgb.to_ndarray())  # (H, W, 3)
                 times.append(frame.time)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
