@@ -67,8 +67,8 @@ def _decode(
     # PyAV >= 18.1.1 converts frames through one swscale context a thread, kept for the thread's
     # life; a forked DataLoader worker inherits the parent's, whose slice threads it does not
     # have, and hangs in swscale on first use. So every call converts through a context of its
-    # own, and inside a worker (workers already run side by side) decodes and converts on one
-    # thread, with no slice threads to inherit.
+    # own (the same pixels as PyAV's). Inside a worker the decoder and the conversion run on one
+    # thread: workers already run side by side, and none then starts a pool of FFmpeg threads.
     reformatter = VideoReformatter()
     threads = 1 if get_worker_info() is not None else 0  # 0: FFmpeg's own choice
     try:
