@@ -20,6 +20,7 @@ from loong.data.video import (
     VideoWriter,
     cut_clips,
     frames_to_tensor,
+    held_out_files,
     list_video_files,
     read_image,
     read_video,
@@ -358,3 +359,37 @@ def test_write_video_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\.mp4, \.gif"):
         write_video(tmp_path / "clip.avi", smooth_video(2, 16, 16), fps=24)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_held_out_files_split_by_path_and_keep_their_side_as_files_are_added(tmp_path):
+    root = tmp_path / "videos"
+    files = [root / f"clip{i:02d}.mp4" for i in range(40)]
+    held = held_out_files(files, root, 0.25)
+    assert 0 < len(held) < len(files) and set(held) <= set(files)
+    assert held_out_files(list(reversed(files)), root, 0.25) == held  # order does not matter
+    more = files + [root / "more" / f"clip{i:02d}.mp4" for i in range(40)]
+    held_more = set(held_out_files(more, root, 0.25))
+    assert held_more & set(files) == set(held)  # the first 40 stay on their side
+    assert held_out_files(files, root, 0.0) == []
+
+
+def test_held_out_files_hold_at_least_one_of_ten_and_none_of_fewer(tmp_path):
+    files = [tmp_path / f"{i}.mp4" for i in range(video.HOLD_OUT_MIN_FILES)]
+    assert len(held_out_files(files, tmp_path, 1e-9)) == 1
+    assert len(held_out_files(files, tmp_path, 0.999)) == len(files) - 1
+    assert held_out_files(files[:-1], tmp_path, 0.5) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        held_out_files(files, tmp_path, 1.0)
+
+
+def test_video_folder_reads_the_held_out_files_or_the_rest(tmp_path: Path) -> None:
+    for i in range(video.HOLD_OUT_MIN_FILES):
+        write_video(tmp_path / f"clip{i}.mp4", smooth_video(n_frames=4, height=16, width=16), fps=8)
+    held = held_out_files(list_video_files(tmp_path), tmp_path, 0.3)
+    rest = VideoFolder(tmp_path, n_frames=1, size=16, hold_out=0.3)
+    only = VideoFolder(tmp_path, n_frames=1, size=16, hold_out=0.3, held_out=True)
+    assert only.files == held and set(rest.files) == set(list_video_files(tmp_path)) - set(held)
+    (tmp_path / "one").mkdir()
+    write_video(tmp_path / "one" / "clip.mp4", smooth_video(n_frames=4), fps=8)
+    with pytest.raises(ValueError, match="holds out no files"):
+        VideoFolder(tmp_path / "one", n_frames=1, size=16, hold_out=0.3, held_out=True)

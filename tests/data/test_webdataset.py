@@ -167,3 +167,21 @@ def test_writer_and_reader_errors_name_the_fix(tmp_path):
         WebVideoDataset(tmp_path, n_frames=4, size=16)
     with pytest.raises(ValueError, match="pass both rank and world_size"):
         WebVideoDataset(tmp_path, n_frames=5, size=16, rank=1)
+
+
+def test_tokenizer_evaluation_reads_tar_shards_in_a_fixed_order(video_folder, tmp_path):
+    """Tar shards as ``eval_folder`` give their first clips; as the training source without
+    one, the first training clips, said to be not held out."""
+    from loong.train.tokenizer_config import TokenizerDataConfig
+    from loong.train.tokenizer_data import evaluation_source, held_out_clips
+
+    write_shards(video_folder, tmp_path, samples_per_shard=5)
+    first = WebVideoDataset(tmp_path, n_frames=5, size=16, shuffle=False, rank=0, world_size=1)
+    expected = [sample["video"] for _, sample in zip(range(3), first, strict=False)]
+    as_eval = TokenizerDataConfig(eval_folder=str(tmp_path), n_frames=5, size=16)
+    as_source = TokenizerDataConfig(source=str(tmp_path), n_frames=5, size=16)
+    for cfg in (as_eval, as_source):
+        clips = held_out_clips(cfg, 3)
+        assert clips.shape == (3, 3, 5, 16, 16)
+        assert all((clip == want).all() for clip, want in zip(clips, expected, strict=True))
+    assert evaluation_source(as_eval)[1] and not evaluation_source(as_source)[1]

@@ -418,6 +418,55 @@ def test_folder_data_skips_bad_files_and_keeps_training(tmp_path, train_config):
     assert len(_losses(tmp_path / "run")) == 4
 
 
+def _grey_videos(folder: Path, n: int) -> list[float]:
+    """``n`` 12-frame videos ``clip{i}.mp4`` of one flat grey each; their levels in [-1, 1]."""
+    import numpy as np
+
+    from loong.data.video import write_video
+
+    levels = [16 + 24 * i for i in range(n)]  # n <= 10
+    for i, level in enumerate(levels):
+        write_video(folder / f"clip{i}.mp4", np.full((12, 32, 32, 3), level, np.uint8), fps=8)
+    return [level / 127.5 - 1 for level in levels]
+
+
+def _which(clips: torch.Tensor, levels: list[float]) -> set[int]:
+    """The video each clip ``(N, C, T, H, W)`` came from, by its mean level."""
+    means = clips.mean(dim=(1, 2, 3, 4)).tolist()
+    return {min(range(len(levels)), key=lambda i: abs(levels[i] - m)) for m in means}
+
+
+def test_a_folder_without_eval_folder_holds_videos_out_of_training(tmp_path):
+    """Evaluation reads ``eval_share`` of the folder's videos, and training never does."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    levels = _grey_videos(folder, 10)
+    cfg = TokenizerDataConfig(source=str(folder), n_frames=5, size=16, batch_size=2)
+    held = tokenizer_data.held_out_videos(cfg)
+    assert len(held) == 1  # 5% of 10 files: at least one
+    held_ids = {int(p.stem.removeprefix("clip")) for p in held}
+    evaluation = held_out_clips(cfg, 8)
+    assert _which(evaluation, levels) == held_ids
+    assert tokenizer_data.evaluation_source(cfg) == (
+        f"held-out videos of {folder}: 1 of its 10 files (data.eval_share = 0.05)",
+        True,
+    )
+    batches = tokenizer_data.training_batches(cfg, {})
+    trained = torch.cat([next(batches) for _ in range(18)])  # 2 clips a file, over 2 passes
+    assert _which(trained, levels) == set(range(10)) - held_ids
+
+
+def test_a_folder_of_few_videos_evaluates_on_its_training_clips(tmp_path):
+    levels = _grey_videos(tmp_path, 1)
+    cfg = TokenizerDataConfig(source=str(tmp_path), n_frames=5, size=16, batch_size=2)
+    assert tokenizer_data.held_out_videos(cfg) == []
+    assert _which(held_out_clips(cfg, 2), levels) == {0}
+    what, held_out = tokenizer_data.evaluation_source(cfg)
+    assert not held_out and "not held out" in what
+    with pytest.raises(ValueError, match="eval_share must be in"):
+        TokenizerDataConfig(source=str(tmp_path), eval_share=1.0)
+
+
 def test_folder_batches_with_jitter_flips_and_a_shuffle_buffer_resume_exactly(tmp_path):
     """Jittered clip starts, flips and a shuffle buffer (the folder defaults) are drawn from the
     seed and the pass: batches after a saved position, across epochs, are the uninterrupted

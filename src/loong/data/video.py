@@ -10,6 +10,7 @@ Conventions: frames on disk and in numpy are uint8 ``(T, H, W, 3)`` RGB; the mod
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import tempfile
@@ -32,6 +33,8 @@ WRITE_SUFFIXES = (".mp4", ".gif")
 T = TypeVar("T")
 
 PathLike = str | os.PathLike[str]
+HOLD_OUT_MIN_FILES = 10
+"""The fewest files of a folder of which :func:`held_out_files` holds any out."""
 
 
 class VideoReadError(ValueError):
@@ -442,6 +445,29 @@ def list_video_files(root: PathLike, *, include_images: bool = True) -> list[Pat
     return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
+def held_out_files(files: Iterable[Path], root: PathLike, share: float) -> list[Path]:
+    """The ``files`` (under ``root``) held out of training for evaluation: those whose path
+    relative to ``root`` hashes below ``share``, so a file keeps its side of the split however
+    many files join or leave the folder. From ``HOLD_OUT_MIN_FILES`` files on, at least one is
+    held out (and at least one is not); from fewer, none, since each would be too large a share
+    of the training data.
+
+    The hash is SHA-1 of the relative POSIX path, read as a number in [0, 1)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the held-out share must be in [0, 1), got {share}")
+    files = list(files)
+    if share == 0.0 or len(files) < HOLD_OUT_MIN_FILES:
+        return []
+
+    def place(path: Path) -> float:
+        name = Path(path).relative_to(root).as_posix().encode()
+        return int.from_bytes(hashlib.sha1(name).digest()[:8], "big") / 2**64
+
+    ranked = sorted(files, key=place)
+    held = [path for path in ranked if place(path) < share][: len(files) - 1]
+    return sorted(held or ranked[:1])
+
+
 class VideoFolder(IterableDataset[torch.Tensor]):
     """Clips ``(C, n_frames, size, size)`` in [-1, 1] from every video (and, when ``n_frames`` is
     1 and ``include_images``, every image) under ``root``.
@@ -461,6 +487,10 @@ class VideoFolder(IterableDataset[torch.Tensor]):
     buffer (each worker its own), so that a batch mixes clips of several files instead of holding
     consecutive clips of one. All are drawn from ``seed``, the pass and the worker: a pass is the
     same every time it is repeated (resumable by counting batches).
+
+    ``hold_out`` = s > 0 keeps the files :func:`held_out_files` picks at share s out of every
+    pass, for evaluation; ``held_out=True`` reads only those instead (an error when there are
+    none: a folder of fewer than ``HOLD_OUT_MIN_FILES`` files).
     """
 
     def __init__(
@@ -477,6 +507,8 @@ class VideoFolder(IterableDataset[torch.Tensor]):
         jitter: bool = False,
         flip: bool = False,
         shuffle_buffer: int = 0,
+        hold_out: float = 0.0,
+        held_out: bool = False,
     ) -> None:
         super().__init__()
         check_clip_settings(n_frames, size, fps, clips_per_video)
@@ -493,6 +525,16 @@ class VideoFolder(IterableDataset[torch.Tensor]):
                 f"VideoFolder root {self.root} has no files with suffixes {', '.join(accepted)}"
                 + ("" if use_images else " (images are used only when n_frames == 1)")
             )
+        held = held_out_files(self.files, self.root, hold_out)
+        if held_out and not held:
+            raise ValueError(
+                f"VideoFolder root {self.root} holds out no files at the share {hold_out} "
+                f"({len(self.files)} files): evaluation needs a folder of "
+                f"{HOLD_OUT_MIN_FILES} files or more, or a folder of its own"
+            )
+        if hold_out > 0:
+            kept = set(held)
+            self.files = held if held_out else [p for p in self.files if p not in kept]
         self.n_frames, self.size, self.fps = n_frames, size, fps
         self.shuffle, self.seed, self.clips_per_video = shuffle, seed, clips_per_video
         self.jitter, self.flip, self.shuffle_buffer = jitter, flip, shuffle_buffer

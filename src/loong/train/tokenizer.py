@@ -43,7 +43,12 @@ from loong.train.runtime import (
     start,
 )
 from loong.train.tokenizer_config import TokenizerTrainConfig
-from loong.train.tokenizer_data import held_out_clips, micro_batch_rows, training_batches
+from loong.train.tokenizer_data import (
+    evaluation_source,
+    held_out_clips,
+    micro_batch_rows,
+    training_batches,
+)
 from loong.video_tokenizer.discriminator import Discriminator3D
 from loong.video_tokenizer.losses import (
     LeCam,
@@ -208,6 +213,11 @@ def train_tokenizer(
         log.info("resumed from step %d", step)
     refit = Refit(configured, cfg, out, TOKENIZER, resumed=step > 0, world_size=rt.world_size)
     eval_clips = held_out_clips(cfg.data, cfg.eval_clips).to(device)
+    evaluated_on, held_out = evaluation_source(cfg.data)
+    if rt.main:  # quiet (a calibration, a test): debug
+        say = log.debug if not progress else log.info if held_out else log.warning
+        fix = "" if held_out else ": set data.eval_folder to videos training does not read"
+        say("evaluation: %d clips, %s%s", len(eval_clips), evaluated_on, fix)
     batches = training_batches(cfg.data, position, rows)
     bar = tqdm(
         total=cfg.steps,
@@ -340,7 +350,10 @@ def train_tokenizer(
             # every rank evaluates all clips (FSDP needs every rank for a forward pass)
             result = evaluate(evaluated, eval_clips)
             record |= {f"eval_{k}": v for k, v in result.items()}
-            said = f"step {step}: held-out PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}"
+            said = (
+                f"step {step}: {'held-out' if held_out else 'eval'} PSNR {result['psnr']:.2f} dB, "
+                f"SSIM {result['ssim']:.4f}"
+            )
             if rt.main and progress:
                 bar.write(said)
             else:  # quiet: a calibration, a test

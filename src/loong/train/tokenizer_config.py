@@ -35,7 +35,15 @@ class TokenizerDataConfig:
     seed: int = 0
     """Seed of the data order (and of the shapes world)."""
     eval_folder: str = ""
-    """Folder of held-out videos for evaluation; empty: held-out shapes-world clips."""
+    """Held-out videos for evaluation (a folder, or tar shards); empty: held-out shapes-world
+    clips for the shapes world, ``eval_share`` of a folder's videos for a folder, and the first
+    training clips (said in the log) for tar shards."""
+    eval_share: float = 0.05
+    """A folder of videos without ``eval_folder``: the share of its files held out of training
+    for evaluation, picked by a hash of each file's path (``loong.data.video.held_out_files``:
+    at least one from 10 files on, none from fewer, and the same files whatever files are
+    added); 0, or a folder of fewer than 10 files: evaluation reads the first training clips,
+    said in the log."""
     jitter: bool = True
     """Folders: each pass cuts a video's clips from a random first frame, so a pass sees other
     clips than the last (evaluation clips stay fixed)."""
@@ -53,6 +61,10 @@ class TokenizerDataConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.eval_share < 1.0:
+            raise ValueError(
+                f"data.eval_share must be in [0, 1) (0: no held-out videos), got {self.eval_share}"
+            )
         if self.shuffle_buffer < 0:
             raise ValueError(
                 f"data.shuffle_buffer must be >= 0 (0: off), got {self.shuffle_buffer}"

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from loong.data.shapes import ShapesWorld, ShapesWorldConfig
 from loong.data.sources import source_kind
-from loong.data.video import VideoFolder
+from loong.data.video import VideoFolder, held_out_files, list_video_files
 from loong.train.dist import all_true
 from loong.train.runtime import Runtime
 from loong.train.tokenizer_config import TokenizerDataConfig
@@ -74,6 +75,7 @@ def training_batches(
         jitter=cfg.jitter,
         flip=cfg.flip,
         shuffle_buffer=cfg.shuffle_buffer,
+        hold_out=cfg.eval_share if held_out_videos(cfg) else 0.0,
     )
     while True:
         epoch = position.setdefault("epoch", 0)
@@ -167,15 +169,59 @@ def shard_batches(
         position.update(epoch=epoch + 1, batches=0)
 
 
-def held_out_clips(cfg: TokenizerDataConfig, n: int) -> torch.Tensor:
-    """``n`` evaluation clips ``(n, C, T, H, W)``: ``cfg.eval_folder`` or unseen shapes seeds."""
+def held_out_videos(cfg: TokenizerDataConfig) -> list[Path]:
+    """The files of a folder ``cfg.source`` held out of training for evaluation: ``eval_share``
+    of them (``held_out_files``), none with ``eval_folder`` set or for another kind of source."""
+    if cfg.eval_folder or cfg.eval_share == 0 or source_kind(cfg.source) != "folder":
+        return []
+    root = Path(cfg.source)
+    if not root.is_dir():
+        raise ValueError(f"data.source {cfg.source} is not a folder; check the path")
+    files = list_video_files(root, include_images=cfg.n_frames == 1)
+    return held_out_files(files, root, cfg.eval_share)
+
+
+def evaluation_source(cfg: TokenizerDataConfig) -> tuple[str, bool]:
+    """What :func:`held_out_clips` reads, in words, and whether training never sees it."""
     if cfg.eval_folder:
-        folder = VideoFolder(
-            cfg.eval_folder, n_frames=cfg.n_frames, size=cfg.size, fps=cfg.fps, shuffle=False
-        )
+        return f"held-out videos of {cfg.eval_folder}", True
+    if source_kind(cfg.source) == "shapes":
+        return "held-out shapes-world clips", True
+    held = held_out_videos(cfg)
+    if held:
+        files = len(list_video_files(cfg.source, include_images=cfg.n_frames == 1))
+        share = f"data.eval_share = {cfg.eval_share}"
+        return f"held-out videos of {cfg.source}: {len(held)} of its {files} files ({share})", True
+    return f"the first training clips of {cfg.source}, not held out", False
+
+
+def held_out_clips(cfg: TokenizerDataConfig, n: int) -> torch.Tensor:
+    """``n`` evaluation clips ``(n, C, T, H, W)`` (fewer if the videos hold fewer), in a fixed
+    order: the first clips of ``cfg.eval_folder``; else unseen shapes seeds, the videos of a
+    folder ``cfg.source`` that :func:`held_out_videos` keeps out of training, or, where
+    nothing is held out (a folder of few videos, ``eval_share`` 0, tar shards), the source's
+    first training clips (:func:`evaluation_source` says which)."""
+    source = cfg.eval_folder or cfg.source
+    kind = source_kind(source)
+    if kind == "shapes":
+        world = shapes_world(cfg, held_out=True)
+        return torch.stack([world[i][1] for i in range(n)])
+    clip = {"n_frames": cfg.n_frames, "size": cfg.size, "fps": cfg.fps}
+    if kind == "shards":
+        from loong.data.webdataset import WebVideoDataset
+
+        shards = WebVideoDataset(source, **clip, shuffle=False, rank=0, world_size=1)
+        clips = [sample["video"] for _, sample in zip(range(n), shards, strict=False)]
+        summary = shards.summary()
+    else:
+        held = bool(held_out_videos(cfg))
+        share = cfg.eval_share if held else 0.0
+        folder = VideoFolder(source, **clip, shuffle=False, hold_out=share, held_out=held)
         clips = [clip for _, clip in zip(range(n), folder, strict=False)]
-        if not clips:
-            raise ValueError(f"{cfg.eval_folder} yields no evaluation clips: {folder.summary()}")
-        return torch.stack(clips)
-    world = shapes_world(cfg, held_out=True)
-    return torch.stack([world[i][1] for i in range(n)])
+        summary = folder.summary()
+    if not clips:
+        what, _ = evaluation_source(cfg)
+        raise ValueError(
+            f"{source} yields no evaluation clips of {cfg.n_frames} frames from {what}: {summary}"
+        )
+    return torch.stack(clips)
