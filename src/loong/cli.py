@@ -327,7 +327,7 @@ def _lm(args: argparse.Namespace) -> int:
     from loong.config import resolve_config
 
     if args.action == "tokenize":
-        from loong.data.shards import TokenizeConfig, tokenize_dataset
+        from loong.data.shards import EVAL_DIR, TokenizeConfig, tokenize_dataset
 
         sets = [f"video_tokenizer={_toml_string(args.video_tokenizer)}", *args.set]
         if args.data:
@@ -337,7 +337,8 @@ def _lm(args: argparse.Namespace) -> int:
         cfg = resolve_config(TokenizeConfig(), args.config, sets)
         with _process_group():
             out = tokenize_dataset(cfg, args.out)
-            _say(f"token shards in {out}")
+            held = out / EVAL_DIR
+            _say(f"token shards in {out}" + (f", held-out ones in {held}" if held.is_dir() else ""))
         return 0
 
     from loong.train.lm import train_lm

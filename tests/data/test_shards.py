@@ -219,3 +219,43 @@ def test_tokenize_dataset_records_the_tokenizers(tmp_path, video_tokenizer):
     before = (out / "tokenizer.json").stat().st_mtime_ns
     tokenize_dataset(cfg, out, progress=False)  # resumed: same shards, tokenizer kept
     assert (out / "tokenizer.json").stat().st_mtime_ns == before
+
+
+def test_a_folder_s_held_out_videos_go_to_eval_shards_that_lm_training_evaluates_on(
+    tmp_path, video_tokenizer
+):
+    from loong.data.shards import EVAL_DIR
+    from loong.data.video import HOLD_OUT_MIN_FILES, held_out_files, list_video_files
+    from loong.train.lm_batches import evaluation_shards
+    from loong.train.lm_config import LMDataConfig, LMTrainConfig
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(HOLD_OUT_MIN_FILES):
+        write_video(folder / f"v{i}.mp4", render(sample_scene(rng), seed=i, n_frames=5), fps=8)
+        (folder / f"v{i}.txt").write_text(f"video {i}\n")
+    held = {p.name for p in held_out_files(list_video_files(folder), folder, 0.05)}
+    assert len(held) == 1
+    video_tokenizer.save_pretrained(tmp_path / "vt")
+    cfg = TokenizeConfig(
+        source=str(folder), video_tokenizer=str(tmp_path / "vt"), n_frames=5, text_vocab_size=0
+    )
+    out = tokenize_dataset(cfg, tmp_path / "shards", progress=False)
+    train, evaluation = TokenShards(out), TokenShards(out / EVAL_DIR)
+    sources = {train.record(2, i)["source"].split("#")[0] for i in range(train.count(2))}
+    assert sources == {f"v{i}.mp4" for i in range(HOLD_OUT_MIN_FILES)} - held
+    assert [evaluation.record(2, 0)["source"].split("#")[0]] == sorted(held)
+    assert len(evaluation) == 1
+    lm = LMTrainConfig(data=LMDataConfig(shards=(str(out),)))
+    source, what, held_out = evaluation_shards(lm, [train])
+    assert held_out and [s.directory for s in source] == [out / EVAL_DIR] and "(1 item)" in what
+    again = tokenize_dataset(cfg, out, progress=False)  # a rerun resumes both directories
+    assert TokenShards(again / EVAL_DIR).record(2, 0) == evaluation.record(2, 0)
+    without = TokenizeConfig(**{**cfg.__dict__, "eval_share": 0.0})
+    out2 = tokenize_dataset(without, tmp_path / "all", progress=False)
+    assert len(TokenShards(out2)) == HOLD_OUT_MIN_FILES and not (out2 / EVAL_DIR).exists()
+    source, what, held_out = evaluation_shards(
+        LMTrainConfig(data=LMDataConfig(shards=(str(out2),))), [TokenShards(out2)]
+    )
+    assert not held_out and "not held out" in what

@@ -9,6 +9,7 @@ epoch, so it happens once, here (DESIGN.md, "Scale"). On-disk format of a shards
     shard_00000_t001.npy/.jsonl the same unit's one-frame items (images and stills, t = 1)
     shard_00000.json            unit manifest: the unit's source range and shards, written last
     tokenizer.json              optional: a byte-level BPE text tokenizer trained on the captions
+    eval/                       a folder's held-out files, a shards directory of its own
 
 ``meta.json`` holds ``format``/``version``, ``source``, ``params`` (the settings that decide the
 content), ``video_tokenizer`` (``path``, ``vocab_size``, ``fingerprint`` = sha256 of its weights,
@@ -64,10 +65,12 @@ from tqdm import tqdm
 from loong.data.shapes import ShapesWorld, ShapesWorldConfig, caption, paraphrase
 from loong.data.sources import source_kind
 from loong.data.video import (
+    HOLD_OUT_MIN_FILES,
     IMAGE_SUFFIXES,
     VideoReadError,
     cut_clips,
     frames_to_tensor,
+    held_out_files,
     list_video_files,
     read_video,
     resize_video,
@@ -83,6 +86,9 @@ log = logging.getLogger("loong")
 
 FORMAT, VERSION = "loong-token-shards", 1
 META_FILE = "meta.json"
+EVAL_DIR = "eval"
+"""The shards directory inside a folder's shards that holds its held-out files' items
+(``TokenizeConfig.eval_share``)."""
 MAX_LISTED_SKIPS = 1000
 """At most this many skipped files are named in meta.json (all are counted)."""
 
@@ -118,6 +124,12 @@ class TokenizeConfig:
     shards carry their captions in each sample's ``.txt`` or ``.json``."""
     clips_per_video: int = 1
     """Folder or tar shards: back-to-back clips kept from the start of each video; 0 keeps all."""
+    eval_share: float = 0.05
+    """Folder: the share of its files tokenized into ``OUT/eval`` (``EVAL_DIR``, a shards
+    directory of its own) instead of ``OUT``, for ``loong lm train`` to evaluate on (it does when
+    ``data.eval_shards`` is empty); picked by a hash of each file's path
+    (``loong.data.video.held_out_files``: at least one from 10 files on, none from fewer, the
+    same files whatever files are added). 0: none."""
     batch_size: int = 16
     """Clips encoded at once."""
     shard_size: int = 256
@@ -134,6 +146,8 @@ class TokenizeConfig:
                 f"n_clips, batch_size and shard_size must be >= 1, got {self.n_clips}, "
                 f"{self.batch_size}, {self.shard_size}"
             )
+        if not 0.0 <= self.eval_share < 1.0:
+            raise ValueError(f"eval_share must be in [0, 1) (0: none), got {self.eval_share}")
         if self.clips_per_video < 0 or self.n_paraphrases < 0:
             raise ValueError("clips_per_video and n_paraphrases must be >= 0")
         for name in ("still_share", "paraphrase_prob"):
@@ -539,13 +553,17 @@ def tokenize_folder(
     shard_size: int = 256,
     video_tokenizer_dir: str | Path | None = None,
     progress: bool = True,
+    hold_out: float = 0.0,
+    held_out: bool = False,
 ) -> dict[str, Any]:
     """Tokenize every video and image under ``folder`` into shards in ``out_dir``; returns meta.
 
     Videos are resampled to ``fps``, centre-cropped and resized to ``size``, and cut into
     back-to-back clips of ``n_frames`` (the first ``clips_per_video``; None keeps all); images
     become one-frame items (t = 1). Captions: see the module docstring. Skipped files are counted
-    in ``meta["skipped"]`` and named in ``meta["skipped"]["files"]``.
+    in ``meta["skipped"]`` and named in ``meta["skipped"]["files"]``. ``hold_out`` = s > 0
+    leaves out the files ``held_out_files`` picks at share s (``held_out=True``: takes only
+    those), as ``VideoFolder`` does.
     """
     _check_clip_shape(video_tokenizer, n_frames, size)
     folder = Path(folder)
@@ -555,6 +573,14 @@ def tokenize_folder(
     files = list_video_files(folder, include_images=True)
     if not files:
         raise ValueError(f"{folder} holds no video or image files to tokenize")
+    held = set(held_out_files(files, folder, hold_out))
+    if held_out and not held:
+        raise ValueError(
+            f"{folder} holds out no files at the share {hold_out} ({len(files)} files; "
+            f"{HOLD_OUT_MIN_FILES} or more hold out at least one)"
+        )
+    if hold_out > 0:
+        files = [p for p in files if (p in held) == held_out]
     max_frames = None if not clips_per_video else clips_per_video * n_frames
 
     def items(chunk: list[Path]) -> Iterator[_Item | _Skip]:
@@ -587,6 +613,8 @@ def tokenize_folder(
         "clips_per_video": clips_per_video or 0,
         "shard_size": shard_size,
     }
+    if hold_out > 0:  # absent otherwise, so that shards written before the option still match
+        params |= {"eval_share": hold_out, "held_out": held_out}
     meta = _base_meta(
         video_tokenizer,
         video_tokenizer_dir,
@@ -662,14 +690,14 @@ def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool
             **common,
         )
     else:
-        meta = tokenize_folder(
-            model,
-            cfg.source,
-            out,
-            captions=cfg.captions or None,
-            clips_per_video=cfg.clips_per_video or None,
-            **common,
-        )
+        folder = {"captions": cfg.captions or None, "clips_per_video": cfg.clips_per_video or None}
+        share = cfg.eval_share
+        if not held_out_files(list_video_files(cfg.source), Path(cfg.source), share):
+            share = 0.0  # too few files: none held out, and no eval directory
+        if share > 0:
+            held = {"hold_out": share, "held_out": True}
+            tokenize_folder(model, cfg.source, out / EVAL_DIR, **folder, **held, **common)
+        meta = tokenize_folder(model, cfg.source, out, **folder, hold_out=share, **common)
     if cfg.text_vocab_size and current_rank() == 0:
         # Retrained only when the captions or the size changed, so a resumed run keeps its file.
         path = out / TOKENIZER_FILE

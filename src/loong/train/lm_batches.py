@@ -25,6 +25,7 @@ and loss were the larger part of a step's time outside the blocks (BENCHMARKS.md
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -32,10 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loong.data.shards import TokenShards
+from loong.data.shards import EVAL_DIR, META_FILE, TokenShards, check_compatible
 from loong.lm.vocab import Batch, Vocabulary
 from loong.text_tokenizer import TextTokenizer
 from loong.train.lm_config import LMDataConfig, LMTrainConfig, LossWeightConfig, StageConfig
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED_OFFSET = 1_000_003
 """The fixed evaluation items are drawn with seed + this offset."""
@@ -320,18 +323,43 @@ def frame_means(window: dict[str, list[float]]) -> dict[str, float]:
     return {k: window[k][0] / window[k][1] for k in keys}
 
 
+def evaluation_shards(
+    cfg: LMTrainConfig, shards: list[TokenShards]
+) -> tuple[list[TokenShards], str, bool]:
+    """The shards evaluation reads, what they are in words, and whether training never reads
+    them: ``data.eval_shards`` when set; else the held-out shards ``loong lm tokenize`` wrote
+    beside a folder's (``EVAL_DIR`` in a training shards directory); else the training shards
+    (a fixed training sample, not a held-out score)."""
+    if cfg.data.eval_shards:
+        return [TokenShards(cfg.data.eval_shards)], f"held-out shards {cfg.data.eval_shards}", True
+    held = [
+        s.directory / EVAL_DIR for s in shards if (s.directory / EVAL_DIR / META_FILE).is_file()
+    ]
+    if held:
+        source = [TokenShards(d) for d in held]
+        check_compatible(shards + source)
+        names, n = ", ".join(str(d) for d in held), sum(map(len, source))
+        return source, f"held-out shards {names} ({n} item{'s' * (n != 1)})", True
+    what = "a fixed sample of the training items, not held out: set data.eval_shards"
+    return shards, what, False
+
+
 def make_eval_batches(
     cfg: LMTrainConfig, shards: list[TokenShards], text: TextTokenizer, vocab: Vocabulary
 ) -> list[Batch]:
-    """Fixed evaluation batches: ``eval_items`` items of every stage length, main captions.
-
-    From ``data.eval_shards`` when set, else from the training shards (then it is a fixed
-    training sample, not a held-out score).
-    """
-    source = [TokenShards(cfg.data.eval_shards)] if cfg.data.eval_shards else shards
+    """Fixed evaluation batches: ``eval_items`` items of every stage length, main captions,
+    from :func:`evaluation_shards`; lengths the held-out shards have no item of are left out."""
+    source, what, held_out = evaluation_shards(cfg, shards)
+    lengths = sorted({t for stage in cfg.stages for t in stage.lengths})
+    missing = [t for t in lengths if len(ClipPool(source, t)) == 0]
+    (log.info if held_out else log.warning)("evaluation: %s", what)
+    if missing:
+        log.warning("evaluation: no held-out items of latent length %s: left out", missing)
     batches = []
-    for t in sorted({t for stage in cfg.stages for t in stage.lengths}):
+    for t in lengths:
         pool = ClipPool(source, t)
+        if len(pool) == 0:
+            continue
         rng = np.random.default_rng([cfg.seed + EVAL_SEED_OFFSET, t])
         items = rng.choice(len(pool), size=min(cfg.eval_items, len(pool)), replace=False)
         for chunk in np.array_split(items, max(1, math.ceil(len(items) / cfg.batch_size))):

@@ -68,7 +68,9 @@ class LMDataConfig:
     text_tokenizer: str = ""
     """tokenizer.json of the text tokenizer; empty: the one in the first shards directory."""
     eval_shards: str = ""
-    """Held-out shards for evaluation; empty: a fixed sample of training items."""
+    """Held-out shards for evaluation; empty: the held-out shards ``loong lm tokenize`` wrote in
+    ``eval/`` of the training shards directories (a folder's ``eval_share`` of its videos), or,
+    without any, a fixed sample of training items (said in the log)."""
     caption_dropout: float = 0.1
     """Share of items trained with the empty caption, for classifier-free guidance."""
     alternate_caption_prob: float = 0.5
