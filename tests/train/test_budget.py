@@ -437,6 +437,64 @@ def test_each_kind_of_step_is_timed_and_the_rest_of_the_run_refitted(
     assert not Refit(cfg, resumed, tmp_path, TOKENIZER, resumed=True).active
 
 
+def _run_on_a_clock(refit, cfg, seconds, late: bool = True):
+    """Step the budgeted tokenizer run ``cfg`` as the loop would, on a clock: step n takes
+    ``seconds(n, quantized, gan)`` and each event (an evaluation, preview or checkpoint) costs
+    ``COSTS.event`` times the step's slowdown; the run stops at its ``max_minutes`` as the loop
+    does. The config it ended with, the steps taken and the clock's seconds at the end."""
+    step, clock = 0, 0.0
+    while step < cfg.steps and clock <= 60 * cfg.max_minutes:
+        quantized = step >= cfg.continuous_steps
+        gan = step >= cfg.loss.disc_start_step and cfg.loss.gan_weight > 0
+        step += 1
+        took = seconds(step, quantized, gan)
+        clock += took
+        new = refit.observe(step, took, (quantized, gan), clock if late else None)
+        if new is not None:
+            cfg = new
+        intervals = (cfg.eval_every, cfg.preview_every, cfg.checkpoint_every)
+        if any(step % i == 0 for i in intervals):
+            clock += COSTS.event * took / (3.0 if gan else 1.0)
+    return cfg, step, clock
+
+
+def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """Steps as calibrated, then twice as slow once the quantized steps are timed (another job
+    started; no GAN phase, whose first steps' timing would catch it too):
+    without the late checks the run reaches its stop with steps to go; with them it fits the
+    steps still to come into the time left, ends before the stop with its learning rate
+    decayed, and a resumed run replays the re-fit."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
+    fitted = fit_tokenizer(cfg, tmp_path / "late")
+    fit_tokenizer(cfg, tmp_path / "unchecked")
+    slow_from = fitted.continuous_steps + 50  # the quantized steps' timing: their first 26
+
+    def seconds(step: int, quantized: bool, gan: bool) -> float:
+        return (3.0 if gan else 1.0) * (2.0 if step > slow_from else 1.0)
+
+    def run(name: str, late: bool):
+        refit = Refit(cfg, fitted, tmp_path / name, TOKENIZER, resumed=False)
+        return _run_on_a_clock(refit, fitted, seconds, late=late)
+
+    unchecked, taken, clock = run("unchecked", late=False)
+    assert unchecked.steps == fitted.steps and taken < fitted.steps  # stopped part-way
+    assert clock > 60 * fitted.max_minutes
+    ended, taken, clock = run("late", late=True)
+    assert taken == ended.steps < fitted.steps and clock <= 60 * fitted.max_minutes
+    assert clock > 0.8 * 60 * fitted.max_minutes  # the time left, used
+    record = json.loads((tmp_path / "late" / BUDGET_FILE).read_text())
+    [late] = [r for r in record["rest"] if r["kind"] == "late"]
+    assert late["step"] > slow_from and late["step_ratio"] == 2.0 and late["share"] < 1
+    assert ended.continuous_steps == fitted.continuous_steps  # begun before the re-fit: stays
+    assert ended.optim.lr_at(ended.steps - 1, ended.steps) < 0.2 * fitted.optim.lr
+    assert fit_tokenizer(cfg, tmp_path / "late") == ended  # resumed: the re-fit replayed
+
+
 def test_the_rest_of_a_run_scales_after_its_steps_taken():
     tok = apply_overrides(
         TokenizerTrainConfig(),

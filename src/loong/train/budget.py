@@ -42,6 +42,14 @@ again (:func:`rest_tokenizer`, :func:`rest_lm`): the steps still to come, and th
 to start, scale by one share so that the whole run, its kinds of step each at their own measured
 speed, fits the budget; the steps taken and the phases begun stay as they are. Each is recorded
 in ``budget.json`` (``rest``) and replayed on resume; a resumed run times no more kinds.
+
+A machine can also slow down later in a run (another job starts beside it), and a run fitted
+to its early speed would then reach the budget's stop with its steps unfinished, its learning
+rate undecayed. So once its kinds are timed, a run keeps timing its last steps and, every
+``LATE_SHARE`` of its steps, when their median is more than ``REFIT_TOLERANCE`` slower than
+its kind was fitted at, fits the steps still to come into the time left before the stop, at
+that speed (recorded in ``rest`` with the kind ``"late"``). Only slower: a run that speeds up
+late ends early.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ import math
 import shutil
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +95,9 @@ fitted or as re-fitted, so runs of fewer than about 380 steps keep their factor 
 their budget) unless their steps run fast enough to re-fit them to a run that long (after a
 calibration timed in a busy minute)."""
 REFIT_SKIP = 3
+LATE_SHARE = 0.05
+"""How often, as a share of a budgeted run's steps, a run checks its last steps' speed against
+the speed it was fitted at (``Refit``, after its kinds of step are timed)."""
 """Steps left out at the start of a re-fit's timing (allocation, compilation)."""
 REFIT_TOLERANCE = 0.10
 """How far the run's median step time may be from the calibration's before the factor is fitted
@@ -653,8 +665,9 @@ class Refit(Generic[Run]):
     the run again from each later kind of step's (see the module's docstring).
 
     The loop calls :meth:`observe` after each step with the steps done, the step's seconds (its
-    events left out) and what ``kind.key`` and ``kind.step_cost`` need to know of it; once
-    ``due`` steps of a kind are timed it gets back the re-fitted config, or None while there is
+    events left out), what ``kind.key`` and ``kind.step_cost`` need to know of it and the
+    seconds since the loop began; once ``due`` steps of a kind are timed, or a late check finds
+    the run slower than fitted, it gets back the re-fitted config, or None while there is
     none to switch to, and checkpoints the step (a resumed run takes the re-fitted config from
     ``budget.json``, so an earlier checkpoint could resume a phase the re-fit moved past it).
     Inactive (``observe`` always None) for a run without a recorded factor, a resumed run, a
@@ -691,19 +704,26 @@ class Refit(Generic[Run]):
         self.planned = 1.0
         """The ratio the run's current steps were fitted with for the kinds not timed."""
         self.costs = kind.costs_from(self.record["calibration"]) if self.active else None
+        self.recent: deque[float] = deque(maxlen=self.due - REFIT_SKIP)
+        """The last steps' seconds over the seconds their kind was fitted at, once timed."""
+        self.late_every = max(REFIT_MIN_STEPS, math.ceil(LATE_SHARE * kind.steps(fitted)))
 
-    def observe(self, done: int, seconds: float, about: Any) -> Run | None:
+    def observe(
+        self, done: int, seconds: float, about: Any, elapsed: float | None = None
+    ) -> Run | None:
         """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th step
-        of a kind, the re-fitted config if it differs."""
+        of a kind, the re-fitted config if it differs; later, every ``late_every`` steps, the
+        config re-fitted to the time left when the run is slower than fitted (``elapsed``: the
+        loop's seconds so far, what its ``max_minutes`` stop counts; None: no late checks)."""
         if not self.active:
             return None
         key = self.kind.key(about)
-        if key in self.timed:
-            return None
         cost = self.kind.step_cost(self.costs, about)
         if cost <= 0:  # timed at 0 s (elapsed_s is in ms): nothing to compare with
             self.active = False
             return None
+        if key in self.timed:
+            return self._late(done, key, seconds / cost, elapsed)
         samples = self.samples.setdefault(key, [])
         samples.append(seconds / cost)
         if len(samples) < self.due:
@@ -790,6 +810,58 @@ class Refit(Generic[Run]):
         return dataclasses.replace(
             new, budget_minutes=self.fitted.budget_minutes, max_minutes=self.fitted.max_minutes
         )
+
+    def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
+        """A timed kind's step: every ``late_every`` steps, the steps after ``done`` fitted into
+        the time left before the stop when the last steps ran more than ``REFIT_TOLERANCE``
+        slower than their kind was fitted at (every kind, and the events, as much slower)."""
+        self.recent.append(ratio / self.timed[key])
+        was = self.fitted
+        left_steps = self.kind.steps(was) - done
+        if (
+            elapsed is None
+            or was.max_minutes <= 0
+            or len(self.recent) < (self.recent.maxlen or 0)
+            or done % self.late_every
+            or left_steps <= self.late_every  # the end is near: the stop's margin covers it
+        ):
+            return None
+        slower = statistics.median(self.recent)
+        if slower <= 1 + REFIT_TOLERANCE:
+            return None
+        timed = {k: r * slower for k, r in self.timed.items()}
+        measured = self.kind.measured(self.costs, timed, self.planned * slower)
+
+        def minutes_after(share: float) -> float:  # the steps after ``done``, their events
+            after = run_minutes(self.kind, self.kind.rest(was, done, share), measured)
+            return after - run_minutes(self.kind, self.kind.rest(was, done, 0.0), measured)
+
+        # the time left, less a last evaluation, preview and checkpoint and the export
+        left = was.max_minutes - elapsed / 60 - measured.event / 60
+        try:
+            share = fit(minutes_after, max(left, 0.0), self.kind.what)
+        except ValueError:  # not even the least share fits: the stop at the budget ends it
+            share = MIN_FACTOR
+        self.recent.clear()
+        self.timed, self.planned = timed, self.planned * slower
+        new = self.kind.rest(was, done, share)
+        entry = {"step": done, "kind": "late", "step_ratio": round(slower, 3), "share": share}
+        self.record.setdefault("rest", []).append(entry)
+        self._write()
+        if new == was:
+            return None
+        log.warning(
+            "budget: the last %d steps took %.2f× the time the run was fitted at: the steps "
+            "after %d are re-fitted by %.3f into the %.1f min left, %d steps instead of %d",
+            self.recent.maxlen,
+            slower,
+            done,
+            share,
+            left,
+            self.kind.steps(new),
+            self.kind.steps(was),
+        )
+        return new
 
     def _refit_rest(self, done: int, key: Hashable, ratio: float) -> Run | None:
         """A later kind timed: the steps after ``done`` scaled by a share fitted at each timed

@@ -270,7 +270,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
         bar.update(1)
         bar.set_postfix(stage=stage.name, loss=f"{sums['loss'][0]:.4f}", refresh=False)
         elapsed = time.monotonic() - started  # this process's seconds, as the tokenizer logs
-        refitted = refit.observe(step, time.monotonic() - began, [p.length for p in plans])
+        lengths = [p.length for p in plans]
+        refitted = refit.observe(step, time.monotonic() - began, lengths, elapsed)
         if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
             cfg, total = refitted, refitted.total_steps
             stage, bar.total = cfg.stages[stage_index], total  # its steps may have changed

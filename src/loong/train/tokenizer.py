@@ -336,7 +336,7 @@ def train_tokenizer(
         usage = f"{logs['usage']:.3f}" if "usage" in logs else "-"  # "-": not quantized yet
         bar.set_postfix(rec=f"{logs['rec']:.4f}", usage=usage, refresh=False)
         elapsed = time.monotonic() - started
-        refitted = refit.observe(step, time.monotonic() - began, (quantized, gan_on))
+        refitted = refit.observe(step, time.monotonic() - began, (quantized, gan_on), elapsed)
         if refitted is not None:  # a budgeted run whose steps took longer or shorter than timed
             cfg = refitted
             bar.total = cfg.steps
