@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -255,7 +256,9 @@ def test_a_folder_s_held_out_videos_go_to_eval_shards_that_lm_training_evaluates
     without = TokenizeConfig(**{**cfg.__dict__, "eval_share": 0.0})
     out2 = tokenize_dataset(without, tmp_path / "all", progress=False)
     assert len(TokenShards(out2)) == HOLD_OUT_MIN_FILES and not (out2 / EVAL_DIR).exists()
-    source, what, held_out = evaluation_shards(
-        LMTrainConfig(data=LMDataConfig(shards=(str(out2),))), [TokenShards(out2)]
-    )
+    lm2 = LMTrainConfig(data=LMDataConfig(shards=(str(out2),)))
+    source, what, held_out = evaluation_shards(lm2, [TokenShards(out2)])
     assert not held_out and "not held out" in what
+    shutil.copytree(out / EVAL_DIR, out2 / EVAL_DIR)  # another run's: its files trained here
+    source, what, held_out = evaluation_shards(lm2, [TokenShards(out2)])
+    assert not held_out and source[0].directory == out2

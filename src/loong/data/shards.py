@@ -694,10 +694,11 @@ def tokenize_dataset(cfg: TokenizeConfig, out_dir: str | Path, *, progress: bool
         share = cfg.eval_share
         if not held_out_files(list_video_files(cfg.source), Path(cfg.source), share):
             share = 0.0  # too few files: none held out, and no eval directory
+        # the training shards first: a directory made with other settings stops the run there
+        meta = tokenize_folder(model, cfg.source, out, **folder, hold_out=share, **common)
         if share > 0:
             held = {"hold_out": share, "held_out": True}
             tokenize_folder(model, cfg.source, out / EVAL_DIR, **folder, **held, **common)
-        meta = tokenize_folder(model, cfg.source, out, **folder, hold_out=share, **common)
     if cfg.text_vocab_size and current_rank() == 0:
         # Retrained only when the captions or the size changed, so a resumed run keeps its file.
         path = out / TOKENIZER_FILE

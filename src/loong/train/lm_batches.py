@@ -323,6 +323,18 @@ def frame_means(window: dict[str, list[float]]) -> dict[str, float]:
     return {k: window[k][0] / window[k][1] for k in keys}
 
 
+def _holds_out(shards: TokenShards) -> bool:
+    """Whether the files of ``shards``' ``EVAL_DIR`` are the ones ``shards`` left out: both were
+    made from one folder at one ``eval_share`` (else the eval directory is another run's)."""
+    held = TokenShards(shards.directory / EVAL_DIR).meta["params"]
+    params = shards.meta["params"]
+    same = all(held.get(k) == params.get(k) for k in {*held, *params} - {"held_out"})
+    if not (same and held.get("held_out") and params.get("held_out") is False):
+        log.warning("%s is not what %s held out: not evaluated on", EVAL_DIR, shards.directory)
+        return False
+    return True
+
+
 def evaluation_shards(
     cfg: LMTrainConfig, shards: list[TokenShards]
 ) -> tuple[list[TokenShards], str, bool]:
@@ -332,12 +344,14 @@ def evaluation_shards(
     (a fixed training sample, not a held-out score)."""
     if cfg.data.eval_shards:
         return [TokenShards(cfg.data.eval_shards)], f"held-out shards {cfg.data.eval_shards}", True
-    held = [
-        s.directory / EVAL_DIR for s in shards if (s.directory / EVAL_DIR / META_FILE).is_file()
+    source = [
+        TokenShards(s.directory / EVAL_DIR)
+        for s in shards
+        if (s.directory / EVAL_DIR / META_FILE).is_file() and _holds_out(s)
     ]
-    if held:
-        source = [TokenShards(d) for d in held]
+    if source:
         check_compatible(shards + source)
+        held = [s.directory for s in source]
         names, n = ", ".join(str(d) for d in held), sum(map(len, source))
         return source, f"held-out shards {names} ({n} item{'s' * (n != 1)})", True
     what = "a fixed sample of the training items, not held out: set data.eval_shards"
