@@ -464,7 +464,7 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     monkeypatch,
 ):
     """Steps as calibrated, then twice as slow once the quantized steps are timed (another job
-    started; no GAN phase, whose first steps' timing would catch it too):
+    started; no GAN phase, whose first steps' timing would catch it too), then three times:
     without the late checks the run reaches its stop with steps to go; with them it fits the
     steps still to come into the time left, ends before the stop with its learning rate
     decayed, and a resumed run replays the re-fit."""
@@ -475,7 +475,7 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     slow_from = fitted.continuous_steps + 50  # the quantized steps' timing: their first 26
 
     def seconds(step: int, quantized: bool, gan: bool) -> float:
-        return (3.0 if gan else 1.0) * (2.0 if step > slow_from else 1.0)
+        return 1.0 if step <= slow_from else 2.0 if step <= slow_from + 100 else 3.0
 
     def run(name: str, late: bool):
         refit = Refit(cfg, fitted, tmp_path / name, TOKENIZER, resumed=False)
@@ -488,8 +488,9 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     assert taken == ended.steps < fitted.steps and clock <= 60 * fitted.max_minutes
     assert clock > 0.8 * 60 * fitted.max_minutes  # the time left, used
     record = json.loads((tmp_path / "late" / BUDGET_FILE).read_text())
-    [late] = [r for r in record["rest"] if r["kind"] == "late"]
+    [late, later] = [r for r in record["rest"] if r["kind"] == "late"]
     assert late["step"] > slow_from and late["step_ratio"] == 2.0 and late["share"] < 1
+    assert later["step"] > slow_from + 100 and later["step_ratio"] == 1.5 and later["share"] < 1
     assert ended.continuous_steps == fitted.continuous_steps  # begun before the re-fit: stays
     assert ended.optim.lr_at(ended.steps - 1, ended.steps) < 0.2 * fitted.optim.lr
     assert fit_tokenizer(cfg, tmp_path / "late") == ended  # resumed: the re-fit replayed

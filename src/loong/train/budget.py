@@ -45,11 +45,11 @@ in ``budget.json`` (``rest``) and replayed on resume; a resumed run times no mor
 
 A machine can also slow down later in a run (another job starts beside it), and a run fitted
 to its early speed would then reach the budget's stop with its steps unfinished, its learning
-rate undecayed. So once its kinds are timed, a run keeps timing its last steps and, every
-``LATE_SHARE`` of its steps, when their median is more than ``REFIT_TOLERANCE`` slower than
-its kind was fitted at, fits the steps still to come into the time left before the stop, at
-that speed (recorded in ``rest`` with the kind ``"late"``). Only slower: a run that speeds up
-late ends early.
+rate undecayed. So once its kinds are timed, a run keeps timing its steps and, each time it has
+timed as many new ones as a re-fit times, when their median is more than ``REFIT_TOLERANCE``
+slower than their kinds were fitted at, fits the steps still to come into the time left before
+the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Only slower: a run
+that speeds up late ends early.
 """
 
 from __future__ import annotations
@@ -95,9 +95,6 @@ fitted or as re-fitted, so runs of fewer than about 380 steps keep their factor 
 their budget) unless their steps run fast enough to re-fit them to a run that long (after a
 calibration timed in a busy minute)."""
 REFIT_SKIP = 3
-LATE_SHARE = 0.05
-"""How often, as a share of a budgeted run's steps, a run checks its last steps' speed against
-the speed it was fitted at (``Refit``, after its kinds of step are timed)."""
 """Steps left out at the start of a re-fit's timing (allocation, compilation)."""
 REFIT_TOLERANCE = 0.10
 """How far the run's median step time may be from the calibration's before the factor is fitted
@@ -706,15 +703,17 @@ class Refit(Generic[Run]):
         self.costs = kind.costs_from(self.record["calibration"]) if self.active else None
         self.recent: deque[float] = deque(maxlen=self.due - REFIT_SKIP)
         """The last steps' seconds over the seconds their kind was fitted at, once timed."""
-        self.late_every = max(REFIT_MIN_STEPS, math.ceil(LATE_SHARE * kind.steps(fitted)))
+        self.unchecked = 0
+        """Steps timed into ``recent`` since the last late check."""
 
     def observe(
         self, done: int, seconds: float, about: Any, elapsed: float | None = None
     ) -> Run | None:
         """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th step
-        of a kind, the re-fitted config if it differs; later, every ``late_every`` steps, the
-        config re-fitted to the time left when the run is slower than fitted (``elapsed``: the
-        loop's seconds so far, what its ``max_minutes`` stop counts; None: no late checks)."""
+        of a kind, the re-fitted config if it differs; later, each time ``recent`` is filled
+        anew, the config re-fitted to the time left when the run is slower than fitted
+        (``elapsed``: the loop's seconds so far, what its ``max_minutes`` stop counts; None: no
+        late checks)."""
         if not self.active:
             return None
         key = self.kind.key(about)
@@ -812,20 +811,21 @@ class Refit(Generic[Run]):
         )
 
     def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
-        """A timed kind's step: every ``late_every`` steps, the steps after ``done`` fitted into
-        the time left before the stop when the last steps ran more than ``REFIT_TOLERANCE``
-        slower than their kind was fitted at (every kind, and the events, as much slower)."""
+        """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
+        fitted into the time left before the stop when those steps ran more than
+        ``REFIT_TOLERANCE`` slower than their kinds were fitted at (every kind, and the events,
+        as much slower)."""
         self.recent.append(ratio / self.timed[key])
-        was = self.fitted
-        left_steps = self.kind.steps(was) - done
+        self.unchecked += 1
+        was, window = self.fitted, self.recent.maxlen or 1
         if (
             elapsed is None
             or was.max_minutes <= 0
-            or len(self.recent) < (self.recent.maxlen or 0)
-            or done % self.late_every
-            or left_steps <= self.late_every  # the end is near: the stop's margin covers it
+            or self.unchecked < window
+            or self.kind.steps(was) - done <= window  # the end is near: the stop's margin
         ):
             return None
+        self.unchecked = 0
         slower = statistics.median(self.recent)
         if slower <= 1 + REFIT_TOLERANCE:
             return None
@@ -844,7 +844,7 @@ class Refit(Generic[Run]):
             share = MIN_FACTOR
         self.recent.clear()
         self.timed, self.planned = timed, self.planned * slower
-        new = self.kind.rest(was, done, share)
+        self.fitted = new = self.kind.rest(was, done, share)
         entry = {"step": done, "kind": "late", "step_ratio": round(slower, 3), "share": share}
         self.record.setdefault("rest", []).append(entry)
         self._write()
