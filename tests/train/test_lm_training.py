@@ -282,6 +282,24 @@ def test_short_run_across_three_stages_lowers_the_loss(tmp_path, train_config):
     assert {"loss_frame_0", "loss_frame_1", "loss_frame_2"} <= set(records[30])
 
 
+def test_the_lowest_loss_weights_are_exported_beside_the_last(tmp_path, train_config):
+    cfg = apply_overrides(train_config, {"eval_every": 3})
+    train_lm(cfg, tmp_path / "run", progress=False)
+    records = _records(tmp_path / "run")
+    losses = {s: r["eval_loss"] for s, r in records.items() if "eval_loss" in r}
+    assert sorted(losses) == [3, 6, 9]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] == min(losses, key=losses.get) and best["loss"] == min(losses.values())
+    assert not best["held_out"]  # the shapes shards here have no eval/ directory
+    shards, text, vocab = open_data(cfg)
+    batches = make_eval_batches(cfg, shards, text, vocab)
+    model = VideoLM.from_pretrained(tmp_path / "run" / "best")
+    again = evaluate_lm(model, batches, vocab, torch.device("cpu"))["loss"]
+    assert again == pytest.approx(best["loss"], rel=1e-5)
+    export = {p.name for p in (tmp_path / "run" / "export").iterdir()}
+    assert {p.name for p in (tmp_path / "run" / "best").iterdir()} == export | {"best.json"}
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.2], ids=["clean", "context-noise-erase-and-spill"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     tmp_path, train_config, crash_after_checkpoint, noise

@@ -66,6 +66,27 @@ def test_short_training_on_the_shapes_world_improves_psnr(tmp_path, train_config
     assert after > before + 3.0, (before, after)
 
 
+def test_the_best_evaluated_weights_are_kept_beside_the_last(tmp_path, train_config):
+    from loong.train.checkpoint import BestExport
+
+    cfg = apply_overrides(train_config, {"steps": 9, "eval_every": 3, "eval_clips": 2})
+    train_tokenizer(cfg, tmp_path / "run", progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    scores = {r["step"]: r["eval_psnr"] for r in map(json.loads, lines) if "eval_psnr" in r}
+    assert sorted(scores) == [3, 6, 9]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] == max(scores, key=scores.get) and best["psnr"] == max(scores.values())
+    assert best["held_out"] and best["evaluated_on"] == "held-out shapes-world clips"
+    model = VideoTokenizer.from_pretrained(tmp_path / "run" / "best")
+    clips = held_out_clips(cfg.data, cfg.eval_clips)
+    assert evaluate(model, clips)["psnr"] == pytest.approx(best["psnr"], abs=1e-4)
+    again = BestExport(tmp_path / "run" / "best", "psnr", higher=True)  # as a resumed run reads
+    assert not again.improves({"psnr": best["psnr"]}) and again.improves({"psnr": best["psnr"] + 1})
+    off = apply_overrides(cfg, {"export_best": False})
+    train_tokenizer(off, tmp_path / "off", progress=False)
+    assert not (tmp_path / "off" / "best").exists()
+
+
 @pytest.mark.parametrize("continuous_steps", [0, 4])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(
     tmp_path, train_config, crash_after_checkpoint, continuous_steps

@@ -65,3 +65,31 @@ def _history(directory: Path) -> list[str]:
         return list(json.loads(pointer.read_text())["history"])
     except (ValueError, KeyError):
         return []
+
+
+BEST_FILE = "best.json"
+
+
+class BestExport:
+    """``directory`` (a run's ``best/``): the export of the evaluated weights with the best
+    ``metric`` so far, and ``best.json`` with its step and scores. Read back on resume, so a
+    resumed run keeps comparing with the best of the steps before.
+
+    The loop asks :meth:`improves` after each evaluation (on every rank: the exports gather
+    sharded weights) and, when it does, writes the export there and :meth:`record`s it."""
+
+    def __init__(self, directory: Path, metric: str, *, higher: bool) -> None:
+        self.directory, self.metric, self.higher = directory, metric, higher
+        path = directory / BEST_FILE
+        self.best: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
+
+    def improves(self, scores: dict[str, float]) -> bool:
+        if self.best is None:
+            return True
+        value, best = scores[self.metric], self.best[self.metric]
+        return value > best if self.higher else value < best
+
+    def record(self, step: int, scores: dict[str, float], **about: Any) -> None:
+        """Write ``best.json`` (after the export's files)."""
+        self.best = {"step": step, **scores, **about}
+        atomic_write_text(self.directory / BEST_FILE, json.dumps(self.best, indent=2) + "\n")

@@ -13,6 +13,7 @@ reads), the shards' meta as shards_meta.json, and the run's train_config.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,12 +32,14 @@ from loong.lm.vocab import Batch, Vocabulary
 from loong.pretrained import atomic_write_text
 from loong.text_tokenizer import TOKENIZER_FILE, TextTokenizer
 from loong.train.budget import LM, Refit, fit_lm
+from loong.train.checkpoint import BestExport
 from loong.train.dist import barrier
 from loong.train.lm_batches import (
     ClipPool,
     add_frame_losses,
     batch_weight,
     draw_plan,
+    evaluation_shards,
     frame_means,
     make_batch,
     make_eval_batches,
@@ -211,6 +214,20 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     metrics = MetricsLog(out / "metrics.jsonl", step, rt)
     stage_index = -1
 
+    def write_export(directory: Path, cfg: LMTrainConfig) -> None:
+        """The model, its text tokenizer, its shards' meta and how to sample it (every rank
+        calls it: FSDP gathers the weights)."""
+        save_export(model, rt, functools.partial(VideoLM, cfg.model), directory)
+        if rt.main:
+            shutil.copyfile(text_path(cfg), directory / TOKENIZER_FILE)
+            meta = json.dumps(shards[0].meta, indent=2) + "\n"
+            atomic_write_text(directory / "shards_meta.json", meta)
+            write_generation_file(directory, shards[0].meta, cfg)
+            atomic_write_text(directory / "train_config.json", config_json(cfg))
+
+    best = BestExport(out / "best", "loss", higher=False) if cfg.export_best else None
+    evaluated_on, held_out = evaluation_shards(cfg, shards)[1:]
+
     while step < total:
         began = time.monotonic()
         # 1. batch: this rank's part of the stage's micro-batches; the step's normaliser Σ w
@@ -295,7 +312,11 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             # every rank evaluates all batches (FSDP needs every rank for a forward pass)
             result = evaluate_lm(unwrap(model), eval_set, vocab, device)
             record |= {f"eval_{k}": v for k, v in result.items()}
-            say(f"step {step}: eval loss {result['loss']:.4f}")
+            say(f"step {step}: {'held-out' if held_out else 'eval'} loss {result['loss']:.4f}")
+            if best is not None and best.improves(result):
+                write_export(best.directory, cfg)
+                if rt.main:
+                    best.record(step, result, evaluated_on=evaluated_on, held_out=held_out)
         if step % cfg.log_every == 0 or "eval_loss" in record:
             metrics.write(record)
             if writer is not None:
@@ -320,12 +341,6 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     if writer is not None:
         writer.close()
     export = out / "export"
-    save_export(model, rt, lambda: VideoLM(cfg.model), export)
-    if rt.main:
-        shutil.copyfile(text_path(cfg), export / TOKENIZER_FILE)
-        meta = json.dumps(shards[0].meta, indent=2) + "\n"
-        atomic_write_text(export / "shards_meta.json", meta)
-        write_generation_file(export, shards[0].meta, cfg)
-        atomic_write_text(export / "train_config.json", config_json(cfg))
+    write_export(export, cfg)
     barrier()
     return export

@@ -148,6 +148,11 @@ class LMTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk."""
+    export_best: bool = True
+    """Keep ``OUT/best``: the export of the weights with the lowest evaluation loss so far, and
+    ``best.json`` with its step and scores (``OUT/export`` is always the last weights). A
+    choice by held-out items when the evaluation reads held-out shards (the log says whether
+    it does)."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint and export) after this much wall time; 0: no limit."""
     budget_minutes: float = 0.0

@@ -10,6 +10,7 @@ reconstruction previews (original | reconstruction, mp4 and GIF) and the export
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from contextlib import nullcontext
@@ -25,6 +26,7 @@ from loong.data.video import tensor_to_frames, write_video
 from loong.evaluate.metrics import psnr, ssim
 from loong.pretrained import atomic_write_text
 from loong.train.budget import TOKENIZER, Refit, fit_tokenizer
+from loong.train.checkpoint import BestExport
 from loong.train.dist import barrier
 from loong.train.optim import adamw
 from loong.train.parallel import (
@@ -229,6 +231,7 @@ def train_tokenizer(
     started = time.monotonic()
     metrics = MetricsLog(out / "metrics.jsonl", step, rt)
     tokenizer, evaluated = unwrap(model), ema or unwrap(model)
+    best = BestExport(out / "best", "psnr", higher=True) if cfg.export_best else None
 
     while step < cfg.steps:
         began = time.monotonic()
@@ -358,6 +361,11 @@ def train_tokenizer(
                 bar.write(said)
             else:  # quiet: a calibration, a test
                 log.debug(said)
+            if best is not None and best.improves(result):
+                build = functools.partial(VideoTokenizer, cfg.model)
+                save_export(ema or model, rt, build, best.directory)
+                if rt.main:
+                    best.record(step, result, evaluated_on=evaluated_on, held_out=held_out)
         if step % cfg.log_every == 0 or "eval_psnr" in record:
             metrics.write(record)
         if step % cfg.preview_every == 0 or done:

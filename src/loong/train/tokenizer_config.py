@@ -144,6 +144,11 @@ class TokenizerTrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk."""
+    export_best: bool = True
+    """Keep ``OUT/best``: the export of the evaluated weights with the highest PSNR on the
+    evaluation clips so far, and ``best.json`` with its step and scores (``OUT/export`` is
+    always the last weights). A choice by held-out clips when the evaluation reads held-out
+    ones (the log says whether it does)."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint and export) after this much wall time of this invocation; 0: off."""
     budget_minutes: float = 0.0
