@@ -496,6 +496,29 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     assert fit_tokenizer(cfg, tmp_path / "late") == ended  # resumed: the re-fit replayed
 
 
+def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """Twice as slow for 100 steps, then as calibrated again: the run gives up steps while it
+    is slow, takes them back once the machine is free again, and uses its time."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
+    fitted = fit_tokenizer(cfg, tmp_path)
+    slow = range(fitted.continuous_steps + 50, fitted.continuous_steps + 150)
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    ended, taken, clock = _run_on_a_clock(refit, fitted, lambda n, q, g: 2.0 if n in slow else 1.0)
+    rest = json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]
+    late = [r for r in rest if r["kind"] == "late"]
+    assert len(late) == 2
+    assert late[0]["step_ratio"] == 2.0 and late[0]["share"] < 1
+    assert late[1]["step_ratio"] == 0.5 and late[1]["share"] > 1
+    assert taken == ended.steps <= cfg.steps and 0.9 * 60 * fitted.max_minutes < clock
+    assert clock <= 60 * fitted.max_minutes
+    assert fit_tokenizer(cfg, tmp_path) == ended
+
+
 def test_the_rest_of_a_run_scales_after_its_steps_taken():
     tok = apply_overrides(
         TokenizerTrainConfig(),

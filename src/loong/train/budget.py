@@ -47,9 +47,10 @@ A machine can also slow down later in a run (another job starts beside it), and 
 to its early speed would then reach the budget's stop with its steps unfinished, its learning
 rate undecayed. So once its kinds are timed, a run keeps timing its steps and, each time it has
 timed as many new ones as a re-fit times, when their median is more than ``REFIT_TOLERANCE``
-slower than their kinds were fitted at, fits the steps still to come into the time left before
-the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Only slower: a run
-that speeds up late ends early.
+off the time their kinds were fitted at, fits the steps still to come into the time left before
+the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Both ways: a run whose
+machine is free again gets steps back, up to the configured ones, so that a slow spell of a
+minute does not shorten the rest of the run for good.
 """
 
 from __future__ import annotations
@@ -664,7 +665,7 @@ class Refit(Generic[Run]):
     The loop calls :meth:`observe` after each step with the steps done, the step's seconds (its
     events left out), what ``kind.key`` and ``kind.step_cost`` need to know of it and the
     seconds since the loop began; once ``due`` steps of a kind are timed, or a late check finds
-    the run slower than fitted, it gets back the re-fitted config, or None while there is
+    the run slower or faster than fitted, it gets back the re-fitted config, or None while there is
     none to switch to, and checkpoints the step (a resumed run takes the re-fitted config from
     ``budget.json``, so an earlier checkpoint could resume a phase the re-fit moved past it).
     Inactive (``observe`` always None) for a run without a recorded factor, a resumed run, a
@@ -711,7 +712,7 @@ class Refit(Generic[Run]):
     ) -> Run | None:
         """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th step
         of a kind, the re-fitted config if it differs; later, each time ``recent`` is filled
-        anew, the config re-fitted to the time left when the run is slower than fitted
+        anew, the config re-fitted to the time left when the run is slower or faster than fitted
         (``elapsed``: the loop's seconds so far, what its ``max_minutes`` stop counts; None: no
         late checks)."""
         if not self.active:
@@ -813,8 +814,8 @@ class Refit(Generic[Run]):
     def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
         """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
         fitted into the time left before the stop when those steps ran more than
-        ``REFIT_TOLERANCE`` slower than their kinds were fitted at (every kind, and the events,
-        as much slower)."""
+        ``REFIT_TOLERANCE`` slower or faster than their kinds were fitted at (every kind, and the
+        events, as much), at most the configured steps."""
         self.recent.append(ratio / self.timed[key])
         self.unchecked += 1
         was, window = self.fitted, self.recent.maxlen or 1
@@ -826,11 +827,13 @@ class Refit(Generic[Run]):
         ):
             return None
         self.unchecked = 0
-        slower = statistics.median(self.recent)
-        if slower <= 1 + REFIT_TOLERANCE:
+        now = statistics.median(self.recent)  # times the speed the run was fitted at
+        if abs(now - 1) <= REFIT_TOLERANCE:
             return None
-        timed = {k: r * slower for k, r in self.timed.items()}
-        measured = self.kind.measured(self.costs, timed, self.planned * slower)
+        timed = {k: r * now for k, r in self.timed.items()}
+        measured = self.kind.measured(self.costs, timed, self.planned * now)
+        steps = self.kind.steps(was)
+        most = (self.kind.steps(self.base) - done) / (steps - done)  # the configured steps
 
         def minutes_after(share: float) -> float:  # the steps after ``done``, their events
             after = run_minutes(self.kind, self.kind.rest(was, done, share), measured)
@@ -839,13 +842,13 @@ class Refit(Generic[Run]):
         # the time left, less a last evaluation, preview and checkpoint and the export
         left = was.max_minutes - elapsed / 60 - measured.event / 60
         try:
-            share = fit(minutes_after, max(left, 0.0), self.kind.what)
+            share = fit(minutes_after, max(left, 0.0), self.kind.what, high=most)
         except ValueError:  # not even the least share fits: the stop at the budget ends it
             share = MIN_FACTOR
         self.recent.clear()
-        self.timed, self.planned = timed, self.planned * slower
+        self.timed, self.planned = timed, self.planned * now
         self.fitted = new = self.kind.rest(was, done, share)
-        entry = {"step": done, "kind": "late", "step_ratio": round(slower, 3), "share": share}
+        entry = {"step": done, "kind": "late", "step_ratio": round(now, 3), "share": share}
         self.record.setdefault("rest", []).append(entry)
         self._write()
         if new == was:
@@ -854,12 +857,12 @@ class Refit(Generic[Run]):
             "budget: the last %d steps took %.2f× the time the run was fitted at: the steps "
             "after %d are re-fitted by %.3f into the %.1f min left, %d steps instead of %d",
             self.recent.maxlen,
-            slower,
+            now,
             done,
             share,
             left,
             self.kind.steps(new),
-            self.kind.steps(was),
+            steps,
         )
         return new
 
