@@ -519,6 +519,26 @@ def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(
     assert fit_tokenizer(cfg, tmp_path) == ended
 
 
+def test_a_run_too_short_to_re_fit_early_is_fitted_late_to_its_own_speed(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """Every step 1.5× the calibrated time in a run too short for the early re-fit (which keeps
+    the factor): the late checks compare with the speed the run was fitted at, not the one
+    measured, and fit its steps into the time left."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    one_kind = {"continuous_steps": 0, "loss.gan_weight": 0.0}
+    cfg = _long(train_config, budget_minutes=3.0, **one_kind)
+    fitted = fit_tokenizer(cfg, tmp_path)
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    ended, taken, clock = _run_on_a_clock(refit, fitted, lambda n, q, g: 1.5)
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert record["factor"] == record["calibrated_factor"]  # the early re-fit kept it
+    assert [r["step_ratio"] for r in record["rest"] if r["kind"] == "late"] == [1.5]
+    assert taken == ended.steps < fitted.steps and clock <= 60 * fitted.max_minutes
+
+
 def test_the_rest_of_a_run_scales_after_its_steps_taken():
     tok = apply_overrides(
         TokenizerTrainConfig(),
@@ -569,6 +589,36 @@ def test_an_lm_run_is_refitted_again_from_its_later_lengths(tmp_path, monkeypatc
     slower = budget.LM.measured(costs, {(1,): 1.0, (5,): 2.0}, 2.0)
     assert slower.step == {1: 0.5, 5: 4.0, 17: 12.0}
     assert 0.97 * AIM * 240 < budget.run_minutes(LM, run, slower) <= AIM * 240
+    assert budget.fit_lm(cfg, tmp_path) == run
+
+
+def test_an_lm_run_that_slows_down_in_its_last_stage_fits_it_into_the_time_left(
+    tmp_path, monkeypatch
+):
+    """Every length as calibrated until a third of the way into the last stage, then twice as
+    slow: the rest of the last stage is fitted into the time left before the stop."""
+    costs = budget.LMCosts(step={1: 0.5, 5: 2.0, 17: 6.0}, compile=10.0, event=3.0, setup=5.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    cfg = LMTrainConfig(budget_minutes=240.0)
+    fitted = budget.fit_lm(cfg, tmp_path)
+    last = sum(stage.steps for stage in fitted.stages[:-1])
+    slow_from = last + fitted.stages[-1].steps // 3
+    refit = Refit(cfg, fitted, tmp_path, LM, resumed=False)
+    run, step, clock = fitted, 0, 0.0
+    while step < run.total_steps and clock <= 60 * run.max_minutes:
+        stage = run.stages[stage_at(run.stages, step)]
+        length = stage.lengths[step % len(stage.lengths)]
+        step += 1
+        took = costs.step[length] * (2.0 if step > slow_from else 1.0)
+        clock += took
+        run = refit.observe(step, took, [length], clock) or run
+        if step % run.eval_every == 0 or step % run.checkpoint_every == 0:
+            clock += costs.event * (2.0 if step > slow_from else 1.0)
+    late = [r for r in json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]]
+    late = [r for r in late if r["kind"] == "late"]
+    assert [r["step_ratio"] for r in late] == [2.0] and late[0]["step"] > slow_from
+    assert step == run.total_steps < fitted.total_steps and clock <= 60 * run.max_minutes
+    assert run.stages[:-1] == fitted.stages[:-1]  # stages begun before stay
     assert budget.fit_lm(cfg, tmp_path) == run
 
 

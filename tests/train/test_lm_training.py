@@ -458,6 +458,30 @@ def _stop_then_resume_worker(cfg: LMTrainConfig, run: Path, stop_step: int) -> N
     train_lm(cfg, run, progress=False)
 
 
+def _rank_dependent_best_worker(cfg: LMTrainConfig, run: Path) -> None:
+    import torch.distributed as dist
+
+    from loong.train.checkpoint import BestExport
+
+    calls = []
+
+    def improves(self, scores) -> bool:  # rank 0: every other evaluation; the rest: each one
+        calls.append(scores)
+        return len(calls) % 2 == 1 if dist.get_rank() == 0 else True
+
+    BestExport.improves = improves  # in this forked process only
+    train_lm(cfg, run, progress=False)
+
+
+def test_every_rank_follows_rank_0_on_writing_the_best_export(tmp_path, train_config):
+    """The best/ export gathers the weights and meets at a barrier, so every rank writes it or
+    none does: rank 0 decides, even where another rank's own comparison says otherwise."""
+    cfg = apply_overrides(train_config, {"eval_every": 1, "parallel.mode": "ddp"})
+    run_ranks(_rank_dependent_best_worker, cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 9
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_train_like_one_with_the_same_global_batch_and_resume(
     mode, tmp_path, train_config

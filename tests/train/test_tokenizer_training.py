@@ -80,8 +80,11 @@ def test_the_best_evaluated_weights_are_kept_beside_the_last(tmp_path, train_con
     model = VideoTokenizer.from_pretrained(tmp_path / "run" / "best")
     clips = held_out_clips(cfg.data, cfg.eval_clips)
     assert evaluate(model, clips)["psnr"] == pytest.approx(best["psnr"], abs=1e-4)
-    again = BestExport(tmp_path / "run" / "best", "psnr", higher=True)  # as a resumed run reads
+    on = best["evaluated_on"]
+    again = BestExport(tmp_path / "run" / "best", "psnr", higher=True, evaluated_on=on)  # resumed
     assert not again.improves({"psnr": best["psnr"]}) and again.improves({"psnr": best["psnr"] + 1})
+    other = BestExport(tmp_path / "run" / "best", "psnr", higher=True, evaluated_on="other clips")
+    assert other.improves({"psnr": best["psnr"] - 10})  # scores on other data: not compared
     off = apply_overrides(cfg, {"export_best": False})
     train_tokenizer(off, tmp_path / "off", progress=False)
     assert not (tmp_path / "off" / "best").exists()
@@ -475,6 +478,26 @@ def test_a_folder_without_eval_folder_holds_videos_out_of_training(tmp_path):
     batches = tokenizer_data.training_batches(cfg, {})
     trained = torch.cat([next(batches) for _ in range(18)])  # 2 clips a file, over 2 passes
     assert _which(trained, levels) == set(range(10)) - held_ids
+
+
+def test_a_run_lists_its_held_out_videos_and_warns_when_they_change(tmp_path, caplog):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    _grey_videos(folder, 10)
+    cfg = TokenizerDataConfig(source=str(folder), n_frames=5, size=16)
+    run = tmp_path / "run"
+    run.mkdir()
+    tokenizer_data.record_held_out(cfg, run)
+    listed = json.loads((run / "held_out.json").read_text())["files"]
+    assert listed == [p.name for p in tokenizer_data.held_out_videos(cfg)]
+    tokenizer_data.record_held_out(cfg, run)  # resumed, unchanged: quiet
+    assert "changed" not in caplog.text
+    (run / "held_out.json").write_text(json.dumps({"files": ["clip9.mp4", "gone.mp4"]}))
+    tokenizer_data.record_held_out(cfg, run)
+    assert "held-out videos of" in caplog.text and "changed since this run began" in caplog.text
+    assert json.loads((run / "held_out.json").read_text())["files"] == listed
+    same = TokenizerDataConfig(source=str(folder), eval_folder=str(folder))
+    assert tokenizer_data.evaluation_source(same)[1] is False
 
 
 def test_a_folder_of_few_videos_evaluates_on_its_training_clips(tmp_path):

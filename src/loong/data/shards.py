@@ -128,8 +128,8 @@ class TokenizeConfig:
     """Folder: the share of its files tokenized into ``OUT/eval`` (``EVAL_DIR``, a shards
     directory of its own) instead of ``OUT``, for ``loong lm train`` to evaluate on (it does when
     ``data.eval_shards`` is empty); picked by a hash of each file's path
-    (``loong.data.video.held_out_files``: at least one from 10 files on, none from fewer, the
-    same files whatever files are added). 0: none."""
+    (``loong.data.video.held_out_files``: at least one from 10 files on, none from fewer). 0:
+    none."""
     batch_size: int = 16
     """Clips encoded at once."""
     shard_size: int = 256

@@ -447,10 +447,13 @@ def list_video_files(root: PathLike, *, include_images: bool = True) -> list[Pat
 
 def held_out_files(files: Iterable[Path], root: PathLike, share: float) -> list[Path]:
     """The ``files`` (under ``root``) held out of training for evaluation: those whose path
-    relative to ``root`` hashes below ``share``, so a file keeps its side of the split however
-    many files join or leave the folder. From ``HOLD_OUT_MIN_FILES`` files on, at least one is
-    held out (and at least one is not); from fewer, none, since each would be too large a share
-    of the training data.
+    relative to ``root`` hashes below ``share``, so such a file stays held out whatever files
+    join the folder. From ``HOLD_OUT_MIN_FILES`` files on, at least one is held out (and at
+    least one is not): when no hash is below ``share``, the file with the lowest, which goes
+    back to training once a file joins with a hash below its own; from fewer, none, since each
+    would be too large a share of the training data. Adding files to a folder a run trained on
+    can therefore move a file it trained on into the held-out set (crossing ten files, or
+    through that rule); the tokenizer's training warns when a resumed run's set changed.
 
     The hash is SHA-1 of the relative POSIX path, read as a number in [0, 1)."""
     if not 0.0 <= share < 1.0:

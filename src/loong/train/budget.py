@@ -701,6 +701,9 @@ class Refit(Generic[Run]):
         """Each timed kind's median ratio, in the order they were timed."""
         self.planned = 1.0
         """The ratio the run's current steps were fitted with for the kinds not timed."""
+        self.fitted_at: dict[Hashable, float] = {}
+        """The ratio the run's current steps were fitted with for each kind, where not
+        ``planned``: what a late check compares a kind's steps with."""
         self.costs = kind.costs_from(self.record["calibration"]) if self.active else None
         self.recent: deque[float] = deque(maxlen=self.due - REFIT_SKIP)
         """The last steps' seconds over the seconds their kind was fitted at, once timed."""
@@ -795,7 +798,7 @@ class Refit(Generic[Run]):
                 was,
             )
             return None
-        self.planned = ratio
+        self.planned, self.fitted_at = ratio, {}
         new = self.kind.scale(self.base, share)
         log.warning(
             "budget: the first %d steps took %.2f× the calibrated time: the factor is re-fitted "
@@ -816,7 +819,7 @@ class Refit(Generic[Run]):
         fitted into the time left before the stop when those steps ran more than
         ``REFIT_TOLERANCE`` slower or faster than their kinds were fitted at (every kind, and the
         events, as much), at most the configured steps."""
-        self.recent.append(ratio / self.timed[key])
+        self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
         was, window = self.fitted, self.recent.maxlen or 1
         if (
@@ -830,8 +833,8 @@ class Refit(Generic[Run]):
         now = statistics.median(self.recent)  # times the speed the run was fitted at
         if abs(now - 1) <= REFIT_TOLERANCE:
             return None
-        timed = {k: r * now for k, r in self.timed.items()}
-        measured = self.kind.measured(self.costs, timed, self.planned * now)
+        fitted_at = {k: self.fitted_at.get(k, self.planned) * now for k in self.timed}
+        measured = self.kind.measured(self.costs, fitted_at, self.planned * now)
         steps = self.kind.steps(was)
         most = (self.kind.steps(self.base) - done) / (steps - done)  # the configured steps
 
@@ -839,14 +842,16 @@ class Refit(Generic[Run]):
             after = run_minutes(self.kind, self.kind.rest(was, done, share), measured)
             return after - run_minutes(self.kind, self.kind.rest(was, done, 0.0), measured)
 
-        # the time left, less a last evaluation, preview and checkpoint and the export
+        # the time left, less one more event's worth (the stop already leaves out the set-up,
+        # the last evaluation and the export among it, at their calibrated cost)
         left = was.max_minutes - elapsed / 60 - measured.event / 60
         try:
             share = fit(minutes_after, max(left, 0.0), self.kind.what, high=most)
         except ValueError:  # not even the least share fits: the stop at the budget ends it
             share = MIN_FACTOR
         self.recent.clear()
-        self.timed, self.planned = timed, self.planned * now
+        self.timed = {k: r * now for k, r in self.timed.items()}
+        self.fitted_at, self.planned = fitted_at, self.planned * now
         self.fitted = new = self.kind.rest(was, done, share)
         entry = {"step": done, "kind": "late", "step_ratio": round(now, 3), "share": share}
         self.record.setdefault("rest", []).append(entry)
@@ -906,7 +911,7 @@ class Refit(Generic[Run]):
             self.kind.steps(new),
             steps,
         )
-        self.planned = ratio
+        self.planned, self.fitted_at = ratio, dict(self.timed)
         return new
 
 

@@ -73,15 +73,20 @@ BEST_FILE = "best.json"
 class BestExport:
     """``directory`` (a run's ``best/``): the export of the evaluated weights with the best
     ``metric`` so far, and ``best.json`` with its step and scores. Read back on resume, so a
-    resumed run keeps comparing with the best of the steps before.
+    resumed run keeps comparing with the best of the steps before, when it evaluates on the
+    same data (``evaluated_on``; else the first evaluation starts it anew).
 
-    The loop asks :meth:`improves` after each evaluation (on every rank: the exports gather
-    sharded weights) and, when it does, writes the export there and :meth:`record`s it."""
+    The loop asks :meth:`improves` after each evaluation, takes rank 0's answer on every rank
+    (the exports gather sharded weights, so every rank writes or none does), writes the export
+    there and :meth:`record`s it on every rank. Each file is replaced atomically, ``best.json``
+    last: a crash between them leaves the new weights beside the last record."""
 
-    def __init__(self, directory: Path, metric: str, *, higher: bool) -> None:
+    def __init__(self, directory: Path, metric: str, *, higher: bool, evaluated_on: str) -> None:
         self.directory, self.metric, self.higher = directory, metric, higher
         path = directory / BEST_FILE
         self.best: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
+        if self.best is not None and self.best.get("evaluated_on") != evaluated_on:
+            self.best = None  # scores on other data: not comparable
 
     def improves(self, scores: dict[str, float]) -> bool:
         if self.best is None:
@@ -89,7 +94,11 @@ class BestExport:
         value, best = scores[self.metric], self.best[self.metric]
         return value > best if self.higher else value < best
 
-    def record(self, step: int, scores: dict[str, float], **about: Any) -> None:
-        """Write ``best.json`` (after the export's files)."""
+    def record(
+        self, step: int, scores: dict[str, float], *, write: bool = True, **about: Any
+    ) -> None:
+        """Keep ``scores`` as the best, and (``write``: rank 0) write ``best.json``, after the
+        export's files."""
         self.best = {"step": step, **scores, **about}
-        atomic_write_text(self.directory / BEST_FILE, json.dumps(self.best, indent=2) + "\n")
+        if write:
+            atomic_write_text(self.directory / BEST_FILE, json.dumps(self.best, indent=2) + "\n")

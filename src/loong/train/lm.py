@@ -39,10 +39,9 @@ from loong.train.lm_batches import (
     add_frame_losses,
     batch_weight,
     draw_plan,
-    evaluation_shards,
+    evaluation_set,
     frame_means,
     make_batch,
-    make_eval_batches,
     noisy_inputs,
     target_positions,
     to_device,
@@ -179,7 +178,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     shards, text, vocab = open_data(cfg)
     pools = {t: ClipPool(shards, t) for stage in cfg.stages for t in stage.lengths}
     sizes = {t: len(pool) for t, pool in pools.items()}
-    eval_set = make_eval_batches(cfg, shards, text, vocab)
+    evaluation = evaluation_set(cfg, shards, text, vocab)
+    eval_set, evaluated_on, held_out = evaluation.batches, evaluation.what, evaluation.held_out
     torch.manual_seed(cfg.seed)
     model = VideoLM(cfg.model)
     log.info(
@@ -225,8 +225,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             write_generation_file(directory, shards[0].meta, cfg)
             atomic_write_text(directory / "train_config.json", config_json(cfg))
 
-    best = BestExport(out / "best", "loss", higher=False) if cfg.export_best else None
-    evaluated_on, held_out = evaluation_shards(cfg, shards)[1:]
+    best = None
+    if cfg.export_best:
+        best = BestExport(out / "best", "loss", higher=False, evaluated_on=evaluated_on)
 
     while step < total:
         began = time.monotonic()
@@ -313,10 +314,10 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
             result = evaluate_lm(unwrap(model), eval_set, vocab, device)
             record |= {f"eval_{k}": v for k, v in result.items()}
             say(f"step {step}: {'held-out' if held_out else 'eval'} loss {result['loss']:.4f}")
-            if best is not None and best.improves(result):
+            if best is not None and rt.agree(best.improves(result)):
                 write_export(best.directory, cfg)
-                if rt.main:
-                    best.record(step, result, evaluated_on=evaluated_on, held_out=held_out)
+                about = {"evaluated_on": evaluated_on, "held_out": held_out}
+                best.record(step, result, write=rt.main, **about)
         if step % cfg.log_every == 0 or "eval_loss" in record:
             metrics.write(record)
             if writer is not None:

@@ -358,14 +358,43 @@ def evaluation_shards(
     return shards, what, False
 
 
+@dataclass
+class EvalSet:
+    """Fixed evaluation batches and what they were drawn from."""
+
+    batches: list[Batch]
+    what: str
+    """In words (:func:`evaluation_shards`)."""
+    held_out: bool
+    """Whether training never reads them."""
+
+
 def make_eval_batches(
     cfg: LMTrainConfig, shards: list[TokenShards], text: TextTokenizer, vocab: Vocabulary
 ) -> list[Batch]:
+    """:func:`evaluation_set`'s batches."""
+    return evaluation_set(cfg, shards, text, vocab).batches
+
+
+def evaluation_set(
+    cfg: LMTrainConfig, shards: list[TokenShards], text: TextTokenizer, vocab: Vocabulary
+) -> EvalSet:
     """Fixed evaluation batches: ``eval_items`` items of every stage length, main captions,
-    from :func:`evaluation_shards`; lengths the held-out shards have no item of are left out."""
+    from :func:`evaluation_shards`; lengths the held-out shards have no item of are left out,
+    and held-out shards ``loong lm tokenize`` wrote with no item at all (its held-out files
+    skipped) give way to the training shards."""
     source, what, held_out = evaluation_shards(cfg, shards)
     lengths = sorted({t for stage in cfg.stages for t in stage.lengths})
     missing = [t for t in lengths if len(ClipPool(source, t)) == 0]
+    if held_out and len(missing) == len(lengths):
+        if cfg.data.eval_shards:
+            raise ValueError(
+                f"data.eval_shards {cfg.data.eval_shards} holds no items of the latent lengths "
+                f"{lengths} the stages train on: tokenize held-out videos into it"
+            )
+        log.warning("evaluation: the held-out shards (%s) hold no items", what)
+        source, what, held_out = shards, "a fixed sample of the training items, not held out", False
+        missing = []
     (log.info if held_out else log.warning)("evaluation: %s", what)
     if missing:
         log.warning("evaluation: no held-out items of latent length %s: left out", missing)
@@ -380,7 +409,7 @@ def make_eval_batches(
             n = len(chunk)
             plan = Plan(length=t, items=chunk.tolist(), drop_caption=[False] * n, wording=[1.0] * n)
             batches.append(make_batch(plan, pool, text, vocab, cfg.data))
-    return batches
+    return EvalSet(batches=batches, what=what, held_out=held_out)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -49,6 +49,7 @@ from loong.train.tokenizer_data import (
     evaluation_source,
     held_out_clips,
     micro_batch_rows,
+    record_held_out,
     training_batches,
 )
 from loong.video_tokenizer.discriminator import Discriminator3D
@@ -217,6 +218,7 @@ def train_tokenizer(
     eval_clips = held_out_clips(cfg.data, cfg.eval_clips).to(device)
     evaluated_on, held_out = evaluation_source(cfg.data)
     if rt.main:  # quiet (a calibration, a test): debug
+        record_held_out(cfg.data, out)
         say = log.debug if not progress else log.info if held_out else log.warning
         fix = "" if held_out else ": set data.eval_folder to videos training does not read"
         say("evaluation: %d clips, %s%s", len(eval_clips), evaluated_on, fix)
@@ -231,7 +233,9 @@ def train_tokenizer(
     started = time.monotonic()
     metrics = MetricsLog(out / "metrics.jsonl", step, rt)
     tokenizer, evaluated = unwrap(model), ema or unwrap(model)
-    best = BestExport(out / "best", "psnr", higher=True) if cfg.export_best else None
+    best = None
+    if cfg.export_best:
+        best = BestExport(out / "best", "psnr", higher=True, evaluated_on=evaluated_on)
 
     while step < cfg.steps:
         began = time.monotonic()
@@ -361,11 +365,11 @@ def train_tokenizer(
                 bar.write(said)
             else:  # quiet: a calibration, a test
                 log.debug(said)
-            if best is not None and best.improves(result):
+            if best is not None and rt.agree(best.improves(result)):
                 build = functools.partial(VideoTokenizer, cfg.model)
                 save_export(ema or model, rt, build, best.directory)
-                if rt.main:
-                    best.record(step, result, evaluated_on=evaluated_on, held_out=held_out)
+                about = {"evaluated_on": evaluated_on, "held_out": held_out}
+                best.record(step, result, write=rt.main, **about)
         if step % cfg.log_every == 0 or "eval_psnr" in record:
             metrics.write(record)
         if step % cfg.preview_every == 0 or done:

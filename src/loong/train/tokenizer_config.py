@@ -41,9 +41,9 @@ class TokenizerDataConfig:
     eval_share: float = 0.05
     """A folder of videos without ``eval_folder``: the share of its files held out of training
     for evaluation, picked by a hash of each file's path (``loong.data.video.held_out_files``:
-    at least one from 10 files on, none from fewer, and the same files whatever files are
-    added); 0, or a folder of fewer than 10 files: evaluation reads the first training clips,
-    said in the log."""
+    at least one from 10 files on, none from fewer); 0, or a folder of fewer than 10 files:
+    evaluation reads the first training clips, said in the log. The files are listed in
+    ``OUT/held_out.json``; a resumed run warns when they changed (files added)."""
     jitter: bool = True
     """Folders: each pass cuts a video's clips from a random first frame, so a pass sees other
     clips than the last (evaluation clips stay fixed)."""

@@ -6,6 +6,7 @@ each rank takes its rows of the global batch (see :func:`training_batches`).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from loong.data.shapes import ShapesWorld, ShapesWorldConfig
 from loong.data.sources import source_kind
 from loong.data.video import VideoFolder, held_out_files, list_video_files
+from loong.pretrained import atomic_write_text
 from loong.train.dist import all_true
 from loong.train.runtime import Runtime
 from loong.train.tokenizer_config import TokenizerDataConfig
@@ -181,9 +183,35 @@ def held_out_videos(cfg: TokenizerDataConfig) -> list[Path]:
     return held_out_files(files, root, cfg.eval_share)
 
 
+HELD_OUT_FILE = "held_out.json"
+
+
+def record_held_out(cfg: TokenizerDataConfig, out: Path) -> None:
+    """List the videos :func:`held_out_videos` keeps out in ``out/held_out.json``, warning when
+    a resumed run's list differs (files added to the folder can move one it trained on into
+    it). Nothing for other sources."""
+    if cfg.eval_folder or source_kind(cfg.source) != "folder":
+        return
+    root = Path(cfg.source)
+    now = [p.relative_to(root).as_posix() for p in held_out_videos(cfg)]
+    path = out / HELD_OUT_FILE
+    before = json.loads(path.read_text())["files"] if path.is_file() else now
+    if before != now:
+        log.warning(
+            "the held-out videos of %s changed since this run began (files added or removed): "
+            "%s now, %s before; its evaluation may now read videos it trained on",
+            cfg.source,
+            now,
+            before,
+        )
+    atomic_write_text(path, json.dumps({"source": cfg.source, "files": now}, indent=2) + "\n")
+
+
 def evaluation_source(cfg: TokenizerDataConfig) -> tuple[str, bool]:
     """What :func:`held_out_clips` reads, in words, and whether training never sees it."""
     if cfg.eval_folder:
+        if Path(cfg.eval_folder).resolve() == Path(cfg.source).resolve():
+            return f"the training videos of {cfg.source} (data.eval_folder), not held out", False
         return f"held-out videos of {cfg.eval_folder}", True
     if source_kind(cfg.source) == "shapes":
         return "held-out shapes-world clips", True
