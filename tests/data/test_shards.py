@@ -262,3 +262,39 @@ def test_a_folder_s_held_out_videos_go_to_eval_shards_that_lm_training_evaluates
     shutil.copytree(out / EVAL_DIR, out2 / EVAL_DIR)  # another run's: its files trained here
     source, what, held_out = evaluation_shards(lm2, [TokenShards(out2)])
     assert not held_out and source[0].directory == out2
+
+
+def test_held_out_shards_with_no_items_give_way_to_the_training_shards(tmp_path, video_tokenizer):
+    """The one held-out file of ten has no caption, so ``eval/`` holds nothing: LM training
+    evaluates on a sample of its training items instead, and says so."""
+    from loong.data.shards import EVAL_DIR
+    from loong.data.video import HOLD_OUT_MIN_FILES, held_out_files, list_video_files
+    from loong.lm.model import VideoLMConfig
+    from loong.lm.vocab import VocabConfig, Vocabulary
+    from loong.train.lm_batches import evaluation_set
+    from loong.train.lm_config import LMDataConfig, LMTrainConfig, StageConfig
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(HOLD_OUT_MIN_FILES):
+        write_video(folder / f"v{i}.mp4", render(sample_scene(rng), seed=i, n_frames=5), fps=8)
+        (folder / f"v{i}.txt").write_text(f"video {i}\n")
+    [held] = held_out_files(list_video_files(folder), folder, 0.05)
+    held.with_suffix(".txt").unlink()
+    video_tokenizer.save_pretrained(tmp_path / "vt")
+    cfg = TokenizeConfig(
+        source=str(folder), video_tokenizer=str(tmp_path / "vt"), n_frames=5, text_vocab_size=300
+    )
+    out = tokenize_dataset(cfg, tmp_path / "shards", progress=False)
+    assert len(TokenShards(out / EVAL_DIR)) == 0
+    text = TextTokenizer.load(out / "tokenizer.json")
+    vocab_cfg = VocabConfig(text_vocab_size=300, video_vocab_size=64, n_special=10)
+    lm = LMTrainConfig(
+        model=VideoLMConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab=vocab_cfg),
+        data=LMDataConfig(shards=(str(out),)),
+        stages=(StageConfig(name="clips", steps=1, lengths=(1, 2)),),
+    )
+    evaluation = evaluation_set(lm, [TokenShards(out)], text, Vocabulary(vocab_cfg))
+    assert not evaluation.held_out and "not held out" in evaluation.what
+    assert len(evaluation.batches) > 0
