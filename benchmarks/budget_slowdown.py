@@ -2,7 +2,8 @@
 
 Runs ``loong tokenizer train ... --minutes M`` (the arguments after ``--``) in a subprocess and,
 ``--load-after`` seconds after its first training step, starts a competing load beside it (a
-process multiplying matrices on ``--load-threads`` threads) until the run ends. Then prints,
+process multiplying matrices on ``--load-threads`` threads) until the run ends, or for
+``--load-seconds`` (a slow spell). Then prints,
 from the run's ``budget.json``, ``config.json`` and ``metrics.jsonl``: the steps it was fitted
 to and ended with, the steps it took, its learning rate at its last step against the peak, the
 budget's re-fits, and its wall time against the budget.
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the run's --out (a new directory)")
     parser.add_argument("--load-after", type=float, default=240.0, help="seconds after step 1")
     parser.add_argument("--load-threads", type=int, default=2, help="threads of the load")
+    parser.add_argument(
+        "--load-seconds", type=float, default=0.0, help="stop the load after this long (0: never)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the training command")
     args = parser.parse_args()
     command = [c for c in args.command if c != "--"]
@@ -66,6 +70,13 @@ def main() -> None:
             code = LOAD.format(threads=args.load_threads)
             load = subprocess.Popen([sys.executable, "-c", code])
             print(f"load started {time.monotonic() - began:.0f} s after the command", flush=True)
+        if args.load_seconds > 0:
+            try:
+                run.wait(timeout=args.load_seconds)
+            except subprocess.TimeoutExpired:
+                load.kill()
+                stopped = time.monotonic() - began
+                print(f"load stopped {stopped:.0f} s after the command", flush=True)
         run.wait()
     finally:
         if load is not None:

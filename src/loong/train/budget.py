@@ -46,7 +46,7 @@ in ``budget.json`` (``rest``) and replayed on resume; a resumed run times no mor
 A machine can also slow down later in a run (another job starts beside it), and a run fitted
 to its early speed would then reach the budget's stop with its steps unfinished, its learning
 rate undecayed. So once its kinds are timed, a run keeps timing its steps and, each time it has
-timed as many new ones as a re-fit times, when their median is more than ``REFIT_TOLERANCE``
+timed as many new ones as a re-fit times, when their median is more than ``LATE_TOLERANCE``
 off the time their kinds were fitted at, fits the steps still to come into the time left before
 the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Both ways: a run whose
 machine is free again gets steps back, up to the configured ones, so that a slow spell of a
@@ -96,6 +96,11 @@ fitted or as re-fitted, so runs of fewer than about 380 steps keep their factor 
 their budget) unless their steps run fast enough to re-fit them to a run that long (after a
 calibration timed in a busy minute)."""
 REFIT_SKIP = 3
+LATE_TOLERANCE = 0.25
+"""How far a window of a run's latest steps may be from the speed the run was fitted at before
+the rest of the run is fitted again late in it: wider than ``REFIT_TOLERANCE``, since a
+machine's speed moves by up to ~20% from one window of ~70 steps to the next (0.79–1.20× on a
+2-core AMD EPYC, nothing else running), where another job beside the run makes it 2–5× slower."""
 """Steps left out at the start of a re-fit's timing (allocation, compilation)."""
 REFIT_TOLERANCE = 0.10
 """How far the run's median step time may be from the calibration's before the factor is fitted
@@ -817,7 +822,7 @@ class Refit(Generic[Run]):
     def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
         """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
         fitted into the time left before the stop when those steps ran more than
-        ``REFIT_TOLERANCE`` slower or faster than their kinds were fitted at (every kind, and the
+        ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at (every kind, and the
         events, as much), at most the configured steps."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
@@ -831,7 +836,7 @@ class Refit(Generic[Run]):
             return None
         self.unchecked = 0
         now = statistics.median(self.recent)  # times the speed the run was fitted at
-        if abs(now - 1) <= REFIT_TOLERANCE:
+        if abs(now - 1) <= LATE_TOLERANCE:
             return None
         fitted_at = {k: self.fitted_at.get(k, self.planned) * now for k in self.timed}
         measured = self.kind.measured(self.costs, fitted_at, self.planned * now)
