@@ -222,6 +222,16 @@ def test_tokenize_dataset_records_the_tokenizers(tmp_path, video_tokenizer):
     assert (out / "tokenizer.json").stat().st_mtime_ns == before
 
 
+def _captioned_videos(folder: Path, n: int) -> Path:
+    """``n`` five-frame shapes-world videos ``v{i}.mp4`` in ``folder``, captioned ``video i``."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        write_video(folder / f"v{i}.mp4", render(sample_scene(rng), seed=i, n_frames=5), fps=8)
+        (folder / f"v{i}.txt").write_text(f"video {i}\n")
+    return folder
+
+
 def test_a_folder_s_held_out_videos_go_to_eval_shards_that_lm_training_evaluates_on(
     tmp_path, video_tokenizer
 ):
@@ -230,12 +240,7 @@ def test_a_folder_s_held_out_videos_go_to_eval_shards_that_lm_training_evaluates
     from loong.train.lm_batches import evaluation_shards
     from loong.train.lm_config import LMDataConfig, LMTrainConfig
 
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(HOLD_OUT_MIN_FILES):
-        write_video(folder / f"v{i}.mp4", render(sample_scene(rng), seed=i, n_frames=5), fps=8)
-        (folder / f"v{i}.txt").write_text(f"video {i}\n")
+    folder = _captioned_videos(tmp_path / "videos", HOLD_OUT_MIN_FILES)
     held = {p.name for p in held_out_files(list_video_files(folder), folder, 0.05)}
     assert len(held) == 1
     video_tokenizer.save_pretrained(tmp_path / "vt")
@@ -274,12 +279,7 @@ def test_held_out_shards_with_no_items_give_way_to_the_training_shards(tmp_path,
     from loong.train.lm_batches import evaluation_set
     from loong.train.lm_config import LMDataConfig, LMTrainConfig, StageConfig
 
-    folder = tmp_path / "videos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(HOLD_OUT_MIN_FILES):
-        write_video(folder / f"v{i}.mp4", render(sample_scene(rng), seed=i, n_frames=5), fps=8)
-        (folder / f"v{i}.txt").write_text(f"video {i}\n")
+    folder = _captioned_videos(tmp_path / "videos", HOLD_OUT_MIN_FILES)
     [held] = held_out_files(list_video_files(folder), folder, 0.05)
     held.with_suffix(".txt").unlink()
     video_tokenizer.save_pretrained(tmp_path / "vt")

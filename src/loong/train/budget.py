@@ -96,17 +96,17 @@ fitted or as re-fitted, so runs of fewer than about 380 steps keep their factor 
 their budget) unless their steps run fast enough to re-fit them to a run that long (after a
 calibration timed in a busy minute)."""
 REFIT_SKIP = 3
-LATE_TOLERANCE = 0.25
-"""How far a window of a run's latest steps may be from the speed the run was fitted at before
-the rest of the run is fitted again late in it: wider than ``REFIT_TOLERANCE``, since a
-machine's speed moves by up to ~20% from one window of ~70 steps to the next (0.79–1.20× on a
-2-core AMD EPYC, nothing else running), where another job beside the run makes it 2–5× slower."""
 """Steps left out at the start of a re-fit's timing (allocation, compilation)."""
 REFIT_TOLERANCE = 0.10
 """How far the run's median step time may be from the calibration's before the factor is fitted
 again: wider than the few percent a machine's speed moves by from one minute to the next. Each
 step is compared with its own kind's calibrated cost (a tokenizer's steps before its quantizer
 starts with ``TokenizerCosts.continuous_step``: with 16,384 CVQ codes they are much cheaper)."""
+LATE_TOLERANCE = 0.25
+"""How far a window of a run's latest steps may be from the speed the run was fitted at before
+the rest of the run is fitted again late in it: wider than ``REFIT_TOLERANCE``, since a
+machine's speed moves by up to ~20% from one window of ~70 steps to the next (0.79–1.20× on a
+2-core AMD EPYC, nothing else running), where another job beside the run makes it 2–5× slower."""
 
 Run = TypeVar("Run")
 
