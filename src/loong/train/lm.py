@@ -180,6 +180,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | Path, *, progress: bool = True) 
     sizes = {t: len(pool) for t, pool in pools.items()}
     evaluation = evaluation_set(cfg, shards, text, vocab)
     eval_set, evaluated_on, held_out = evaluation.batches, evaluation.what, evaluation.held_out
+    if rt.main:  # quiet (a calibration, a test): debug
+        say_once = log.debug if not progress else log.info if held_out else log.warning
+        say_once("evaluation: %s", evaluated_on)
     torch.manual_seed(cfg.seed)
     model = VideoLM(cfg.model)
     log.info(

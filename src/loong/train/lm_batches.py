@@ -382,7 +382,7 @@ def evaluation_set(
     """Fixed evaluation batches: ``eval_items`` items of every stage length, main captions,
     from :func:`evaluation_shards`; lengths the held-out shards have no item of are left out,
     and held-out shards ``loong lm tokenize`` wrote with no item at all (its held-out files
-    skipped) give way to the training shards."""
+    skipped) give way to the training shards. The caller says what they are (``what``)."""
     source, what, held_out = evaluation_shards(cfg, shards)
     lengths = sorted({t for stage in cfg.stages for t in stage.lengths})
     missing = [t for t in lengths if len(ClipPool(source, t)) == 0]
@@ -395,7 +395,6 @@ def evaluation_set(
         log.warning("evaluation: the held-out shards (%s) hold no items", what)
         source, what, held_out = shards, "a fixed sample of the training items, not held out", False
         missing = []
-    (log.info if held_out else log.warning)("evaluation: %s", what)
     if missing:
         log.warning("evaluation: no held-out items of latent length %s: left out", missing)
     batches = []
