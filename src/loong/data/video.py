@@ -466,9 +466,9 @@ def held_out_files(files: Iterable[Path], root: PathLike, share: float) -> list[
         name = Path(path).relative_to(root).as_posix().encode()
         return int.from_bytes(hashlib.sha1(name).digest()[:8], "big") / 2**64
 
-    ranked = sorted(files, key=place)
-    held = [path for path in ranked if place(path) < share][: len(files) - 1]
-    return sorted(held or ranked[:1])
+    ranked = sorted((place(path), path) for path in files)
+    held = [path for u, path in ranked if u < share][: len(files) - 1]
+    return sorted(held or [ranked[0][1]])
 
 
 class VideoFolder(IterableDataset[torch.Tensor]):
@@ -536,8 +536,8 @@ class VideoFolder(IterableDataset[torch.Tensor]):
                 f"{HOLD_OUT_MIN_FILES} files or more, or a folder of its own"
             )
         if hold_out > 0:
-            kept = set(held)
-            self.files = held if held_out else [p for p in self.files if p not in kept]
+            out = set(held)
+            self.files = held if held_out else [p for p in self.files if p not in out]
         self.n_frames, self.size, self.fps = n_frames, size, fps
         self.shuffle, self.seed, self.clips_per_video = shuffle, seed, clips_per_video
         self.jitter, self.flip, self.shuffle_buffer = jitter, flip, shuffle_buffer

@@ -323,11 +323,13 @@ def frame_means(window: dict[str, list[float]]) -> dict[str, float]:
     return {k: window[k][0] / window[k][1] for k in keys}
 
 
-def _holds_out(shards: TokenShards) -> bool:
-    """Whether the files of ``shards``' ``EVAL_DIR`` are the ones ``shards`` left out: both were
-    made from one folder at one ``eval_share`` (else the eval directory is another run's)."""
-    held = TokenShards(shards.directory / EVAL_DIR).meta["params"]
-    params = shards.meta["params"]
+TRAINING_SAMPLE = "a fixed sample of the training items, not held out"
+
+
+def _holds_out(shards: TokenShards, evaluation: TokenShards) -> bool:
+    """Whether ``evaluation`` (``shards``' ``EVAL_DIR``) holds the files ``shards`` left out:
+    both were made from one folder at one ``eval_share`` (else it is another run's)."""
+    held, params = evaluation.meta["params"], shards.meta["params"]
     same = all(held.get(k) == params.get(k) for k in {*held, *params} - {"held_out"})
     if not (same and held.get("held_out") and params.get("held_out") is False):
         log.warning("%s is not what %s held out: not evaluated on", EVAL_DIR, shards.directory)
@@ -344,18 +346,17 @@ def evaluation_shards(
     (a fixed training sample, not a held-out score)."""
     if cfg.data.eval_shards:
         return [TokenShards(cfg.data.eval_shards)], f"held-out shards {cfg.data.eval_shards}", True
-    source = [
-        TokenShards(s.directory / EVAL_DIR)
-        for s in shards
-        if (s.directory / EVAL_DIR / META_FILE).is_file() and _holds_out(s)
-    ]
+    source = []
+    for s in shards:
+        if (s.directory / EVAL_DIR / META_FILE).is_file():
+            evaluation = TokenShards(s.directory / EVAL_DIR)
+            source += [evaluation] if _holds_out(s, evaluation) else []
     if source:
         check_compatible(shards + source)
         held = [s.directory for s in source]
         names, n = ", ".join(str(d) for d in held), sum(map(len, source))
         return source, f"held-out shards {names} ({n} item{'s' * (n != 1)})", True
-    what = "a fixed sample of the training items, not held out: set data.eval_shards"
-    return shards, what, False
+    return shards, f"{TRAINING_SAMPLE}: set data.eval_shards", False
 
 
 @dataclass
@@ -385,7 +386,8 @@ def evaluation_set(
     skipped) give way to the training shards. The caller says what they are (``what``)."""
     source, what, held_out = evaluation_shards(cfg, shards)
     lengths = sorted({t for stage in cfg.stages for t in stage.lengths})
-    missing = [t for t in lengths if len(ClipPool(source, t)) == 0]
+    pools = {t: ClipPool(source, t) for t in lengths}
+    missing = [t for t, pool in pools.items() if len(pool) == 0]
     if held_out and len(missing) == len(lengths):
         if cfg.data.eval_shards:
             raise ValueError(
@@ -393,13 +395,12 @@ def evaluation_set(
                 f"{lengths} the stages train on: tokenize held-out videos into it"
             )
         log.warning("evaluation: the held-out shards (%s) hold no items", what)
-        source, what, held_out = shards, "a fixed sample of the training items, not held out", False
+        pools, what, held_out = {t: ClipPool(shards, t) for t in lengths}, TRAINING_SAMPLE, False
         missing = []
     if missing:
         log.warning("evaluation: no held-out items of latent length %s: left out", missing)
     batches = []
-    for t in lengths:
-        pool = ClipPool(source, t)
+    for t, pool in pools.items():
         if len(pool) == 0:
             continue
         rng = np.random.default_rng([cfg.seed + EVAL_SEED_OFFSET, t])

@@ -77,7 +77,7 @@ def training_batches(
         jitter=cfg.jitter,
         flip=cfg.flip,
         shuffle_buffer=cfg.shuffle_buffer,
-        hold_out=cfg.eval_share if held_out_videos(cfg) else 0.0,
+        hold_out=0.0 if cfg.eval_folder else cfg.eval_share,  # held_out_videos(cfg) kept out
     )
     while True:
         epoch = position.setdefault("epoch", 0)
