@@ -58,12 +58,16 @@ def test_scale_multiplies_every_step_count_and_keeps_the_rest():
     assert scaled.loss.disc_start_step == tok.loss.disc_start_step // 2  # still no GAN phase
     for name in ("eval_every", "preview_every", "checkpoint_every"):  # as many of each
         assert getattr(scaled, name) == getattr(tok, name) // 2
-    assert scaled.optim == tok.optim and scaled.model == tok.model  # lr, warm-up, the model
+    assert scaled.model == tok.model
+    warmup = round(tok.optim.warmup_steps / 2)  # the peak rate stays, the warm-up scales
+    assert scaled.optim == dataclasses.replace(tok.optim, warmup_steps=warmup)
     assert half.shards.n_clips == cfg.shards.n_clips // 2 and half.eval_clips == cfg.eval_clips
     stages = [s.steps for s in half.lm.stages]
     assert stages == [s.steps // 2 for s in cfg.lm.stages]  # the preset's are even
     assert [s.lengths for s in half.lm.stages] == [s.lengths for s in cfg.lm.stages]
-    assert half.lm.eval_every == cfg.lm.eval_every // 2 and half.lm.optim == cfg.lm.optim
+    assert half.lm.eval_every == cfg.lm.eval_every // 2
+    warmup = round(cfg.lm.optim.warmup_steps / 2)
+    assert half.lm.optim == dataclasses.replace(cfg.lm.optim, warmup_steps=warmup)
     assert half.lm.checkpoint_every == cfg.lm.checkpoint_every // 2
     assert scale(cfg, 1.0) is cfg
     long = ShapesRecipeConfig()

@@ -28,16 +28,16 @@ recipe's share over that ratio) and the language model's steps are timed again b
 fitted (``loong.recipe._budget_lm``: a busy minute slows each latent length by its own ratio).
 The long-clip run keeps the recipe's factor.
 
-What stays: learning rates and warm-ups, evaluations and checkpoints (their intervals scale, so
-there are as many), the held-out clips. The factor is never above 1: a machine fast enough runs
-the configured recipe unchanged. A scaled recipe trains a weaker model: the budget buys a
-finished bundle on time, not the bundle's quality (BENCHMARKS.md, "The recipe in 90 minutes on
-a CPU without AVX-512"). The factor follows the speed measured, which on a shared machine moves
-from one minute to the next (0.38–0.45 in four calibrations on one CPU), so two budgeted runs
-may train different step counts; ``minutes = 0`` runs the configured recipe, the same on every
-run of one machine, and a resumed run keeps the factor it started with. The tokenizer's share
-(its calibration, projection and scaling) and the bisection are :mod:`loong.train.budget`'s,
-which ``loong tokenizer train --minutes`` uses alone.
+What stays: the peak learning rates (the warm-ups scale with the steps), evaluations and
+checkpoints (their intervals scale, so there are as many), the held-out clips. The factor is
+never above 1: a machine fast enough runs the configured recipe unchanged. A scaled recipe
+trains a weaker model: the budget buys a finished bundle on time, not the bundle's quality
+(BENCHMARKS.md, "The recipe in 90 minutes on a CPU without AVX-512"). The factor follows the
+speed measured, which on a shared machine moves from one minute to the next (0.38–0.45 in four
+calibrations on one CPU), so two budgeted runs may train different step counts; ``minutes = 0``
+runs the configured recipe, the same on every run of one machine, and a resumed run keeps the
+factor it started with. The tokenizer's share (its calibration, projection and scaling) and the
+bisection are :mod:`loong.train.budget`'s, which ``loong tokenizer train --minutes`` uses alone.
 """
 
 from __future__ import annotations

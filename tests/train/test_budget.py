@@ -5,6 +5,7 @@ keeps it."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from loong.train.budget import (
     TokenizerCosts,
     events,
     fit_tokenizer,
+    scale_lm,
     scale_tokenizer,
     tokenizer_seconds,
 )
@@ -104,12 +106,22 @@ def test_a_real_calibration_times_the_steps_before_the_quantizer_too(tmp_path, t
     assert plain.continuous_step is None and plain.warm_start_step == plain.step
 
 
-def test_scale_keeps_the_phases_and_the_learning_rate(train_config):  # noqa: F811
-    cfg = _long(train_config)
+def test_scale_keeps_the_phases_and_the_peak_learning_rate_and_scales_the_warm_up(train_config):  # noqa: F811
+    cfg = _long(train_config, **{"optim.warmup_steps": 100})
     half = scale_tokenizer(cfg, 0.5)
     assert (half.steps, half.continuous_steps, half.loss.disc_start_step) == (500, 250, 400)
     assert (half.eval_every, half.preview_every, half.checkpoint_every) == (50, 250, 100)
-    assert half.optim == cfg.optim and half.model == cfg.model and half.data == cfg.data
+    assert half.optim == dataclasses.replace(cfg.optim, warmup_steps=50)
+    assert half.model == cfg.model and half.data == cfg.data
+    # cut deep, a run still decays its rate: its warm-up ends before its last step
+    deep = scale_tokenizer(cfg, 0.05)
+    assert deep.optim.warmup_steps == 5 < deep.steps
+    assert deep.optim.lr_at(deep.steps - 1, deep.steps) < 0.2 * cfg.optim.lr
+    for warmup, share, scaled in ((0, 0.5, 0), (3, 0.01, 1)):  # none stays none; one stays
+        tok = scale_tokenizer(_long(train_config, **{"optim.warmup_steps": warmup}), share)
+        assert tok.optim.warmup_steps == scaled
+    lm = LMTrainConfig()
+    assert scale_lm(lm, 0.25).optim.warmup_steps == round(0.25 * lm.optim.warmup_steps)
     for share in (0.001, 0.05, 0.33, 0.99):  # phases near the end stay before it
         tok = scale_tokenizer(_long(train_config, continuous_steps=995), share)
         tok.__post_init__()
@@ -493,6 +505,9 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     assert later["step"] > slow_from + 100 and later["step_ratio"] == 1.5 and later["share"] < 1
     assert ended.continuous_steps == fitted.continuous_steps  # begun before the re-fit: stays
     assert ended.optim.lr_at(ended.steps - 1, ended.steps) < 0.2 * fitted.optim.lr
+    # the rate at the first re-fit's step is the one the run had there
+    at = fitted.optim.lr_at(late["step"], fitted.steps)
+    assert ended.optim.lr_at(late["step"], ended.steps) == pytest.approx(at)
     assert fit_tokenizer(cfg, tmp_path / "late") == ended  # resumed: the re-fit replayed
 
 
@@ -558,6 +573,47 @@ def test_the_rest_of_a_run_scales_after_its_steps_taken():
     assert [stage.lengths for stage in rest.stages] == [stage.lengths for stage in lm.stages]
     rest = budget.rest_lm(lm, 1999, 0.001)
     assert [stage.steps for stage in rest.stages] == [1000, 1000, 1]  # each keeps a step
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5, 3.0])
+def test_the_learning_rate_goes_on_from_where_it_was_when_the_rest_is_refitted(share):
+    """The steps after ``done`` re-fitted: the rate at ``done`` and its next steps is what it
+    was (following the new total instead, a cut would make it jump down), and it still reaches
+    its floor at the last step; twice in a row too, and for an LM's stages."""
+    tok = apply_overrides(TokenizerTrainConfig(), {"steps": 1000, "continuous_steps": 300})
+    for run, total, rest in (
+        (tok, lambda r: r.steps, budget.rest_tokenizer),
+        (LMTrainConfig(), lambda r: r.total_steps, budget.rest_lm),
+    ):
+        done = total(run) // 2
+        new = rest(run, done, share)
+        assert total(new) != total(run)
+        lr, lr_new = run.optim.lr_at, new.optim.lr_at
+        assert lr_new(done, total(new)) == pytest.approx(lr(done, total(run)))
+
+        def steepest(rate, steps, done=done):  # the largest change from one step to the next
+            rates = [rate(n, steps) for n in range(done, steps)]
+            return max(abs(a - b) for a, b in itertools.pairwise(rates))
+
+        pace = max(1.0, 1 / share)  # a cut walks the same curve in fewer steps
+        assert steepest(lr_new, total(new)) <= 1.001 * pace * steepest(lr, total(run))
+        floor = run.optim.lr * run.optim.lr_min_ratio
+        assert lr_new(total(new) - 1, total(new)) == pytest.approx(floor, rel=0.02)
+        # the old way, the new total with the old schedule, jumps at a cut
+        jump = lr(done, total(new)) / lr(done, total(run))
+        assert jump < 0.9 if share < 1 else jump > 1
+        later = total(new) - (total(new) - done) // 2
+        twice = rest(new, later, 0.5)
+        assert twice.optim.lr_at(later, total(twice)) == pytest.approx(lr_new(later, total(new)))
+        assert twice.optim.lr_at(total(twice) - 1, total(twice)) == pytest.approx(floor, rel=0.05)
+
+
+def test_a_refit_inside_the_warm_up_stretches_what_is_left_of_it():
+    tok = apply_overrides(TokenizerTrainConfig(), {"steps": 1000, "optim.warmup_steps": 100})
+    rest = budget.rest_tokenizer(tok, 50, 0.5)  # 950 steps to come → 475
+    assert rest.optim.lr_at(49, rest.steps) == tok.optim.lr_at(49, tok.steps)
+    assert rest.optim.lr_at(75, rest.steps) == pytest.approx(tok.optim.lr_at(100, tok.steps))
+    assert rest.optim.lr_at(74, rest.steps) < tok.optim.lr
 
 
 def test_an_lm_run_is_refitted_again_from_its_later_lengths(tmp_path, monkeypatch):

@@ -61,3 +61,20 @@ def test_a_step_moves_the_version_counters_as_torchs_default_adamw_does():
     assert all(p._version > v for p, v in zip(layer.parameters(), versions, strict=True))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_a_rescaled_schedule_runs_the_old_one_at_the_new_pace():
+    """``rescaled`` (a budget's re-fits) maps each step back to where it falls in the
+    schedule before them; with none, the schedule is the plain one."""
+    plain = OptimConfig(lr=1.0, warmup_steps=10, lr_min_ratio=0.1)
+    cut = OptimConfig(lr=1.0, warmup_steps=10, lr_min_ratio=0.1, rescaled=[[400, 0.25]])
+    assert cut.rescaled == ((400, 0.25),)  # as a TOML or JSON list reads back
+    assert [cut.schedule_step(n) for n in (0, 400, 401, 550)] == [0.0, 400.0, 404.0, 1000.0]
+    for step in (0, 5, 200, 400):
+        assert cut.lr_at(step, 550) == plain.lr_at(step, 1000)
+    assert cut.lr_at(475, 550) == pytest.approx(plain.lr_at(700, 1000))
+    assert cut.lr_at(550, 550) == pytest.approx(0.1)
+    twice = OptimConfig(lr=1.0, warmup_steps=10, rescaled=((400, 0.25), (500, 2.0)))
+    assert twice.schedule_step(600) == pytest.approx(400 + (500 + 50 - 400) / 0.25)
+    with pytest.raises(ValueError, match=r"optim\.rescaled"):
+        OptimConfig(rescaled=((10, 0.0),))

@@ -9,9 +9,9 @@ whole run from them (:func:`tokenizer_seconds`, :func:`lm_seconds`), and scales 
 that buys time by one factor (:func:`scale_tokenizer`, :func:`scale_lm`, found by :func:`fit`)
 so that the whole schedule completes inside the budget: the tokenizer's steps and the steps its
 quantizer and GAN phase start at, every LM stage's steps, and the evaluation, preview and
-checkpoint intervals (so there are as many of each). Learning rates and warm-ups stay, so a
-run scaled below its warm-up never decays its learning rate. The factor is never above 1: a
-machine fast enough runs the configured steps.
+checkpoint intervals (so there are as many of each), and the learning rate's warm-up (so that
+a run cut deep still decays its rate). The peak learning rate stays. The factor is never
+above 1: a machine fast enough runs the configured steps.
 
 ``budget_minutes`` of the tokenizer's and the LM's training configs turns it on
 (:func:`fit_run`; ``loong tokenizer train --minutes``, ``loong lm train --minutes``), for
@@ -40,8 +40,11 @@ it before its last 225; a busy calibration slowed an LM's lengths 1, 5 and 9 by 
 more than ``REFIT_TOLERANCE`` off the one the run was fitted with, the rest of the run is fitted
 again (:func:`rest_tokenizer`, :func:`rest_lm`): the steps still to come, and the phases still
 to start, scale by one share so that the whole run, its kinds of step each at their own measured
-speed, fits the budget; the steps taken and the phases begun stay as they are. Each is recorded
-in ``budget.json`` (``rest``) and replayed on resume; a resumed run times no more kinds.
+speed, fits the budget; the steps taken and the phases begun stay as they are, and the learning
+rate goes on from where it was, its schedule run at the new pace (``OptimConfig.rescaled``;
+following the new total instead, a rate would jump down when a re-fit cuts the rest of the
+run). Each is recorded in ``budget.json`` (``rest``) and replayed on resume; a
+resumed run times no more kinds.
 
 A machine can also slow down later in a run (another job starts beside it), and a run fitted
 to its early speed would then reach the budget's stop with its steps unfinished, its learning
@@ -73,6 +76,7 @@ from typing import Any, Generic, TypeVar
 from loong.config import config_json
 from loong.pretrained import atomic_write_text
 from loong.train.lm_config import LMTrainConfig, StageConfig, scale_stages
+from loong.train.optim import OptimConfig
 from loong.train.tokenizer_config import TokenizerTrainConfig
 
 log = logging.getLogger(__name__)
@@ -256,21 +260,39 @@ def _moved(tok: TokenizerTrainConfig, at: Callable[[int, int], int]) -> Tokenize
     )
 
 
+def _rescaled(optim: OptimConfig, done: int, steps: int, now: int) -> OptimConfig:
+    """``optim`` for a run of ``steps`` whose steps after ``done`` became ``now`` in all: its
+    schedule goes on from step ``done`` at the new pace (``OptimConfig.rescaled``)."""
+    if steps <= done or now == steps:
+        return optim
+    ratio = (now - done) / (steps - done)
+    return dataclasses.replace(optim, rescaled=(*optim.rescaled, (done, ratio)))
+
+
+def _warmup(optim: OptimConfig, share: float) -> OptimConfig:
+    """``optim`` with its warm-up steps times ``share`` (a warm-up stays one)."""
+    least = min(1, optim.warmup_steps)
+    return dataclasses.replace(optim, warmup_steps=scaled(optim.warmup_steps, share, least))
+
+
 def rest_tokenizer(tok: TokenizerTrainConfig, done: int, share: float) -> TokenizerTrainConfig:
     """``tok`` with its steps after ``done``, and the starts of its phases still to come, times
-    ``share``; the steps taken and the phases begun stay, and so do the event intervals."""
+    ``share``, its learning rate going on from step ``done`` at the new pace; the steps taken
+    and the phases begun stay, and so do the event intervals."""
     if share == 1.0:
         return tok
-    return _moved(tok, lambda n, least: _later(n, done, share))
+    new = _moved(tok, lambda n, least: _later(n, done, share))
+    return dataclasses.replace(new, optim=_rescaled(tok.optim, done, tok.steps, new.steps))
 
 
 def scale_tokenizer(tok: TokenizerTrainConfig, share: float) -> TokenizerTrainConfig:
-    """``tok`` with its steps, its phases' start steps and its event intervals times ``share``;
-    ``share`` = 1 returns ``tok`` itself."""
+    """``tok`` with its steps, its phases' start steps, its warm-up and its event intervals
+    times ``share``; ``share`` = 1 returns ``tok`` itself."""
     if share >= 1.0:
         return tok
     return dataclasses.replace(
         _moved(tok, lambda n, least: scaled(n, share, least)),
+        optim=_warmup(tok.optim, share),
         eval_every=scaled(tok.eval_every, share),
         preview_every=scaled(tok.preview_every, share),
         checkpoint_every=scaled(tok.checkpoint_every, share),
@@ -353,13 +375,14 @@ def lm_seconds(lm: LMTrainConfig, costs: LMCosts) -> tuple[float, float]:
 
 
 def scale_lm(lm: LMTrainConfig, share: float) -> LMTrainConfig:
-    """``lm`` with every stage's steps and the event intervals times ``share`` (each stage
-    keeps at least one step). ``share`` = 1 returns ``lm`` itself."""
+    """``lm`` with every stage's steps, the warm-up and the event intervals times ``share``
+    (each stage keeps at least one step). ``share`` = 1 returns ``lm`` itself."""
     if share >= 1.0:
         return lm
     staged = scale_stages(lm, scaled(lm.total_steps, share, least=len(lm.stages)))
     return dataclasses.replace(
         staged,
+        optim=_warmup(lm.optim, share),
         eval_every=scaled(lm.eval_every, share),
         checkpoint_every=scaled(lm.checkpoint_every, share),
     )
@@ -367,8 +390,8 @@ def scale_lm(lm: LMTrainConfig, share: float) -> LMTrainConfig:
 
 def rest_lm(lm: LMTrainConfig, done: int, share: float) -> LMTrainConfig:
     """``lm`` with its steps after ``done`` times ``share``: the stages that ended stay, the
-    one under way and those to come scale their steps still to run (each keeps one at least);
-    the event intervals stay."""
+    one under way and those to come scale their steps still to run (each keeps one at least),
+    the learning rate goes on from step ``done`` at the new pace; the event intervals stay."""
     if share == 1.0:
         return lm
     ends: list[int] = []
@@ -378,7 +401,9 @@ def rest_lm(lm: LMTrainConfig, done: int, share: float) -> LMTrainConfig:
         dataclasses.replace(stage, steps=end - start)
         for stage, start, end in zip(lm.stages, [0, *ends[:-1]], ends, strict=True)
     )
-    return dataclasses.replace(lm, stages=stages)
+    now = sum(stage.steps for stage in stages)
+    optim = _rescaled(lm.optim, done, lm.total_steps, now)
+    return dataclasses.replace(lm, stages=stages, optim=optim)
 
 
 def config_sha256(cfg: Any) -> str:

@@ -20,14 +20,23 @@ class OptimConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 100
-    """Linear warm-up steps, then cosine decay to lr_min_ratio · lr at the last step."""
+    """Linear warm-up steps, then cosine decay to lr_min_ratio · lr at the last step (a
+    budgeted run scales them with its steps)."""
     lr_min_ratio: float = 0.1
     """Final learning rate as a share of the peak."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0: off)."""
+    rescaled: tuple[tuple[int, float], ...] = ()
+    """(step, ratio) of each time a budgeted run re-fitted the steps after ``step`` to
+    ``ratio`` times as many (``loong.train.budget``), in order; set by the budget, not by hand.
+    The schedule after each runs at 1/ratio of its pace, so the learning rate goes on from the
+    value it had and still reaches its floor at the last step."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        self.rescaled = tuple((int(step), float(ratio)) for step, ratio in self.rescaled)
+        if any(ratio <= 0 for _, ratio in self.rescaled):
+            raise ValueError(f"optim.rescaled ratios must be > 0, got {self.rescaled}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -36,12 +45,24 @@ class OptimConfig:
             raise ValueError(f"optim.lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate of (0-based) ``step`` in a run of ``total_steps``."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        """Learning rate of (0-based) ``step`` in a run of ``total_steps``: the schedule's
+        position of each taken through the re-fits (``rescaled``)."""
+        at, total = self.schedule_step(step), self.schedule_step(total_steps)
+        if at < self.warmup_steps:
+            return self.lr * (at + 1) / self.warmup_steps
+        progress = (at - self.warmup_steps) / max(1, total - self.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return self.lr * (self.lr_min_ratio + (1 - self.lr_min_ratio) * cosine)
+
+    def schedule_step(self, step: int) -> float:
+        """Where ``step`` of the run as re-fitted falls in the schedule of the run before its
+        re-fits: the latest undone first, each stretching the steps after its own step back by
+        1/ratio."""
+        at = float(step)
+        for done, ratio in reversed(self.rescaled):
+            if at > done:
+                at = done + (at - done) / ratio
+        return at
 
 
 def adamw(
