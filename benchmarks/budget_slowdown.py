@@ -5,8 +5,9 @@ Runs ``loong tokenizer train ... --minutes M`` (the arguments after ``--``) in a
 process multiplying matrices on ``--load-threads`` threads) until the run ends, or for
 ``--load-seconds`` (a slow spell). Then prints,
 from the run's ``budget.json``, ``config.json`` and ``metrics.jsonl``: the steps it was fitted
-to and ended with, the steps it took, its learning rate at its last step against the peak, the
-budget's re-fits, and its wall time against the budget.
+to and ended with, the steps it took, its learning rate at its last step against the peak, its
+largest change of learning rate between two logged steps (a re-fit that moved the schedule),
+the budget's re-fits, and its wall time against the budget.
 
     python benchmarks/budget_slowdown.py --out runs/slow --load-after 240 -- \\
         loong tokenizer train --preset shapes --minutes 8
@@ -19,6 +20,7 @@ budget's stop with steps to go. ``--out`` is passed on as the run's ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -95,6 +97,13 @@ def main() -> None:
     print(f"fitted factor {budget.get('calibrated_factor', budget['factor']):.3f}")
     print(f"steps at the end: {config['steps']}; taken: {last['step']}")
     print(f"learning rate at the last step: {last['lr']:.3g} ({last['lr'] / peak:.3f} of its peak)")
+    top = next(i for i, r in enumerate(records) if r["lr"] == peak)
+    decay = records[top:]  # the warm-up's rise left out
+    jump, at = max((abs(b["lr"] - a["lr"]) / peak, b["step"]) for a, b in itertools.pairwise(decay))
+    print(
+        f"largest change of the learning rate between two logged steps after its peak: "
+        f"{jump:.3f} of the peak (step {at})"
+    )
     print("re-fits: " + json.dumps([r for r in refits if r]))
     sys.exit(run.returncode)
 

@@ -511,6 +511,33 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     assert fit_tokenizer(cfg, tmp_path / "late") == ended  # resumed: the re-fit replayed
 
 
+def test_stalls_a_windows_median_leaves_out_refit_the_run_from_its_clock(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """Steps as calibrated, but once the quantized steps are timed every 25th stalls for 20 s
+    (a machine shared by more threads than cores): no window's median moves, the clock falls
+    behind, and the run fits the steps still to come into the time left from its clock and
+    ends them before the stop; a resumed run replays that."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
+    fitted = fit_tokenizer(cfg, tmp_path)
+    stall_from = fitted.continuous_steps + 50
+
+    def seconds(step: int, quantized: bool, gan: bool) -> float:
+        return 20.0 if step > stall_from and step % 25 == 0 else 1.0
+
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    ended, taken, clock = _run_on_a_clock(refit, fitted, seconds)
+    late = [r for r in json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]]
+    late = [r for r in late if r["kind"] == "late"]
+    assert late and late[0]["step"] > stall_from and late[0]["step_ratio"] > 1.25
+    assert taken == ended.steps < fitted.steps and clock <= 60 * fitted.max_minutes
+    assert ended.optim.lr_at(ended.steps - 1, ended.steps) < 0.2 * fitted.optim.lr
+    assert fit_tokenizer(cfg, tmp_path) == ended
+
+
 def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(
     tmp_path,
     train_config,  # noqa: F811

@@ -111,6 +111,10 @@ LATE_TOLERANCE = 0.25
 the rest of the run is fitted again late in it: wider than ``REFIT_TOLERANCE``, since a
 machine's speed moves by up to ~20% from one window of ~70 steps to the next (0.79–1.20× on a
 2-core AMD EPYC, nothing else running), where another job beside the run makes it 2–5× slower."""
+CLOCK_WINDOWS = 4
+"""How many windows of a run's latest steps the clock check looks back over (``Refit``): long
+enough to hold a stalling machine's stalls, short enough to follow a change in how often they
+come."""
 
 Run = TypeVar("Run")
 
@@ -739,6 +743,9 @@ class Refit(Generic[Run]):
         """The last steps' seconds over the seconds their kind was fitted at, once timed."""
         self.unchecked = 0
         """Steps timed into ``recent`` since the last late check."""
+        self.marks: deque[tuple[int, float]] = deque(maxlen=CLOCK_WINDOWS + 1)
+        """(steps done, loop seconds) at the late checks since the steps' speed was last
+        fitted, and at the first late step after it: what the clock check measures from."""
 
     def observe(
         self, done: int, seconds: float, about: Any, elapsed: float | None = None
@@ -829,6 +836,7 @@ class Refit(Generic[Run]):
             )
             return None
         self.planned, self.fitted_at = ratio, {}
+        self.marks.clear()
         new = self.kind.scale(self.base, share)
         log.warning(
             "budget: the first %d steps took %.2f× the calibrated time: the factor is re-fitted "
@@ -844,14 +852,39 @@ class Refit(Generic[Run]):
             new, budget_minutes=self.fitted.budget_minutes, max_minutes=self.fitted.max_minutes
         )
 
+    def _at_speed(self, speed: float) -> Any:
+        """The costs of every kind at ``speed`` times the speed the run is fitted at."""
+        fitted_at = {k: self.fitted_at.get(k, self.planned) * speed for k in self.timed}
+        return self.kind.measured(self.costs, fitted_at, self.planned * speed)
+
+    def _clock_speed(self, done: int, elapsed: float) -> float:
+        """The loop's seconds from the oldest of ``marks`` to ``done`` steps over the seconds
+        the run was fitted to spend on those steps and their events: how much slower (> 1) its
+        clock ran over the last ``CLOCK_WINDOWS`` windows or fewer.
+
+        A window's median leaves out the steps that stalled, as it should to tell a run's speed
+        from its noise; but the stop counts their seconds. A 2-core machine shared with another
+        process of two threads stalled a run for up to two minutes at a time between steps of a
+        steady 2× (BENCHMARKS.md, "Stalls a window's median does not see"): no window's median
+        moved, and the stop cut the run with its learning rate at a third of its peak."""
+        start, began = self.marks[0]
+        at_fitted, was, kind = self._at_speed(1.0), self.fitted, self.kind
+        planned = run_minutes(kind, kind.rest(was, done, 0.0), at_fitted) - run_minutes(
+            kind, kind.rest(was, start, 0.0), at_fitted
+        )
+        return (elapsed - began) / 60 / planned if planned > 0 else 1.0
+
     def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
         """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
-        fitted into the time left before the stop when those steps ran more than
-        ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at (every kind, and the
-        events, as much), at most the configured steps."""
+        fitted into the time left before the stop, at most the configured steps, when those
+        steps ran more than ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at
+        (every kind, and the events, as much), or when the run's clock since its steps were
+        last fitted says they will not fit (see :meth:`_clock_speed`)."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
         was, window = self.fitted, self.recent.maxlen or 1
+        if elapsed is not None and not self.marks:
+            self.marks.append((done, elapsed))
         if (
             elapsed is None
             or was.max_minutes <= 0
@@ -861,38 +894,53 @@ class Refit(Generic[Run]):
             return None
         self.unchecked = 0
         now = statistics.median(self.recent)  # times the speed the run was fitted at
-        if abs(now - 1) <= LATE_TOLERANCE:
-            return None
-        fitted_at = {k: self.fitted_at.get(k, self.planned) * now for k in self.timed}
-        measured = self.kind.measured(self.costs, fitted_at, self.planned * now)
         steps = self.kind.steps(was)
-        most = (self.kind.steps(self.base) - done) / (steps - done)  # the configured steps
 
-        def minutes_after(share: float) -> float:  # the steps after ``done``, their events
+        def minutes_after(share: float, measured: Any) -> float:  # the steps after ``done``
             after = run_minutes(self.kind, self.kind.rest(was, done, share), measured)
             return after - run_minutes(self.kind, self.kind.rest(was, done, 0.0), measured)
 
-        # the time left, less one more event's worth (the stop already leaves out the set-up,
-        # the last evaluation and the export among it, at their calibrated cost)
-        left = was.max_minutes - elapsed / 60 - measured.event / 60
+        def left_at(measured: Any) -> float:
+            # the time left, less one more event's worth (the stop already leaves out the
+            # set-up, the last evaluation and the export among it, at their calibrated cost)
+            return was.max_minutes - elapsed / 60 - measured.event / 60
+
+        speed, why = now, f"the last {window} steps took {now:.2f}×"
+        if abs(now - 1) <= LATE_TOLERANCE:  # the steps' speed is as fitted: is the clock?
+            speed, start = self._clock_speed(done, elapsed), self.marks[0][0]
+            self.marks.append((done, elapsed))
+            at_clock = self._at_speed(speed)
+            if minutes_after(1.0, at_clock) <= left_at(at_clock):
+                return None
+            why = f"the {done - start} steps since step {start} took {speed:.2f}×"
+        measured = self._at_speed(speed)
+        most = (self.kind.steps(self.base) - done) / (steps - done)  # the configured steps
+        left = left_at(measured)
         try:
-            share = fit(minutes_after, max(left, 0.0), self.kind.what, high=most)
+            share = fit(
+                lambda share: minutes_after(share, measured),
+                max(left, 0.0),
+                self.kind.what,
+                high=most,
+            )
         except ValueError:  # not even the least share fits: the stop at the budget ends it
             share = MIN_FACTOR
         self.recent.clear()
-        self.timed = {k: r * now for k, r in self.timed.items()}
-        self.fitted_at, self.planned = fitted_at, self.planned * now
+        if speed == now:  # the steps' own speed moved: the run is fitted at it from here
+            self.marks.clear()
+            self.timed = {k: r * now for k, r in self.timed.items()}
+            self.fitted_at = {k: self.fitted_at.get(k, self.planned) * now for k in self.timed}
+            self.planned *= now
         self.fitted = new = self.kind.rest(was, done, share)
-        entry = {"step": done, "kind": "late", "step_ratio": round(now, 3), "share": share}
+        entry = {"step": done, "kind": "late", "step_ratio": round(speed, 3), "share": share}
         self.record.setdefault("rest", []).append(entry)
         self._write()
         if new == was:
             return None
         log.warning(
-            "budget: the last %d steps took %.2f× the time the run was fitted at: the steps "
-            "after %d are re-fitted by %.3f into the %.1f min left, %d steps instead of %d",
-            self.recent.maxlen,
-            now,
+            "budget: %s the time the run was fitted at: the steps after %d are re-fitted by "
+            "%.3f into the %.1f min left, %d steps instead of %d",
+            why,
             done,
             share,
             left,
@@ -942,6 +990,7 @@ class Refit(Generic[Run]):
             steps,
         )
         self.planned, self.fitted_at = ratio, dict(self.timed)
+        self.marks.clear()
         return new
 
 
