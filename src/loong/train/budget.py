@@ -53,7 +53,13 @@ timed as many new ones as a re-fit times, when their median is more than ``LATE_
 off the time their kinds were fitted at, fits the steps still to come into the time left before
 the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Both ways: a run whose
 machine is free again gets steps back, up to the configured ones, so that a slow spell of a
-minute does not shorten the rest of the run for good.
+minute does not shorten the rest of the run for good. A window's median leaves out the steps
+that stalled, which a machine shared by more threads than cores does for a minute or more at a
+time, but the stop counts their seconds: so a check that finds the median as fitted also reads
+the run's clock over its last ``CLOCK_WINDOWS`` windows (events and stalls included, against
+the time the run was fitted to spend on them), and when the steps still to come would overrun
+the time left at that pace, fits them into it (``"clock"`` in ``rest``; the steps' own speed,
+which the next windows are compared with, stays).
 """
 
 from __future__ import annotations
@@ -878,8 +884,9 @@ class Refit(Generic[Run]):
         """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
         fitted into the time left before the stop, at most the configured steps, when those
         steps ran more than ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at
-        (every kind, and the events, as much), or when the run's clock since its steps were
-        last fitted says they will not fit (see :meth:`_clock_speed`)."""
+        (every kind, and the events, as much; ``"late"`` in ``budget.json``), or else when the
+        run's clock over its last windows says they will not fit at its pace (``"clock"``, see
+        :meth:`_clock_speed`)."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
         was, window = self.fitted, self.recent.maxlen or 1
@@ -906,7 +913,8 @@ class Refit(Generic[Run]):
             return was.max_minutes - elapsed / 60 - measured.event / 60
 
         speed, why = now, f"the last {window} steps took {now:.2f}×"
-        if abs(now - 1) <= LATE_TOLERANCE:  # the steps' speed is as fitted: is the clock?
+        moved = abs(now - 1) > LATE_TOLERANCE
+        if not moved:  # the steps' speed is as fitted: is the clock?
             speed, start = self._clock_speed(done, elapsed), self.marks[0][0]
             self.marks.append((done, elapsed))
             at_clock = self._at_speed(speed)
@@ -926,13 +934,14 @@ class Refit(Generic[Run]):
         except ValueError:  # not even the least share fits: the stop at the budget ends it
             share = MIN_FACTOR
         self.recent.clear()
-        if speed == now:  # the steps' own speed moved: the run is fitted at it from here
+        if moved:  # the steps' own speed: the run is fitted at it from here
             self.marks.clear()
             self.timed = {k: r * now for k, r in self.timed.items()}
             self.fitted_at = {k: self.fitted_at.get(k, self.planned) * now for k in self.timed}
             self.planned *= now
         self.fitted = new = self.kind.rest(was, done, share)
-        entry = {"step": done, "kind": "late", "step_ratio": round(speed, 3), "share": share}
+        entry = {"step": done, "kind": "late" if moved else "clock", "step_ratio": round(speed, 3)}
+        entry["share"] = share
         self.record.setdefault("rest", []).append(entry)
         self._write()
         if new == was:
