@@ -540,6 +540,31 @@ def test_stalls_a_windows_median_leaves_out_refit_the_run_from_its_clock(
     assert fit_tokenizer(cfg, tmp_path) == ended
 
 
+def test_stalls_that_stop_cost_the_run_no_steps_for_good(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """Stalls for 150 steps, then none: the clock shrinks the rest while they last and gives
+    the steps back once they have stopped, and the run uses its time."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
+    fitted = fit_tokenizer(cfg, tmp_path)
+    stalls = range(fitted.continuous_steps + 50, fitted.continuous_steps + 200)
+
+    def seconds(step: int, quantized: bool, gan: bool) -> float:
+        return 20.0 if step in stalls and step % 25 == 0 else 1.0
+
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    ended, taken, clock = _run_on_a_clock(refit, fitted, seconds)
+    rest = json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]
+    shares = [r["share"] for r in rest if r["kind"] == "clock"]
+    assert shares and shares[0] < 1 and shares[-1] > 1
+    assert taken == ended.steps and 0.85 * 60 * fitted.max_minutes < clock
+    assert clock <= 60 * fitted.max_minutes
+    assert fit_tokenizer(cfg, tmp_path) == ended
+
+
 def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(
     tmp_path,
     train_config,  # noqa: F811

@@ -58,8 +58,9 @@ that stalled, which a machine shared by more threads than cores does for a minut
 time, but the stop counts their seconds: so a check that finds the median as fitted also reads
 the run's clock over its last ``CLOCK_WINDOWS`` windows (events and stalls included, against
 the time the run was fitted to spend on them), and when the steps still to come would overrun
-the time left at that pace, fits them into it (``"clock"`` in ``rest``; the steps' own speed,
-which the next windows are compared with, stays).
+the time left at that pace, or the pace is more than ``LATE_TOLERANCE`` faster than the one
+they were last fitted at (the stalls stopped), fits them into it (``"clock"`` in ``rest``; the
+steps' own speed, which the next windows are compared with, stays).
 """
 
 from __future__ import annotations
@@ -749,6 +750,9 @@ class Refit(Generic[Run]):
         """The last steps' seconds over the seconds their kind was fitted at, once timed."""
         self.unchecked = 0
         """Steps timed into ``recent`` since the last late check."""
+        self.pace = 1.0
+        """The clock's pace, against the steps' fitted speed, that the steps still to come were
+        last fitted at: 1 but after a re-fit from the clock."""
         self.marks: deque[tuple[int, float]] = deque(maxlen=CLOCK_WINDOWS + 1)
         """(steps done, loop seconds) at the late checks since the steps' speed was last
         fitted, and at the first late step after it: what the clock check measures from."""
@@ -841,7 +845,7 @@ class Refit(Generic[Run]):
                 was,
             )
             return None
-        self.planned, self.fitted_at = ratio, {}
+        self.planned, self.fitted_at, self.pace = ratio, {}, 1.0
         self.marks.clear()
         new = self.kind.scale(self.base, share)
         log.warning(
@@ -885,7 +889,8 @@ class Refit(Generic[Run]):
         fitted into the time left before the stop, at most the configured steps, when those
         steps ran more than ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at
         (every kind, and the events, as much; ``"late"`` in ``budget.json``), or else when the
-        run's clock over its last windows says they will not fit at its pace (``"clock"``, see
+        run's clock over its last windows says they will not fit at its pace, or that it runs
+        more than ``LATE_TOLERANCE`` faster than the rest was last fitted at (``"clock"``, see
         :meth:`_clock_speed`)."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
@@ -918,7 +923,9 @@ class Refit(Generic[Run]):
             speed, start = self._clock_speed(done, elapsed), self.marks[0][0]
             self.marks.append((done, elapsed))
             at_clock = self._at_speed(speed)
-            if minutes_after(1.0, at_clock) <= left_at(at_clock):
+            over = minutes_after(1.0, at_clock) > left_at(at_clock)
+            fast = speed < (1 - LATE_TOLERANCE) * self.pace  # than the rest was fitted at
+            if not over and not (fast and steps < self.kind.steps(self.base)):
                 return None
             why = f"the {done - start} steps since step {start} took {speed:.2f}×"
         measured = self._at_speed(speed)
@@ -934,6 +941,7 @@ class Refit(Generic[Run]):
         except ValueError:  # not even the least share fits: the stop at the budget ends it
             share = MIN_FACTOR
         self.recent.clear()
+        self.pace = 1.0 if moved else speed
         if moved:  # the steps' own speed: the run is fitted at it from here
             self.marks.clear()
             self.timed = {k: r * now for k, r in self.timed.items()}
@@ -998,7 +1006,7 @@ class Refit(Generic[Run]):
             self.kind.steps(new),
             steps,
         )
-        self.planned, self.fitted_at = ratio, dict(self.timed)
+        self.planned, self.fitted_at, self.pace = ratio, dict(self.timed), 1.0
         self.marks.clear()
         return new
 
