@@ -702,6 +702,13 @@ def test_an_lm_run_is_refitted_again_from_its_later_lengths(tmp_path, monkeypatc
     assert budget.fit_lm(cfg, tmp_path) == run
 
 
+def _by_weight(stage) -> list[int]:
+    """The stage's lengths, each as many times as its weight: cycled through, the mix of
+    lengths the loop draws at random and the budget projects."""
+    weights = stage.weights or [1] * len(stage.lengths)
+    return [t for t, w in zip(stage.lengths, weights, strict=True) for _ in range(w)]
+
+
 def test_an_lm_run_that_slows_down_in_its_last_stage_fits_it_into_the_time_left(
     tmp_path, monkeypatch
 ):
@@ -717,7 +724,7 @@ def test_an_lm_run_that_slows_down_in_its_last_stage_fits_it_into_the_time_left(
     run, step, clock = fitted, 0, 0.0
     while step < run.total_steps and clock <= 60 * run.max_minutes:
         stage = run.stages[stage_at(run.stages, step)]
-        length = stage.lengths[step % len(stage.lengths)]
+        length = _by_weight(stage)[step % sum(stage.weights or [1] * len(stage.lengths))]
         step += 1
         took = costs.step[length] * (2.0 if step > slow_from else 1.0)
         clock += took
