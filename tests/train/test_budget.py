@@ -511,58 +511,78 @@ def test_a_run_that_slows_down_late_fits_its_last_steps_into_the_time_left(
     assert fit_tokenizer(cfg, tmp_path / "late") == ended  # resumed: the re-fit replayed
 
 
-def test_stalls_a_windows_median_leaves_out_refit_the_run_from_its_clock(
+def test_stalls_a_windows_median_leaves_out_refit_the_run_once_they_spend_its_margin(
     tmp_path,
     train_config,  # noqa: F811
     monkeypatch,
 ):
-    """Steps as calibrated, but once the quantized steps are timed every 25th stalls for 20 s
+    """Steps as calibrated, but once the quantized steps are timed every 25th stalls for 40 s
     (a machine shared by more threads than cores): no window's median moves, the clock falls
-    behind, and the run fits the steps still to come into the time left from its clock and
-    ends them before the stop; a resumed run replays that."""
+    behind, and once the stalls have spent the margin the run fits the steps still to come
+    into the time left at its clock's pace (stalls included) and ends them before the stop,
+    its learning rate at its floor, where without the checks the stop cut it with the rate
+    far above; a resumed run replays that."""
     monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
     cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
     fitted = fit_tokenizer(cfg, tmp_path)
     stall_from = fitted.continuous_steps + 50
 
     def seconds(step: int, quantized: bool, gan: bool) -> float:
-        return 20.0 if step > stall_from and step % 25 == 0 else 1.0
+        return 40.0 if step > stall_from and step % 25 == 12 else 1.0  # never at an event
 
     refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
     ended, taken, clock = _run_on_a_clock(refit, fitted, seconds)
     late = [r for r in json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]]
     assert not [r for r in late if r["kind"] == "late"]  # no window's median moved
     late = [r for r in late if r["kind"] == "clock"]
-    assert late and late[0]["step"] > stall_from and late[0]["step_ratio"] > 1.25
-    assert all(r["share"] < 1 for r in late)
+    assert late and late[0]["step"] > stall_from
+    assert all(r["step_ratio"] > 1.25 and r["share"] < 1 for r in late)
     assert taken == ended.steps < fitted.steps and clock <= 60 * fitted.max_minutes
-    assert ended.optim.lr_at(ended.steps - 1, ended.steps) < 0.2 * fitted.optim.lr
+    floor = fitted.optim.lr * fitted.optim.lr_min_ratio
+    assert ended.optim.lr_at(taken - 1, ended.steps) < 1.05 * floor
+    fit_tokenizer(cfg, tmp_path / "unchecked")
+    unchecked, taken_unchecked, _ = _run_on_a_clock(
+        Refit(cfg, fitted, tmp_path / "unchecked", TOKENIZER, resumed=False),
+        fitted,
+        seconds,
+        late=False,
+    )
+    assert taken_unchecked < unchecked.steps  # cut by the stop
+    assert unchecked.optim.lr_at(taken_unchecked - 1, unchecked.steps) > 1.5 * floor
     assert fit_tokenizer(cfg, tmp_path) == ended
 
 
-def test_stalls_that_stop_cost_the_run_no_steps_for_good(
+def test_a_stall_the_margin_holds_moves_nothing_and_a_longer_one_is_given_back(
     tmp_path,
     train_config,  # noqa: F811
     monkeypatch,
 ):
-    """Stalls for 150 steps, then none: the clock shrinks the rest while they last and gives
-    the steps back once they have stopped, and the run uses its time."""
+    """One stall mid-run: 20 s, which the budget's margin holds, re-fits nothing; 150 s, more
+    than the margin, fits the steps still to come into the time left at the clock's pace over
+    the last windows, the stall among them, and once it has left them gives the steps back
+    at the steps' own pace: the run ends them before the stop, using its time."""
     monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
     cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
-    fitted = fit_tokenizer(cfg, tmp_path)
-    stalls = range(fitted.continuous_steps + 50, fitted.continuous_steps + 200)
-
-    def seconds(step: int, quantized: bool, gan: bool) -> float:
-        return 20.0 if step in stalls and step % 25 == 0 else 1.0
-
-    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
-    ended, taken, clock = _run_on_a_clock(refit, fitted, seconds)
-    rest = json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]
-    shares = [r["share"] for r in rest if r["kind"] == "clock"]
-    assert shares and shares[0] < 1 and shares[-1] > 1
-    assert taken == ended.steps and 0.85 * 60 * fitted.max_minutes < clock
-    assert clock <= 60 * fitted.max_minutes
-    assert fit_tokenizer(cfg, tmp_path) == ended
+    fitted = fit_tokenizer(cfg, tmp_path / "fit")
+    stall_at = fitted.continuous_steps + 112  # not at an event
+    for stall, name in ((20.0, "short"), (150.0, "long")):
+        fit_tokenizer(cfg, tmp_path / name)
+        refit = Refit(cfg, fitted, tmp_path / name, TOKENIZER, resumed=False)
+        ended, taken, clock = _run_on_a_clock(
+            refit, fitted, lambda n, q, g, stall=stall: stall if n == stall_at else 1.0
+        )
+        rest = json.loads((tmp_path / name / BUDGET_FILE).read_text()).get("rest", [])
+        late = [r for r in rest if r["kind"] in ("late", "clock")]
+        assert taken == ended.steps and clock <= 60 * fitted.max_minutes
+        if name == "short":
+            assert late == [] and ended == fitted
+        else:
+            [shrink, grow] = late
+            assert shrink["kind"] == grow["kind"] == "clock" and shrink["step"] > stall_at
+            assert shrink["step_ratio"] > 1.25 and shrink["share"] < 1
+            assert grow["step_ratio"] == 1.0 and grow["share"] > 1
+            assert 0.85 * 60 * fitted.max_minutes < clock
+            assert fit_tokenizer(cfg, tmp_path / name) == ended
 
 
 def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(

@@ -54,13 +54,14 @@ off the time their kinds were fitted at, fits the steps still to come into the t
 the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Both ways: a run whose
 machine is free again gets steps back, up to the configured ones, so that a slow spell of a
 minute does not shorten the rest of the run for good. A window's median leaves out the steps
-that stalled, which a machine shared by more threads than cores does for a minute or more at a
-time, but the stop counts their seconds: so a check that finds the median as fitted also reads
-the run's clock over its last ``CLOCK_WINDOWS`` windows (events and stalls included, against
-the time the run was fitted to spend on them), and when the steps still to come would overrun
-the time left at that pace, or the pace is more than ``LATE_TOLERANCE`` faster than the one
-they were last fitted at (the stalls stopped), fits them into it (``"clock"`` in ``rest``; the
-steps' own speed, which the next windows are compared with, stays).
+that stalled, which a 2-core machine shared by more threads than cores does for a minute or more
+at a time, but the stop counts their seconds: so a check that finds the median as fitted also
+reads the run's clock over its last ``CLOCK_WINDOWS`` windows (its seconds over those it was
+fitted to spend on them, events and stalls included) and, when the steps still to come would
+overrun the time left at that pace, fits them into it at that pace; when the pace is more
+than ``LATE_TOLERANCE`` faster than the one they were fitted at (the stalls stopped, or a
+single one has left the windows), it gives them back (``"clock"`` in ``rest``, with the
+pace). A stall the budget's margin holds moves nothing.
 """
 
 from __future__ import annotations
@@ -119,9 +120,8 @@ the rest of the run is fitted again late in it: wider than ``REFIT_TOLERANCE``, 
 machine's speed moves by up to ~20% from one window of ~70 steps to the next (0.79–1.20× on a
 2-core AMD EPYC, nothing else running), where another job beside the run makes it 2–5× slower."""
 CLOCK_WINDOWS = 4
-"""How many windows of a run's latest steps the clock check looks back over (``Refit``): long
-enough to hold a stalling machine's stalls, short enough to follow a change in how often they
-come."""
+"""How many windows of a run's latest steps the clock's pace is measured over (``Refit``): long
+enough to average a stalling machine's stalls, short enough to see them stop."""
 
 Run = TypeVar("Run")
 
@@ -750,12 +750,14 @@ class Refit(Generic[Run]):
         """The last steps' seconds over the seconds their kind was fitted at, once timed."""
         self.unchecked = 0
         """Steps timed into ``recent`` since the last late check."""
-        self.pace = 1.0
-        """The clock's pace, against the steps' fitted speed, that the steps still to come were
-        last fitted at: 1 but after a re-fit from the clock."""
         self.marks: deque[tuple[int, float]] = deque(maxlen=CLOCK_WINDOWS + 1)
         """(steps done, loop seconds) at the late checks since the steps' speed was last
-        fitted, and at the first late step after it: what the clock check measures from."""
+        fitted, and at the first late step after it: the clock's pace is measured from the
+        oldest."""
+        self.pace = 1.0
+        """The clock's pace (the loop's seconds over those the run was fitted to spend, events
+        and stalls included) the steps still to come were last fitted at: 1 but after a
+        re-fit from the clock."""
 
     def observe(
         self, done: int, seconds: float, about: Any, elapsed: float | None = None
@@ -867,31 +869,15 @@ class Refit(Generic[Run]):
         fitted_at = {k: self.fitted_at.get(k, self.planned) * speed for k in self.timed}
         return self.kind.measured(self.costs, fitted_at, self.planned * speed)
 
-    def _clock_speed(self, done: int, elapsed: float) -> float:
-        """The loop's seconds from the oldest of ``marks`` to ``done`` steps over the seconds
-        the run was fitted to spend on those steps and their events: how much slower (> 1) its
-        clock ran over the last ``CLOCK_WINDOWS`` windows or fewer.
-
-        A window's median leaves out the steps that stalled, as it should to tell a run's speed
-        from its noise; but the stop counts their seconds. A 2-core machine shared with another
-        process of two threads stalled a run for up to two minutes at a time between steps of a
-        steady 2× (BENCHMARKS.md, "Stalls a window's median does not see"): no window's median
-        moved, and the stop cut the run with its learning rate at a third of its peak."""
-        start, began = self.marks[0]
-        at_fitted, was, kind = self._at_speed(1.0), self.fitted, self.kind
-        planned = run_minutes(kind, kind.rest(was, done, 0.0), at_fitted) - run_minutes(
-            kind, kind.rest(was, start, 0.0), at_fitted
-        )
-        return (elapsed - began) / 60 / planned if planned > 0 else 1.0
-
     def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
         """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
         fitted into the time left before the stop, at most the configured steps, when those
         steps ran more than ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at
-        (every kind, and the events, as much; ``"late"`` in ``budget.json``), or else when the
-        run's clock over its last windows says they will not fit at its pace, or that it runs
-        more than ``LATE_TOLERANCE`` faster than the rest was last fitted at (``"clock"``, see
-        :meth:`_clock_speed`)."""
+        (every kind, and the events, as much; ``"late"`` in ``budget.json``), or else at the
+        pace of the run's clock over its last ``CLOCK_WINDOWS`` windows (stalls and events
+        included, which a window's median leaves out) when they would overrun the time left
+        at it, or when it is more than ``LATE_TOLERANCE`` faster than the pace they were last
+        fitted at (``"clock"``)."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
         was, window = self.fitted, self.recent.maxlen or 1
@@ -917,17 +903,25 @@ class Refit(Generic[Run]):
             # set-up, the last evaluation and the export among it, at their calibrated cost)
             return was.max_minutes - elapsed / 60 - measured.event / 60
 
-        speed, why = now, f"the last {window} steps took {now:.2f}×"
+        speed, why = now, f"the last {window} steps took {now:.2f}× the time the run was fitted at"
         moved = abs(now - 1) > LATE_TOLERANCE
-        if not moved:  # the steps' speed is as fitted: is the clock?
-            speed, start = self._clock_speed(done, elapsed), self.marks[0][0]
+        if not moved:  # the steps run as fitted: does the clock?
+            start, began = self.marks[0]
             self.marks.append((done, elapsed))
-            at_clock = self._at_speed(speed)
-            over = minutes_after(1.0, at_clock) > left_at(at_clock)
-            fast = speed < (1 - LATE_TOLERANCE) * self.pace  # than the rest was fitted at
-            if not over and not (fast and steps < self.kind.steps(self.base)):
+            at_fitted = self._at_speed(1.0)
+            planned = run_minutes(self.kind, self.kind.rest(was, done, 0.0), at_fitted)
+            planned -= run_minutes(self.kind, self.kind.rest(was, start, 0.0), at_fitted)
+            pace = (elapsed - began) / 60 / planned if planned > 0 else self.pace
+            at_pace = self._at_speed(max(pace, self.pace))
+            spent = minutes_after(1.0, at_pace) > left_at(at_pace)  # the margin, at that pace
+            stopped = pace < (1 - LATE_TOLERANCE) * self.pace  # the stalls, in the last windows
+            if not spent and not (stopped and steps < self.kind.steps(self.base)):
                 return None
-            why = f"the {done - start} steps since step {start} took {speed:.2f}×"
+            speed = max(pace, self.pace) if spent else pace
+            why = (
+                f"the {done - start} steps since step {start} took {pace:.2f}× the time the run "
+                f"was fitted at on its clock (stalls and events included; {now:.2f}× the median)"
+            )
         measured = self._at_speed(speed)
         most = (self.kind.steps(self.base) - done) / (steps - done)  # the configured steps
         left = left_at(measured)
@@ -955,8 +949,8 @@ class Refit(Generic[Run]):
         if new == was:
             return None
         log.warning(
-            "budget: %s the time the run was fitted at: the steps after %d are re-fitted by "
-            "%.3f into the %.1f min left, %d steps instead of %d",
+            "budget: %s: the steps after %d are re-fitted by %.3f into the %.1f min left, %d "
+            "steps instead of %d",
             why,
             done,
             share,
@@ -1006,7 +1000,8 @@ class Refit(Generic[Run]):
             self.kind.steps(new),
             steps,
         )
-        self.planned, self.fitted_at, self.pace = ratio, dict(self.timed), 1.0
+        self.planned, self.fitted_at = ratio, dict(self.timed)
+        self.pace = 1.0
         self.marks.clear()
         return new
 
