@@ -61,7 +61,9 @@ fitted to spend on them, events and stalls included) and, when the steps still t
 overrun the time left at that pace, fits them into it at that pace; when the pace is more
 than ``LATE_TOLERANCE`` faster than the one they were fitted at (the stalls stopped, or a
 single one has left the windows), it gives them back (``"clock"`` in ``rest``, with the
-pace). A stall the budget's margin holds moves nothing.
+pace). A stall the budget's margin holds moves nothing; a stall of a minute near the end of a
+short run still outruns any check between steps (BENCHMARKS.md, "The learning rate across a
+re-fit, and stalls a window's median does not see").
 """
 
 from __future__ import annotations
