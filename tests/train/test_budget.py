@@ -399,6 +399,24 @@ def test_an_lm_run_is_refitted_from_its_steps_lengths(tmp_path, monkeypatch):
     assert (slower.seconds + variable + fixed) / 60 <= AIM * 60
 
 
+def test_an_early_refit_inside_the_warm_up_leaves_the_learning_rate_where_it_was(
+    tmp_path, monkeypatch
+):
+    """The warm-up is scaled once, by the calibrated factor: a re-fit of the factor while it
+    runs (an LM's is 3% of the run in, its warm-up 5%) changes the steps, not the rate the run
+    is at; and a resumed run gets the same warm-up."""
+    costs = budget.LMCosts(step={1: 0.5, 5: 2.0, 17: 6.0}, compile=10.0, event=3.0, setup=5.0)
+    monkeypatch.setattr(budget, "calibrate_lm", lambda *a: costs)
+    cfg = LMTrainConfig(budget_minutes=60.0)
+    for seconds, name in ((1.5, "slower"), (0.25, "faster")):
+        fitted, new, done = _refit(tmp_path / name, cfg, seconds=seconds, about=[1], kind=LM)
+        assert new is not None and new.total_steps != fitted.total_steps
+        assert done < fitted.optim.warmup_steps == new.optim.warmup_steps
+        before = fitted.optim.lr_at(done, fitted.total_steps)
+        assert new.optim.lr_at(done, new.total_steps) == before < fitted.optim.lr
+        assert budget.fit_lm(cfg, tmp_path / name) == new
+
+
 def _run_tokenizer(refit, cfg, seconds):
     """Step the budgeted tokenizer run ``cfg`` to its end as the loop would, each step taking
     ``seconds[(quantized, gan on)]``, switching to each re-fitted config; the config it ended

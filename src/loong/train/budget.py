@@ -282,6 +282,14 @@ def _rescaled(optim: OptimConfig, done: int, steps: int, now: int) -> OptimConfi
     return dataclasses.replace(optim, rescaled=(*optim.rescaled, (done, ratio)))
 
 
+def _same_warmup(run: Run, like: Run) -> Run:
+    """``run`` with the warm-up of ``like``: a run's warm-up is scaled once, by its calibrated
+    factor, so that a re-fit of the factor in it leaves its learning rate where it was."""
+    return dataclasses.replace(
+        run, optim=dataclasses.replace(run.optim, warmup_steps=like.optim.warmup_steps)
+    )
+
+
 def _warmup(optim: OptimConfig, share: float) -> OptimConfig:
     """``optim`` with its warm-up steps times ``share`` (a warm-up stays one)."""
     least = min(1, optim.warmup_steps)
@@ -634,6 +642,8 @@ def fit_run(cfg: Run, out: Path, kind: RunKind[Run], *, world_size: int = 1) -> 
     spent = record["calibration"]["seconds"] + record["calibration"]["setup"]
     stop = min(record["minutes"] - spent / 60, cfg.max_minutes or math.inf)
     fitted = kind.scale(base, record["factor"])
+    if "calibrated_factor" in record:  # re-fitted early: the warm-up stays the calibrated one
+        fitted = _same_warmup(fitted, kind.scale(base, record["calibrated_factor"]))
     for later in record.get("rest", []):  # the re-fits from later kinds of step
         fitted = kind.rest(fitted, later["step"], later["share"])
     return dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
@@ -851,7 +861,7 @@ class Refit(Generic[Run]):
             return None
         self.planned, self.fitted_at, self.pace = ratio, {}, 1.0
         self.marks.clear()
-        new = self.kind.scale(self.base, share)
+        new = _same_warmup(self.kind.scale(self.base, share), self.fitted)
         log.warning(
             "budget: the first %d steps took %.2f× the calibrated time: the factor is re-fitted "
             "from %.3f to %.3f, %d steps instead of %d",
@@ -908,8 +918,8 @@ class Refit(Generic[Run]):
         speed, why = now, f"the last {window} steps took {now:.2f}× the time the run was fitted at"
         moved = abs(now - 1) > LATE_TOLERANCE
         if not moved:  # the steps run as fitted: does the clock?
-            start, began = self.marks[0]
             self.marks.append((done, elapsed))
+            start, began = self.marks[0]
             at_fitted = self._at_speed(1.0)
             planned = run_minutes(self.kind, self.kind.rest(was, done, 0.0), at_fitted)
             planned -= run_minutes(self.kind, self.kind.rest(was, start, 0.0), at_fitted)

@@ -35,8 +35,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         self.rescaled = tuple((int(step), float(ratio)) for step, ratio in self.rescaled)
-        if any(ratio <= 0 for _, ratio in self.rescaled):
-            raise ValueError(f"optim.rescaled ratios must be > 0, got {self.rescaled}")
+        if any(step < 0 or ratio <= 0 for step, ratio in self.rescaled):
+            raise ValueError(
+                f"optim.rescaled must be (step, ratio) pairs with steps >= 0 and ratios > 0 "
+                f"(a budget writes them; leave it empty), got {self.rescaled}"
+            )
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
