@@ -596,11 +596,36 @@ def test_a_stall_the_margin_holds_moves_nothing_and_a_longer_one_is_given_back(
             assert late == [] and ended == fitted
         else:
             [shrink, grow] = late
-            assert shrink["kind"] == grow["kind"] == "clock" and shrink["step"] > stall_at
+            assert shrink["kind"] == grow["kind"] == "clock" and shrink["step"] >= stall_at
             assert shrink["step_ratio"] > 1.25 and shrink["share"] < 1
             assert grow["step_ratio"] == 1.0 and grow["share"] > 1
             assert 0.85 * 60 * fitted.max_minutes < clock
             assert fit_tokenizer(cfg, tmp_path / name) == ended
+
+
+def test_a_run_ten_times_slower_is_checked_before_a_window_of_its_steps_is_full(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """Ten times slower once the quantized steps are timed: a window of steps would take ten
+    windows' time, so the check comes once the steps since the last one took two windows' time
+    at the speed fitted, and the run still ends its steps before the stop."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
+    fitted = fit_tokenizer(cfg, tmp_path)
+    slow_from = fitted.continuous_steps + 50
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    ended, taken, clock = _run_on_a_clock(
+        refit, fitted, lambda n, q, g: 10.0 if n > slow_from else 1.0
+    )
+    [late, *_] = [
+        r for r in json.loads((tmp_path / BUDGET_FILE).read_text())["rest"] if r["kind"] == "late"
+    ]
+    window = refit.recent.maxlen
+    assert late["step_ratio"] == 10.0 and late["step"] < slow_from + window // 2
+    assert taken == ended.steps and clock <= 60 * fitted.max_minutes
+    assert fit_tokenizer(cfg, tmp_path) == ended
 
 
 def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(

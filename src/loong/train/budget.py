@@ -46,24 +46,26 @@ following the new total instead, a rate would jump down when a re-fit cuts the r
 run). Each is recorded in ``budget.json`` (``rest``) and replayed on resume; a
 resumed run times no more kinds.
 
-A machine can also slow down later in a run (another job starts beside it), and a run fitted
-to its early speed would then reach the budget's stop with its steps unfinished, its learning
-rate undecayed. So once its kinds are timed, a run keeps timing its steps and, each time it has
-timed as many new ones as a re-fit times, when their median is more than ``LATE_TOLERANCE``
-off the time their kinds were fitted at, fits the steps still to come into the time left before
-the stop, at that speed (recorded in ``rest`` with the kind ``"late"``). Both ways: a run whose
-machine is free again gets steps back, up to the configured ones, so that a slow spell of a
-minute does not shorten the rest of the run for good. A window's median leaves out the steps
-that stalled, which a 2-core machine shared by more threads than cores does for a minute or more
-at a time, but the stop counts their seconds: so a check that finds the median as fitted also
-reads the run's clock over its last ``CLOCK_WINDOWS`` windows (its seconds over those it was
-fitted to spend on them, events and stalls included) and, when the steps still to come would
-overrun the time left at that pace, fits them into it at that pace; when the pace is more
-than ``LATE_TOLERANCE`` faster than the one they were fitted at (the stalls stopped, or a
-single one has left the windows), it gives them back (``"clock"`` in ``rest``, with the
-pace). A stall the budget's margin holds moves nothing; a stall of a minute near the end of a
-short run still outruns any check between steps (BENCHMARKS.md, "The learning rate across a
-re-fit, and stalls a window's median does not see").
+A machine can also slow down later in a run (another job starts beside it), and a run fitted to
+its early speed would then reach the budget's stop with its steps unfinished, its learning rate
+undecayed. So once its kinds are timed, a run keeps timing its steps and, each time it has timed
+as many new ones as a re-fit times (or fewer that took as long as two such windows at the speed
+fitted: a run 14× slower, as a 1-thread load made one on a 2-core Xeon, would wait fourteen
+windows' time), when their median is more than ``LATE_TOLERANCE`` off the time their kinds were
+fitted at, fits the steps still to come into the time left before the stop, at that speed
+(recorded in ``rest`` with the kind ``"late"``). Both ways: a run whose machine is free again
+gets steps back, up to the configured ones, so that a slow spell of a minute does not shorten
+the rest of the run for good. A window's median leaves out the steps that stalled, which a
+2-core machine shared by more threads than cores does for a minute or more at a time, but the
+stop counts their seconds: so a check that finds the median as fitted also reads the run's clock
+over its last ``CLOCK_WINDOWS`` windows (its seconds over those it was fitted to spend on them,
+events and stalls included) and, when the steps still to come would overrun the time left at
+that pace, fits them into it at that pace; when the pace is more than ``LATE_TOLERANCE`` faster
+than the one they were fitted at (the stalls stopped, or a single one has left the windows), it
+gives them back (``"clock"`` in ``rest``, with the pace). A stall the budget's margin holds
+moves nothing; a stall of a minute near the end of a short run still outruns any check between
+steps (BENCHMARKS.md, "The learning rate across a re-fit, and stalls a window's median does not
+see").
 """
 
 from __future__ import annotations
@@ -762,6 +764,8 @@ class Refit(Generic[Run]):
         """The last steps' seconds over the seconds their kind was fitted at, once timed."""
         self.unchecked = 0
         """Steps timed into ``recent`` since the last late check."""
+        self.unchecked_time = 0.0
+        """Their seconds, in steps at the speed fitted (the sum of their entries in ``recent``)."""
         self.marks: deque[tuple[int, float]] = deque(maxlen=CLOCK_WINDOWS + 1)
         """(steps done, loop seconds) at the late checks since the steps' speed was last
         fitted, and at the first late step after it: the clock's pace is measured from the
@@ -882,28 +886,32 @@ class Refit(Generic[Run]):
         return self.kind.measured(self.costs, fitted_at, self.planned * speed)
 
     def _late(self, done: int, key: Hashable, ratio: float, elapsed: float | None) -> Run | None:
-        """A timed kind's step: each time ``recent`` is filled anew, the steps after ``done``
-        fitted into the time left before the stop, at most the configured steps, when those
-        steps ran more than ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at
-        (every kind, and the events, as much; ``"late"`` in ``budget.json``), or else at the
-        pace of the run's clock over its last ``CLOCK_WINDOWS`` windows (stalls and events
-        included, which a window's median leaves out) when they would overrun the time left
-        at it, or when it is more than ``LATE_TOLERANCE`` faster than the pace they were last
-        fitted at (``"clock"``)."""
+        """A timed kind's step: each time ``recent`` is filled anew (or sooner, once the steps since
+        the last check took as long as two windows at the speed fitted), the steps after ``done``
+        fitted into the time left before the stop, at most the configured steps, when those steps
+        ran more than ``LATE_TOLERANCE`` slower or faster than their kinds were fitted at (every
+        kind, and the events, as much; ``"late"`` in ``budget.json``), or else at the pace of the
+        run's clock over its last ``CLOCK_WINDOWS`` windows (stalls and events included, which a
+        window's median leaves out) when they would overrun the time left at it, or when it is more
+        than ``LATE_TOLERANCE`` faster than the pace they were last fitted at (``"clock"``)."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
+        self.unchecked_time += self.recent[-1]
         was, window = self.fitted, self.recent.maxlen or 1
         if elapsed is not None and not self.marks:
             self.marks.append((done, elapsed))
+        # a window's steps, or fewer that took as long as two windows at the speed fitted
+        due = self.unchecked >= window or (self.unchecked >= 3 and self.unchecked_time > 2 * window)
         if (
             elapsed is None
             or was.max_minutes <= 0
-            or self.unchecked < window
+            or not due
             or self.kind.steps(was) - done <= window  # the end is near: the stop's margin
         ):
             return None
-        self.unchecked = 0
-        now = statistics.median(self.recent)  # times the speed the run was fitted at
+        latest = list(self.recent)[-self.unchecked :]  # the steps since the last check
+        self.unchecked, self.unchecked_time = 0, 0.0
+        now = statistics.median(latest)  # times the speed the run was fitted at
         steps = self.kind.steps(was)
 
         def minutes_after(share: float, measured: Any) -> float:  # the steps after ``done``
