@@ -720,13 +720,14 @@ class Refit(Generic[Run]):
     The loop calls :meth:`observe` after each step with the steps done, the step's seconds (its
     events left out), what ``kind.key`` and ``kind.step_cost`` need to know of it and the
     seconds since the loop began; once ``due`` steps of a kind are timed, or a late check finds
-    the run slower or faster than fitted, it gets back the re-fitted config, or None while there is
-    none to switch to, and checkpoints the step (a resumed run takes the re-fitted config from
-    ``budget.json``, so an earlier checkpoint could resume a phase the re-fit moved past it).
-    Inactive (``observe`` always None) for a run without a recorded factor, a resumed run, a
-    re-fitted one, one whose config changed since its fit, and under torchrun (``world_size`` >
-    1); a run too short to re-fit early in it (``REFIT_MIN_STEPS``) keeps its factor unless its
-    steps run fast enough to re-fit it to a run long enough.
+    the run slower or faster than fitted or its clock behind or ahead of its pace
+    (:meth:`_late`), it gets back the re-fitted config, or None while there is none to switch
+    to, and checkpoints the step (a resumed run takes the re-fitted config from ``budget.json``,
+    so an earlier checkpoint could resume a phase the re-fit moved past it). Inactive
+    (``observe`` always None) for a run without a recorded factor, a resumed run, a re-fitted
+    one, one whose config changed since its fit, and under torchrun (``world_size`` > 1); a run
+    too short to re-fit early in it (``REFIT_MIN_STEPS``) keeps its factor unless its steps run
+    fast enough to re-fit it to a run long enough.
     """
 
     def __init__(
@@ -779,10 +780,10 @@ class Refit(Generic[Run]):
         self, done: int, seconds: float, about: Any, elapsed: float | None = None
     ) -> Run | None:
         """Record the ``seconds`` of the step that made ``done`` steps; at the ``due``-th step
-        of a kind, the re-fitted config if it differs; later, each time ``recent`` is filled
-        anew, the config re-fitted to the time left when the run is slower or faster than fitted
-        (``elapsed``: the loop's seconds so far, what its ``max_minutes`` stop counts; None: no
-        late checks)."""
+        of a kind, the re-fitted config if it differs; later, at each late check (:meth:`_late`),
+        the config re-fitted to the time left when the run is slower or faster than fitted, or
+        its clock says the rest will not fit (``elapsed``: the loop's seconds so far, what its
+        ``max_minutes`` stop counts; None: no late checks)."""
         if not self.active:
             return None
         key = self.kind.key(about)
@@ -914,23 +915,26 @@ class Refit(Generic[Run]):
         now = statistics.median(latest)  # times the speed the run was fitted at
         steps = self.kind.steps(was)
 
+        def minutes_to(step: int, measured: Any) -> float:  # the run cut after ``step``
+            return run_minutes(self.kind, self.kind.rest(was, step, 0.0), measured)
+
         def minutes_after(share: float, measured: Any) -> float:  # the steps after ``done``
             after = run_minutes(self.kind, self.kind.rest(was, done, share), measured)
-            return after - run_minutes(self.kind, self.kind.rest(was, done, 0.0), measured)
+            return after - minutes_to(done, measured)
 
         def left_at(measured: Any) -> float:
             # the time left, less one more event's worth (the stop already leaves out the
             # set-up, the last evaluation and the export among it, at their calibrated cost)
             return was.max_minutes - elapsed / 60 - measured.event / 60
 
-        speed, why = now, f"the last {window} steps took {now:.2f}× the time the run was fitted at"
+        speed = now
+        why = f"the last {len(latest)} steps took {now:.2f}× the time the run was fitted at"
         moved = abs(now - 1) > LATE_TOLERANCE
         if not moved:  # the steps run as fitted: does the clock?
             self.marks.append((done, elapsed))
             start, began = self.marks[0]
             at_fitted = self._at_speed(1.0)
-            planned = run_minutes(self.kind, self.kind.rest(was, done, 0.0), at_fitted)
-            planned -= run_minutes(self.kind, self.kind.rest(was, start, 0.0), at_fitted)
+            planned = minutes_to(done, at_fitted) - minutes_to(start, at_fitted)
             pace = (elapsed - began) / 60 / planned if planned > 0 else self.pace
             at_pace = self._at_speed(max(pace, self.pace))
             spent = minutes_after(1.0, at_pace) > left_at(at_pace)  # the margin, at that pace
