@@ -18,6 +18,7 @@ from loong.video_tokenizer.quantize import (
     LookupFreeQuantizer,
     QuantizerConfig,
     code_stats,
+    first_argmin_over_rows,
 )
 
 TAU = (
@@ -437,3 +438,12 @@ def test_fsq_gradient_is_straight_through_and_adds_no_loss():
     out.quantized.sum().backward()
     assert z.grad is not None and (z.grad > 0).all()  # tanh' > 0 through the rounding
     assert out.loss.item() == 0.0
+
+
+def test_first_argmin_over_rows_equals_argmin_over_dim_0_ties_included():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (300, 700), generator=gen).float()  # many ties in every column
+    x[:, 3] = 7.0  # a column of equal values: row 0
+    assert torch.equal(first_argmin_over_rows(x), x.argmin(0))
+    x = torch.randn(768, 4096, generator=gen)
+    assert torch.equal(first_argmin_over_rows(x), x.argmin(0))

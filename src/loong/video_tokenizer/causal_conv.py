@@ -94,14 +94,6 @@ def _same_pad(kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def frame_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """GroupNorm applied to each frame on its own, so statistics never mix frames (causality)."""
-    b = x.shape[0]
-    x = rearrange(x, "b c t h w -> (b t) c h w")
-    x = norm(x)
-    return rearrange(x, "(b t) c h w -> b c t h w", b=b)
-
-
 def space_to_depth(x: torch.Tensor, space: int) -> torch.Tensor:
     """``(B, C, T, H, W)`` → ``(B, C·s·s, T, H / s, W / s)``: each s×s cell becomes one position."""
     return rearrange(x, "b c t (h sh) (w sw) -> b (c sh sw) t h w", sh=space, sw=space)

@@ -32,9 +32,9 @@ from loong.video_tokenizer.causal_conv import (
     CausalConv3d,
     StreamCache,
     depth_to_space,
-    frame_group_norm,
     space_to_depth,
 )
+from loong.video_tokenizer.norm import cell_affine, frame_group_norm
 from loong.video_tokenizer.quantize import QuantizerConfig, QuantizerOutput, build_quantizer
 
 
@@ -145,19 +145,15 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, C, T, H, W); z: (B, D, T, h, w) the latent stretched to x's frames
-        x = frame_group_norm(self.norm, x)
         if not self.adaptive:
-            return x
+            return frame_group_norm(self.norm, x)
         assert z is not None
         # The 1×1×1 convs commute with nearest-neighbour upsampling, so scale and shift are
-        # computed on the latent grid and broadcast over each f×f pixel cell: no full-size
-        # latent, no full-size scale or shift is ever materialised.
-        b, c, t, height, width = x.shape
-        h, w = z.shape[-2:]
-        scale = (1 + self.scale(z))[:, :, :, :, None, :, None]  # (B, C, T, h, 1, w, 1)
-        shift = self.shift(z)[:, :, :, :, None, :, None]
-        x = x.view(b, c, t, h, height // h, w, width // w)  # (B, C, T, h, f, w, f)
-        return torch.addcmul(shift, x, scale).view(b, c, t, height, width)
+        # computed on the latent grid (B, C, T, h, w) and applied to each f×f pixel cell: the
+        # latent is never upsampled to the pixels.
+        x = frame_group_norm(self.norm, x)
+        scale = (1 + self.scale(z)).to(x.dtype)
+        return cell_affine(x, scale, self.shift(z).to(x.dtype))
 
 
 class ChannelNorm(nn.Module):
