@@ -5,9 +5,10 @@ Causality needs GroupNorm statistics of each frame on its own (MAGVIT-v2, sec. 3
 adaptive norm then scales and shifts each f×f cell of pixels by values computed from the latent
 above it. As a broadcast over a ``(…, h, f, w, f)`` view (:func:`cell_affine_reference`) the
 innermost loops of that product and of its gradients' sums run over the f pixels of a cell,
-too few to vectorise; :func:`cell_affine` upsamples the cell values once and sums their
-gradients with a pooling kernel, 1.6× faster forward and backward at the ``shapes`` decoder's
-last stage on a 2-core CPU (BENCHMARKS.md). A test holds it to the reference.
+too few to vectorise; in a CPU training step :func:`cell_affine` upsamples the cell values once
+and sums their gradients with a pooling kernel, which makes a ``shapes`` tokenizer step 1.14×
+faster on a 2-core CPU (``benchmarks/tokenizer_step.py --norms``; BENCHMARKS.md). Tests hold
+it to the reference.
 
 Axes: B batch, C channels, T frames, H W pixels, h w the cells (H/f, W/f).
 """
@@ -32,10 +33,16 @@ def cell_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     """``x · scale + shift`` with one scale and shift a cell of f×f pixels.
 
     ``x (B, C, T, H, W)``; ``scale, shift (B, C, T, H/f, W/f)``, all of one dtype. Equal to
-    :func:`cell_affine_reference`, faster forward and backward.
+    :func:`cell_affine_reference`; faster where it counts, a CPU training step. Without
+    gradients, or on another device, it is the reference: a forward alone gains little from
+    the upsampling, and at 128×128 in float32 the upsampled temporaries cost it twice the
+    broadcast's time (BENCHMARKS.md).
     """
     if x.shape[-2:] == scale.shape[-2:]:  # one pixel a cell: a plain addcmul
         return torch.addcmul(shift, x, scale)
+    training = torch.is_grad_enabled() and any(v.requires_grad for v in (x, scale, shift))
+    if not training or x.device.type != "cpu":
+        return cell_affine_reference(x, scale, shift)
     return _CellAffine.apply(x, scale, shift)
 
 
