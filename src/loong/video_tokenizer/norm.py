@@ -6,9 +6,9 @@ adaptive norm then scales and shifts each f×f cell of pixels by values computed
 above it. As a broadcast over a ``(…, h, f, w, f)`` view (:func:`cell_affine_reference`) the
 innermost loops of that product and of its gradients' sums run over the f pixels of a cell,
 too few to vectorise; in a CPU training step :func:`cell_affine` upsamples the cell values once
-and sums their gradients with a pooling kernel, which makes a ``shapes`` tokenizer step 1.14×
-faster on a 2-core CPU (``benchmarks/tokenizer_step.py --norms``; BENCHMARKS.md). Tests hold
-it to the reference.
+and sums their gradients with a pooling kernel, which makes a training step of the ``shapes``
+tokenizers 1.10–1.13× faster on a 2-core CPU (``benchmarks/tokenizer_step.py``; BENCHMARKS.md).
+Tests hold it to the reference.
 
 Axes: B batch, C channels, T frames, H W pixels, h w the cells (H/f, W/f).
 """
