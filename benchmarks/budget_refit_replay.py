@@ -9,8 +9,10 @@ a span gets the span's mean); spans with an evaluation, preview or checkpoint in
 out, as the loop leaves an event's time out of its step, and so is the first (the run's start)
 and any a resume restarted ``elapsed_s`` in; so the replay re-fits a little later than the run
 would (the steps of the spans left out are not counted towards ``due``). Each step's kind is
-the one it had in the run (``RUN/config.json``), whatever the replay's re-fits move. The run's
-files are not changed.
+the one it had in the run (``RUN/config.json``), whatever the replay's re-fits move. With
+``--late`` the late and clock checks run too, on the run's ``elapsed_s``; once a replayed re-fit
+has moved the run's end they still read the run's own steps, so take what they say up to the
+first that the run did not make. The run's files are not changed.
 
     python benchmarks/budget_refit_replay.py runs/exp36/cvq_whole_c10_fit_aborted --preset shapes \\
         --steps 9600 --minutes 30 --set 'model.quantizer.kind="cvq"' ...
@@ -44,6 +46,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--minutes", type=float, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--late", action="store_true",
+        help="also the late and clock checks, on the run's own elapsed_s (each step of a span "
+        "at the span's start plus its share of it)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -55,6 +62,10 @@ def main() -> None:
     if config_sha256(base) != record["config"]:
         raise SystemExit(f"{args.run}: these options are not the command its budget was fitted to")
     fitted = TOKENIZER.scale(base, record.get("calibrated_factor", record["factor"]))
+    if args.late:  # the stop the run had, which the late checks fit the rest into
+        spent = record["calibration"]["seconds"] + record["calibration"]["setup"]
+        stop = record["minutes"] - spent / 60
+        fitted = dataclasses.replace(fitted, budget_minutes=record["minutes"], max_minutes=stop)
     ran = json.loads((args.run / "config.json").read_text())  # the steps' kinds in the run
     intervals = (ran["eval_every"], ran["preview_every"], ran["checkpoint_every"])
     gan_start = ran["loss"]["disc_start_step"] if ran["loss"]["gan_weight"] > 0 else NEVER
@@ -78,9 +89,10 @@ def main() -> None:
             before = range(previous["step"], row["step"])
             seconds = (row["elapsed_s"] - previous["elapsed_s"]) / len(span)
             if seconds > 0 and not any(s % i == 0 for s in before for i in intervals):
-                for step in span:  # its 0-based index step - 1
+                for k, step in enumerate(span, 1):  # its 0-based index step - 1
                     about = (step - 1 >= ran["continuous_steps"], step - 1 >= gan_start)
-                    new = refit.observe(step, seconds, about)
+                    elapsed = previous["elapsed_s"] + k * seconds if args.late else None
+                    new = refit.observe(step, seconds, about, elapsed)
                     if new is not None:
                         fitted = new
                         print(

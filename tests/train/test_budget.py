@@ -651,6 +651,35 @@ def test_a_slow_spell_late_in_a_run_costs_it_no_steps_for_good(
     assert fit_tokenizer(cfg, tmp_path) == ended
 
 
+def test_a_run_fitted_to_a_slow_spell_gets_its_steps_back_when_the_machine_is_faster_again(
+    tmp_path,
+    train_config,  # noqa: F811
+    monkeypatch,
+):
+    """The quantized steps 1.15× the calibrated time while they are timed, so the rest of the
+    run is fitted to that speed, then as calibrated (0.87× the speed fitted: inside the late
+    checks' median tolerance): the clock's pace gives the steps back and the run uses its time,
+    where it used to end with a tenth of the budget unused; the rate still ends at its floor."""
+    monkeypatch.setattr(budget, "calibrate_tokenizer", lambda *a, **k: COSTS)
+    cfg = _long(train_config, budget_minutes=20.0, **{"loss.gan_weight": 0.0})
+    fitted = fit_tokenizer(cfg, tmp_path)
+    spell = range(fitted.continuous_steps, fitted.continuous_steps + 150)
+    refit = Refit(cfg, fitted, tmp_path, TOKENIZER, resumed=False)
+    ended, taken, clock = _run_on_a_clock(
+        refit, fitted, lambda n, q, g: 1.15 if n in spell else 1.0
+    )
+    rest = json.loads((tmp_path / BUDGET_FILE).read_text())["rest"]
+    assert rest[0]["kind"] == repr((True, False)) and rest[0]["share"] < 1  # the slow spell
+    assert not [r for r in rest if r["kind"] == "late"]  # no window's median moved
+    [ahead, *_] = [r for r in rest if r["kind"] == "clock"]
+    assert ahead["step_ratio"] < 0.9 and ahead["share"] > 1
+    assert taken == ended.steps <= cfg.steps and clock <= 60 * fitted.max_minutes
+    assert clock > 0.95 * AIM * 60 * fitted.max_minutes  # the time, used
+    floor = fitted.optim.lr * fitted.optim.lr_min_ratio
+    assert ended.optim.lr_at(taken - 1, ended.steps) < 1.05 * floor
+    assert fit_tokenizer(cfg, tmp_path) == ended
+
+
 def test_a_run_too_short_to_re_fit_early_is_fitted_late_to_its_own_speed(
     tmp_path,
     train_config,  # noqa: F811

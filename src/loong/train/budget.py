@@ -60,9 +60,10 @@ the rest of the run for good. A window's median leaves out the steps that stalle
 stop counts their seconds: so a check that finds the median as fitted also reads the run's clock
 over its last ``CLOCK_WINDOWS`` windows (its seconds over those it was fitted to spend on them,
 events and stalls included) and, when the steps still to come would overrun the time left at
-that pace, fits them into it at that pace; when the pace is more than ``LATE_TOLERANCE`` faster
-than the one they were fitted at (the stalls stopped, or a single one has left the windows), it
-gives them back (``"clock"`` in ``rest``, with the pace). A stall the budget's margin holds
+that pace, fits them into it at that pace; when the pace is more than ``AHEAD_TOLERANCE`` faster
+than the one they were fitted at (the stalls stopped, a single one has left the windows, or the
+machine is faster than in the spell the run was last fitted to), it gives them back
+(``"clock"`` in ``rest``, with the pace). A stall the budget's margin holds
 moves nothing; a stall of a minute near the end of a short run still outruns any check between
 steps (BENCHMARKS.md, "The learning rate across a re-fit, and stalls a window's median does not
 see").
@@ -118,6 +119,13 @@ REFIT_TOLERANCE = 0.10
 again: wider than the few percent a machine's speed moves by from one minute to the next. Each
 step is compared with its own kind's calibrated cost (a tokenizer's steps before its quantizer
 starts with ``TokenizerCosts.continuous_step``: with 16,384 CVQ codes they are much cheaper)."""
+AHEAD_TOLERANCE = 0.10
+"""How much faster than the pace the rest of a run was last fitted at its clock may run (over
+``CLOCK_WINDOWS`` windows, events and stalls included) before the steps are given back, up to
+the configured ones: tighter than ``LATE_TOLERANCE``, since a run fitted to a slow spell and
+then faster only ends early (a 30-minute tokenizer run re-fitted to steps 1.10× slower than
+calibrated, which then ran at 0.80× that, ended after 25.3 minutes of training), where giving
+steps back risks a later check's shrink, fitted from the clock again."""
 LATE_TOLERANCE = 0.25
 """How far a window of a run's latest steps may be from the speed the run was fitted at before
 the rest of the run is fitted again late in it: wider than ``REFIT_TOLERANCE``, since a
@@ -894,7 +902,7 @@ class Refit(Generic[Run]):
         kind, and the events, as much; ``"late"`` in ``budget.json``), or else at the pace of the
         run's clock over its last ``CLOCK_WINDOWS`` windows (stalls and events included, which a
         window's median leaves out) when they would overrun the time left at it, or when it is more
-        than ``LATE_TOLERANCE`` faster than the pace they were last fitted at (``"clock"``)."""
+        than ``AHEAD_TOLERANCE`` faster than the pace they were last fitted at (``"clock"``)."""
         self.recent.append(ratio / self.fitted_at.get(key, self.planned))
         self.unchecked += 1
         self.unchecked_time += self.recent[-1]
@@ -938,8 +946,8 @@ class Refit(Generic[Run]):
             pace = (elapsed - began) / 60 / planned if planned > 0 else self.pace
             at_pace = self._at_speed(max(pace, self.pace))
             spent = minutes_after(1.0, at_pace) > left_at(at_pace)  # the margin, at that pace
-            stopped = pace < (1 - LATE_TOLERANCE) * self.pace  # the stalls, in the last windows
-            if not spent and not (stopped and steps < self.kind.steps(self.base)):
+            ahead = pace < (1 - AHEAD_TOLERANCE) * self.pace  # stalls gone, a faster machine
+            if not spent and not (ahead and steps < self.kind.steps(self.base)):
                 return None
             speed = max(pace, self.pace) if spent else pace
             why = (
