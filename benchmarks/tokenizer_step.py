@@ -20,18 +20,18 @@ older commit on ``PYTHONPATH``), alternating.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import block_network, machine, write_json
+from cpu_precision import tokenizer_train_step
 from loong.config import apply_overrides, parse_set
 from loong.train.optim import OptimConfig, adamw
-from loong.train.parallel import autocast
 from loong.train.tokenizer_config import tokenizer_train_preset
 from loong.video_tokenizer.model import VideoTokenizer
 
@@ -70,17 +70,7 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], float], dict[str, 
     model = VideoTokenizer(cfg.model)
     opt = adamw(model.parameters(), OptimConfig(lr=1e-4))
     clips = torch.rand(batch, 3, frames, cfg.data.size, cfg.data.size) * 2 - 1
-    cpu = torch.device("cpu")
-
-    def step() -> float:
-        with autocast(cfg.parallel, cpu):
-            out = model(clips)
-        loss = F.mse_loss(out.recon.float(), clips) + out.quantizer_loss.float()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
+    step = functools.partial(tokenizer_train_step, model, opt, cfg.parallel, clips)
     setup = {
         "preset": args.preset,
         "overrides": overrides,

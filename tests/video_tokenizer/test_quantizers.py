@@ -447,3 +447,5 @@ def test_first_argmin_over_rows_equals_argmin_over_dim_0_ties_included():
     assert torch.equal(first_argmin_over_rows(x), x.argmin(0))
     x = torch.randn(768, 4096, generator=gen)
     assert torch.equal(first_argmin_over_rows(x), x.argmin(0))
+    x[5, 7] = float("nan")  # a broken latent: still an index in range
+    assert 0 <= first_argmin_over_rows(x)[7] < 768

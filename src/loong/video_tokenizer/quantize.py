@@ -273,12 +273,13 @@ def first_argmin_over_rows(x: torch.Tensor) -> torch.Tensor:
 
     torch's argmin over the outer dimension walks each column with a stride of K; the column
     minima (``amin``) vectorise along the rows, and the first row equal to its column's minimum
-    is then another vectorised ``amin``: 2–3× faster for a CVQ step's ``(768, 4096)``.
+    is then another vectorised ``amin``: 2.5× faster for a CVQ step's ``(768, 4096)``. (A column
+    holding NaN, which equals nothing, gets the last row: an index in range, as argmin's is.)
     """
     n = x.shape[0]
     rows = torch.arange(n, device=x.device, dtype=torch.int32 if n < 2**31 else torch.int64)
     first = torch.where(x == x.amin(0), rows[:, None], n).amin(0)  # (K,)
-    return first.long()
+    return first.clamp_max(n - 1).long()
 
 
 class FiniteScalarQuantizer(nn.Module):
