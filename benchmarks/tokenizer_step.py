@@ -1,11 +1,12 @@
 """CPU time of one video tokenizer training step, and of its norms' fast path against the reference.
 
-A step is what the training loop does between batches, less the data and the discriminator:
+A step is the training loop's model step, less the data, the discriminator, EMA and events:
 forward under the loop's autocast (``parallel.cpu_mixed_precision`` of the preset, bf16 where
-the CPU has native bf16), L2 reconstruction plus the quantizer's loss, backward, fused AdamW.
-The model is ``--preset`` with ``--set`` overrides of ``model.*`` keys as ``loong tokenizer
-train`` takes them (default: the 30-minute command's whole-frame CVQ tokenizer with one encoder
-and two decoder blocks a stage); the clips are random. Median over ``--steps`` after
+the CPU has native bf16), L2 reconstruction plus the quantizer's loss, backward, fused AdamW
+(``cpu_precision.tokenizer_train_step``). The config is ``--preset``'s training config with
+``--set`` overrides as ``loong tokenizer train`` takes them (default: the 30-minute command's
+whole-frame CVQ tokenizer with one encoder and two decoder blocks a stage); the clips are
+random. Median over ``--steps`` after
 ``--warmup``.
 
 ``--norms`` also times the step with the decoder's per-cell scale and shift on their reference
@@ -32,6 +33,7 @@ from common import block_network, machine, write_json
 from cpu_precision import tokenizer_train_step
 from loong.config import apply_overrides, parse_set
 from loong.train.optim import OptimConfig, adamw
+from loong.train.parallel import autocast
 from loong.train.tokenizer_config import tokenizer_train_preset
 from loong.video_tokenizer.model import VideoTokenizer
 
@@ -76,7 +78,8 @@ def make_step(args: argparse.Namespace) -> tuple[Callable[[], float], dict[str, 
         "overrides": overrides,
         "parameters": sum(p.numel() for p in model.parameters()),
         "clips": [batch, 3, frames, cfg.data.size, cfg.data.size],
-        "cpu_mixed_precision": cfg.parallel.cpu_mixed_precision,
+        # what the loop's own autocast does here with the preset's cpu_mixed_precision
+        "bf16_autocast": isinstance(autocast(cfg.parallel, torch.device("cpu")), torch.autocast),
     }
     return step, setup
 
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     block_network("tokenizer_step")
     step, setup = make_step(args)
     result: dict[str, object] = {**machine(), **setup}
-    print(f"{result['cpu']}, {result['threads']} threads; {setup['parameters']:,} parameters, ")
-    print(f"clips {setup['clips']}, cpu_mixed_precision={setup['cpu_mixed_precision']}")
+    print(f"{result['cpu']}, {result['threads']} threads")
+    print(f"{setup['parameters']:,} parameters; clips {setup['clips']}; ", end="")
+    print(f"bf16 autocast: {setup['bf16_autocast']}")
     use = norm_paths(args.norms)
     names = list(use)
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -63,9 +63,9 @@ events and stalls included) and, when the steps still to come would overrun the 
 that pace, fits them into it at that pace; when the pace is more than ``AHEAD_TOLERANCE`` faster
 than the one they were fitted at (the stalls stopped, a single one has left the windows, or the
 machine is faster than in the spell the run was last fitted to), it gives them back
-(``"clock"`` in ``rest``, with the pace). A stall the budget's margin holds
-moves nothing; a stall of a minute near the end of a short run still outruns any check between
-steps (BENCHMARKS.md, "The learning rate across a re-fit, and stalls a window's median does not
+(``"clock"`` in ``rest``, with the pace). A stall the budget's margin holds moves nothing; a
+stall of a minute near the end of a short run still outruns any check between steps
+(BENCHMARKS.md, "The learning rate across a re-fit, and stalls a window's median does not
 see").
 """
 
@@ -1032,8 +1032,7 @@ class Refit(Generic[Run]):
             self.kind.steps(new),
             steps,
         )
-        self.planned, self.fitted_at = ratio, dict(self.timed)
-        self.pace = 1.0
+        self.planned, self.fitted_at, self.pace = ratio, dict(self.timed), 1.0
         self.marks.clear()
         return new
 
